@@ -1,0 +1,967 @@
+"""Echo: pitch-aware speech recognition in one file.
+
+An encoder-decoder transformer (log-mel in, characters out) whose encoder attention can know about the
+speaker's pitch (f0). Read top to bottom: config -> data and features -> model -> optimizer ->
+training -> decoding and evaluation -> diagnostics -> CLI. Method and hazards: DESIGN.md.
+
+    python echo.py                      # build the embedded corpus, train, decode the test split
+    python echo.py --transcribe a.wav --ckpt runs/<name>/ckpt.pt
+"""
+import argparse
+import csv
+import ctypes
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SAMPLE_RATE = 16000
+HOP = 160  # 10 ms frames: frame k of the log-mel and of the f0 track is centred at k * 10 ms
+N_MELS = 80
+PAD, BOS, EOS = 0, 1, 2  # PAD doubles as the CTC blank
+SPLITS = ("train", "validation", "test", "test_unseen")
+
+
+# ----------------------------------------------------------------------------------------------------
+# config
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--name", default=None, help="run name: logs and checkpoint go to runs/<name>/ (default: a timestamp)")
+    a("--runs_dir", default="runs", help="parent folder of all runs")
+    a("--seed", type=int, default=0, help="seed for corpus, data order and initialisation")
+    # data
+    a("--dataset", default="embedded", help="'embedded' (synthetic eSpeak corpus), a local folder of audio "
+      "+ metadata.csv (file_name,transcription), or a hub id such as librispeech_asr or google/fleurs")
+    a("--dataset_config", default=None, help="hub dataset config, e.g. clean (LibriSpeech) or en_us (FLEURS)")
+    a("--splits", default="train,validation,test", help="train,validation,test split names of the dataset")
+    a("--cache_dir", default=os.path.expanduser("~/.cache/echo"), help="corpus and feature cache")
+    a("--corpus_size", type=int, default=4000, help="utterances in the embedded corpus")
+    a("--num_proc", type=int, default=2, help="processes for corpus synthesis and feature extraction")
+    # model
+    a("--d_model", type=int, default=256, help="model width")
+    a("--n_heads", type=int, default=4, help="attention heads")
+    a("--enc_layers", type=int, default=6, help="encoder blocks")
+    a("--dec_layers", type=int, default=2, help="decoder blocks")
+    a("--ctc_weight", type=float, default=0.3, help="weight of the auxiliary CTC loss on the encoder (0 = off)")
+    # training
+    a("--max_steps", type=int, default=1500, help="optimizer steps")
+    a("--batch_frames", type=int, default=12000, help="padded 10 ms frames per batch (length-bucketed)")
+    a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--lr", type=float, default=2e-3, help="peak learning rate")
+    a("--warmup", type=int, default=150, help="linear warmup steps, then cosine decay to lr/10")
+    a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
+    a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    a("--eval_every", type=int, default=500, help="steps between validation decoding and checkpoints")
+    a("--eval_utts", type=int, default=200, help="validation utterances decoded at each evaluation")
+    a("--device", default="auto", help="auto, cpu or cuda")
+    a("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
+    a("--resume", action="store_true", help="continue runs/<name>/ckpt.pt")
+    # transcription
+    a("--transcribe", nargs="+", metavar="AUDIO", help="print '<path>\\t<transcript>' for each file and exit")
+    a("--ckpt", default=None, help="checkpoint for --transcribe")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    for flag in ("max_steps", "batch_frames", "grad_accum", "eval_every", "corpus_size", "d_model", "n_heads"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.d_model % (2 * args.n_heads):
+        p.error(f"--d_model {args.d_model} must be divisible by 2 * --n_heads")
+    if args.transcribe and not args.ckpt:
+        p.error("--transcribe needs --ckpt")
+    if args.ckpt and not os.path.isfile(args.ckpt):
+        p.error(f"--ckpt {args.ckpt}: no such file")
+    if args.resume and not args.name:
+        p.error("--resume needs --name of the run to continue")
+    if args.dataset != "embedded" and os.path.isdir(args.dataset) and not list(Path(args.dataset).rglob("metadata.csv")):
+        p.error(f"--dataset {args.dataset}: folder has no metadata.csv (file_name,transcription)")
+    args.name = args.name or time.strftime("%Y%m%d-%H%M%S")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# data and features
+
+class BadInput(Exception):
+    """An utterance that cannot be used; the message names the problem (callers add the file)."""
+
+
+def normalize_text(text):
+    """One normalisation for training targets and for WER/CER: lower case, letters, digits, apostrophes."""
+    text = re.sub(r"[^a-z0-9' ]+", " ", text.lower())
+    return " ".join(text.split())
+
+
+class Tokenizer:
+    """Characters of the training text; ids 0..2 are PAD (and CTC blank), BOS, EOS."""
+
+    def __init__(self, chars):
+        self.chars = "".join(sorted(set(chars)))
+        self.index = {c: i + 3 for i, c in enumerate(self.chars)}
+
+    def __len__(self):
+        return len(self.chars) + 3
+
+    def encode(self, text):
+        unknown = set(text) - set(self.index)
+        if unknown:
+            raise BadInput(f"characters outside the tokenizer: {''.join(sorted(unknown))!r}")
+        return [self.index[c] for c in text]
+
+    def decode(self, ids):
+        return "".join(self.chars[i - 3] for i in ids if i >= 3)
+
+
+# The embedded corpus: seeded sentences from these word classes, spoken by eSpeak NG voices.
+NOUNS = """
+apple table river mountain garden window candle basket bottle bridge castle cloud desert doctor dragon
+engine farmer feather forest friend guitar hammer harbor helmet island jacket kettle kitchen ladder
+lantern letter library lion meadow mirror monkey needle ocean orange painter pencil pepper pillow pilot
+planet pocket potato puzzle rabbit rocket saddle sailor school shadow shepherd silver singer soldier
+spider station stone storm student sugar summer sunset teacher temple tiger tower traveler tunnel
+turtle valley village violin wagon wallet winter wizard wolf yard anchor arrow autumn badge balloon
+banana barrel beach bell bench berry blanket boat book boot bowl box bread brick brother brush bucket
+butter button cabin cable cake camel camera canvas captain carpet carrot cart cat cellar chain chair
+cheese cherry chicken child chimney circle city clock coat coffee coin collar comet compass cook
+copper corner cottage cotton cousin cow crab crown cup curtain cushion daisy dancer daughter deer
+diamond dinner dog doll dolphin donkey door dove drum duck eagle earth elephant elbow emerald fabric
+falcon fence field finger fire fish flag flame flower flute fog fountain fox frog fruit galaxy gate
+giant ginger glass glove goat gold goose grape grass hat hawk heart hedge hill honey horse hotel house
+iron ivory jar jewel journal judge jungle key king kite knife knight lake lamp leaf lemon lily lizard
+lock machine magnet map marble market meal melon merchant metal minute moon morning moth mouse museum
+nest net night noodle north nurse oak olive onion owl palace panda paper parrot peach pearl pebble
+piano picture pig pine pirate plate pond poet pony prince princess pumpkin queen quilt radio rain
+raven ribbon ring road robin robot roof rope rose ruby sand scarf sea seed sheep shell ship shoe
+shovel sister sky snake snow sock sofa song spoon spring squirrel star statue stove stream street
+sun swan sword tea tent thread throne thunder ticket toad tomato tooth torch town toy train tree
+truck trumpet tulip umbrella uncle vase vessel wall water wave whale wheel whistle wind wing wire
+zebra acorn almond alley attic avenue bakery ballet bamboo banner barn beacon beetle bicycle biscuit
+blossom bonnet bracelet branch breeze buffalo bundle cactus canal canyon carnival cathedral cave
+chapel chess circus cliff cobbler comb crystal cupboard dagger dentist diary dune factory feast ferry
+fiddle flagpole forge fossil furnace gallery garage glacier goblet gravel grocer gull hammock harp
+hazel hermit hive horizon iceberg igloo inkwell jasmine jelly kayak kennel lagoon lamb lighthouse
+locket lobster mailbox mango maple mask mast meteor mill minnow mitten moat mole mustard napkin
+oasis orchard otter oyster paddle pancake parcel pasture pavement pelican penguin pepperoni pheasant
+pickle pier pigeon pitcher plum porch postcard pottery puddle pudding quarry raft ranch reef
+rhubarb riddle saucer scroll shrine sleigh slipper snail spinach sponge stable stairway stool
+sunflower swamp tapestry teapot thimble tractor trolley trophy trunk turnip vault velvet vine
+volcano walnut wardrobe waterfall weasel wheat willow workshop yacht
+"""
+ADJECTIVES = """
+bright quiet ancient gentle clever brave tiny huge golden silent heavy narrow distant eager fierce
+frozen hollow humble lazy lucky mighty noble polite proud rapid rusty shiny simple smooth sleepy
+sturdy sudden sweet tender tidy timid wild wise wooden young angry bitter blue bold broken busy calm
+careful cheerful chilly clean cold crooked curious damp dark deep dusty early empty famous fancy fast
+fat fresh friendly funny fuzzy giant glad good grand gray green happy hard hidden high honest hot
+hungry icy jolly kind large late light little lonely long loud lovely low mad magic merry modern
+muddy narrow neat new nice odd old orange pale perfect pink plain pleasant poor pretty purple rare
+red rich ripe rough round royal sad safe salty scary secret sharp short shy silly slow small soft
+sour spicy square steep sticky strange strong sunny tall tame thick thin tired tough ugly warm
+weak wet white windy yellow zealous amber brisk candid dainty dreary elegant faint feeble fragile
+frantic gloomy graceful grumpy handsome harsh hasty hearty jagged keen lavish lively marvelous
+massive meek mellow misty nimble peaceful plump quaint radiant restless rugged scarlet serene
+shabby sleek slender snug solemn sparkling splendid spotted stern stormy swift tangled thorny
+tranquil vivid wandering weary wicked witty wobbly
+"""
+VERBS = """
+found carried painted opened closed watched followed lifted pushed pulled cleaned fixed borrowed
+chased visited washed dropped kicked grabbed touched packed wrapped counted filled emptied measured
+planted picked cooked baked boiled tasted sold bought built broke caught chose drew drove fed forgot
+hid held kept knew left lost made met noticed ordered owned passed praised protected raised reached
+repaired returned saved searched shared showed signed stole studied taught tested threw tied traded
+trusted turned used wanted warned wore admired answered approved attacked awarded balanced blessed
+boxed brushed buried called carved chased cheered collected copied covered crossed crushed decorated
+delivered described destroyed discovered dragged dried earned entered explored fetched folded gathered
+greeted guarded guided hugged hunted ignored imagined invited joined judged labeled launched liked
+loaded locked loved marked mended missed moved named nursed obeyed observed offered painted parked
+placed played polished poured printed promised punished questioned rescued rolled rushed sailed
+scattered scratched sewed shook signaled sketched smelled spotted squeezed stacked stirred stopped
+stretched stuffed supported surprised swapped tamed thanked tickled towed trained trapped troubled
+unlocked unpacked visited waved weighed welcomed whipped wiped worried wrecked examined abandoned
+adopted announced arranged borrowed captured celebrated chopped climbed compared concealed crafted
+defended drained escorted feared flattened framed glued hammered harvested heated hoisted inspected
+juggled knitted lowered melted nailed peeled pinched plucked pressed quilted rattled recorded
+released rinsed sanded scrubbed sharpened shoveled shuffled spilled sprinkled steered strained
+swallowed tapped tossed traced trimmed twisted unfolded varnished wrestled
+"""
+ADVERBS = """
+quickly slowly quietly loudly gently carefully happily sadly bravely calmly eagerly easily fiercely
+gladly honestly kindly lazily neatly politely proudly rarely safely silently softly sternly swiftly
+warmly wisely yesterday today tonight again early later nearly often always never seldom suddenly
+boldly briskly cheerfully clumsily curiously gracefully hastily loosely merrily nervously patiently
+promptly quaintly rapidly roughly shyly smoothly solemnly tenderly tightly urgently vaguely wildly
+"""
+NAMES = """
+alice bob carol david emma frank grace henry irene jack karen leo maria nathan olivia peter quinn
+rachel sam tina victor wendy xavier yusuf zoe aaron bella chloe daniel ethan fiona george hannah
+isaac julia kevin laura martin nina oscar paula ruby simon thomas ursula vera walter
+"""
+PREPOSITIONS = "near behind under above beside inside outside across beyond toward past around below".split()
+DETERMINERS = "the a every some one my our their this that his her".split()
+
+
+def words(block):
+    return sorted(set(block.split()))
+
+
+def make_sentence(rng):
+    """One sentence from a small grammar (5-10 words); every template ends in a noun phrase."""
+    def noun_phrase():
+        det = rng.choice(DETERMINERS)
+        phrase = [rng.choice(words(ADJECTIVES)), rng.choice(words(NOUNS))] if rng.random() < 0.6 else [rng.choice(words(NOUNS))]
+        if det == "a" and phrase[0][0] in "aeiou":
+            det = "an"
+        return [det] + phrase
+    subject = [rng.choice(words(NAMES))] if rng.random() < 0.4 else noun_phrase()
+    sentence = subject + [rng.choice(words(VERBS))] + noun_phrase()
+    tail = rng.random()
+    if tail < 0.35:
+        sentence += [rng.choice(PREPOSITIONS)] + noun_phrase()
+    elif tail < 0.6:
+        sentence += [rng.choice(words(ADVERBS))]
+    return " ".join(sentence)
+
+
+SEEN_ACCENTS = ["en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan"]
+SEEN_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4", "klatt", "klatt2"]
+# test_unseen: accents, variants, pitch and rate that never occur in training
+UNSEEN_ACCENTS = ["en-029", "en-us-nyc"]
+UNSEEN_VARIANTS = ["m7", "f5", "klatt3"]
+
+
+def corpus_plan(size, seed):
+    """Deterministic list of utterances: split, text and voice settings. Sentences never repeat."""
+    rng = random.Random(seed)
+    n_unseen = max(2, size // 20)
+    counts = {"validation": max(2, size // 20), "test": max(2, size // 20), "test_unseen": n_unseen}
+    counts["train"] = size - counts["validation"] - counts["test"]
+    seen, plan = set(), []
+    for split in ("train", "validation", "test", "test_unseen"):
+        for i in range(counts[split]):
+            text = make_sentence(rng)
+            while text in seen:
+                text = make_sentence(rng)
+            seen.add(text)
+            if split == "test_unseen":
+                voice = f"{rng.choice(UNSEEN_ACCENTS)}+{rng.choice(UNSEEN_VARIANTS)}"
+                pitch, rate = rng.choice([rng.randint(5, 15), rng.randint(85, 95)]), rng.choice([rng.randint(110, 125), rng.randint(220, 240)])
+            else:
+                voice = f"{rng.choice(SEEN_ACCENTS)}+{rng.choice(SEEN_VARIANTS)}"
+                pitch, rate = rng.randint(20, 80), rng.randint(130, 210)
+            plan.append(dict(split=split, file_name=f"{split}/{i:05d}.flac", transcription=text, voice=voice,
+                             pitch=pitch, range=rng.randint(20, 80), rate=rate))
+    return plan
+
+
+def synthesize_chunk(job):
+    """Speak a list of utterances in a fresh process: eSpeak's jitter state is deterministic only from
+    process start, so each chunk is always spoken by a new process in the same order."""
+    import espeakng_loader
+    import soundfile
+    import torchaudio
+    root, items = job
+    lib = ctypes.CDLL(espeakng_loader.get_library_path())
+    native_rate = lib.espeak_Initialize(0x02, 0, espeakng_loader.get_data_path().encode(), 0)  # synchronous
+    chunks = []
+    callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)(
+        lambda wav, n, events: chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy()) or 0 if n > 0 else 0)
+    lib.espeak_SetSynthCallback(callback)
+    resample = torchaudio.transforms.Resample(native_rate, SAMPLE_RATE)
+    for item in items:
+        chunks.clear()
+        if lib.espeak_SetVoiceByName(item["voice"].encode()) != 0:
+            raise RuntimeError(f"eSpeak NG has no voice {item['voice']}")
+        for parameter, key in ((1, "rate"), (3, "pitch"), (4, "range")):
+            lib.espeak_SetParameter(parameter, item[key], 0)
+        text = item["transcription"].encode()
+        lib.espeak_Synth(text, len(text) + 1, 0, 1, 0, 1, None, None)  # POS_CHARACTER, espeakCHARS_UTF8
+        lib.espeak_Synchronize()
+        wave = resample(torch.from_numpy(np.concatenate(chunks).astype(np.float32) / 32768)).numpy()
+        soundfile.write(os.path.join(root, item["file_name"]), wave, SAMPLE_RATE, subtype="PCM_16")
+
+
+def build_corpus(cache_dir, size, seed, num_proc=2):
+    """Synthesise the embedded corpus once into cache_dir/corpus-<size>-<seed>/<split>/ (audio + metadata.csv)."""
+    root = os.path.join(cache_dir, f"corpus-{size}-{seed}")
+    if os.path.exists(os.path.join(root, "done")):
+        return root
+    plan = corpus_plan(size, seed)
+    for split in SPLITS:
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+    t0 = time.time()
+    jobs = [(root, plan[i:i + 1000]) for i in range(0, len(plan), 1000)]
+    with multiprocessing.get_context("spawn").Pool(max(1, num_proc), maxtasksperchild=1) as pool:
+        pool.map(synthesize_chunk, jobs, chunksize=1)
+    for split in SPLITS:
+        with open(os.path.join(root, split, "metadata.csv"), "w", newline="") as f:
+            rows = [{**r, "file_name": os.path.basename(r["file_name"])} for r in plan if r["split"] == split]
+            writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "split"], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    size_mb = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) / 2**20
+    Path(root, "done").write_text(json.dumps({"seconds": round(time.time() - t0, 1), "megabytes": round(size_mb, 1)}))
+    print(f"embedded corpus: {len(plan)} utterances in {time.time() - t0:.0f} s, {size_mb:.0f} MB at {root}")
+    return root
+
+
+def decode_audio(audio):
+    """A datasets Audio(decode=False) value ({'bytes', 'path'}) or a path -> mono float32 at 16 kHz."""
+    import io
+    import soundfile
+    import torchaudio
+    source = audio if isinstance(audio, str) else (io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"])
+    try:
+        wave, rate = soundfile.read(source, dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises several types for unreadable files
+        raise BadInput(f"cannot read audio ({str(e).splitlines()[0]})") from None
+    wave = wave.mean(axis=1)  # downmix
+    if wave.size == 0:
+        raise BadInput("audio has zero samples")
+    if not np.isfinite(wave).all():
+        raise BadInput("audio contains NaN or Inf samples")
+    wave = torch.from_numpy(np.ascontiguousarray(wave))
+    if rate != SAMPLE_RATE:
+        wave = torchaudio.functional.resample(wave, rate, SAMPLE_RATE)
+    if wave.numel() < 4 * HOP:
+        raise BadInput(f"audio too short ({wave.numel() / SAMPLE_RATE * 1000:.0f} ms)")
+    return wave
+
+
+_MEL = {}
+
+
+def log_mel(wave):
+    """(samples,) float32 at 16 kHz -> (frames, 80) log-mel, 25 ms window, 10 ms hop, 0-8 kHz, Whisper scaling."""
+    import torchaudio
+    if "mel" not in _MEL:
+        _MEL["mel"] = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=400, hop_length=HOP, n_mels=N_MELS,
+                                                           f_min=0.0, f_max=8000.0, power=2.0)
+    mel = _MEL["mel"](wave).clamp(min=1e-10).log10()
+    mel = torch.maximum(mel, mel.max() - 8.0)
+    return ((mel + 4.0) / 4.0).T.contiguous()
+
+
+def extract_f0(wave, sample_rate=SAMPLE_RATE):
+    """f0 in Hz and a voicing flag per 10 ms frame (frame k centred at k*10 ms), aligned 1:1 with log_mel.
+
+    Praat's autocorrelation pitch tracker (through praat-parselmouth): the field's reference, about 50x less
+    CPU than librosa.pyin at matching accuracy. Unvoiced frames have f0 = 0 and voiced = False."""
+    import parselmouth
+    wave = np.asarray(wave, dtype=np.float64).reshape(-1)
+    n_frames = len(wave) * SAMPLE_RATE // sample_rate // HOP + 1
+    hop_s = HOP / SAMPLE_RATE
+    f0 = np.zeros(n_frames, dtype=np.float32)
+    if len(wave) >= 0.08 * sample_rate and np.abs(wave).max() > 0:  # Praat needs 3 periods of the pitch floor
+        pitch = parselmouth.Sound(wave, sampling_frequency=sample_rate).to_pitch_ac(
+            time_step=hop_s, pitch_floor=60.0, pitch_ceiling=500.0)
+        values = pitch.selected_array["frequency"]
+        nearest = np.rint((np.arange(n_frames) * hop_s - pitch.xs()[0]) / hop_s).astype(int)
+        inside = (nearest >= 0) & (nearest < len(values))
+        f0[inside] = values[nearest[inside]]
+    return torch.from_numpy(f0), torch.from_numpy(f0 > 0)
+
+
+def featurize(wave):
+    """Waveform -> dict of log-mel (frames, 80), f0 (frames,), voiced (frames,), all the same length."""
+    mel = log_mel(wave)
+    f0, voiced = extract_f0(wave.numpy())
+    n = min(len(mel), len(f0))
+    return {"mel": mel[:n].half().numpy(), "f0": f0[:n].numpy(), "voiced": voiced[:n].numpy()}
+
+
+def _featurize_example(example, text_column):
+    """datasets .map function: decode, check and featurize one utterance; failures become an error string."""
+    audio = example["audio"]
+    name = audio.get("path") or "<in-memory audio>"
+    try:
+        text = normalize_text(example[text_column] or "")
+        if not text:
+            raise BadInput("empty transcript")
+        features = featurize(decode_audio(audio))
+        if not features["voiced"].any() and np.abs(features["mel"]).max() == 0:
+            raise BadInput("silent audio")
+        return {**features, "text": text, "n_frames": len(features["mel"]), "error": ""}
+    except BadInput as e:
+        return {"mel": np.zeros((0, N_MELS), np.float16), "f0": np.zeros(0, np.float32),
+                "voiced": np.zeros(0, bool), "text": "", "n_frames": 0, "error": f"{name}: {e}"}
+
+
+def _features():
+    import datasets
+    return datasets.Features({"mel": datasets.Array2D((None, N_MELS), "float16"), "f0": datasets.Sequence(datasets.Value("float32")),
+                              "voiced": datasets.Sequence(datasets.Value("bool")), "text": datasets.Value("string"),
+                              "n_frames": datasets.Value("int32"), "error": datasets.Value("string")})
+
+
+def local_folder(folder, hf_cache):
+    """A folder of audio files + metadata.csv (file_name,transcription,...) -> Dataset with an 'audio' column
+    of file paths, the same Audio(decode=False) type a hub dataset has."""
+    import datasets
+    ds = datasets.load_dataset("csv", data_files=os.path.join(folder, "metadata.csv"), split="train", cache_dir=hf_cache,
+                               keep_default_na=False)
+    if "file_name" not in ds.column_names:
+        raise SystemExit(f"echo: {folder}/metadata.csv: no file_name column")
+    return ds.map(lambda f: {"audio": os.path.join(folder, f)}, input_columns="file_name")
+
+
+def load_splits(args):
+    """Every source goes through Hugging Face datasets: raw audio (decode=False) -> cached features per split.
+
+    Returns {split: Dataset with mel, f0, voiced, text, n_frames} and the count of skipped utterances."""
+    import datasets
+    datasets.disable_progress_bars()
+    torch.set_num_threads(1) if args.num_proc > 1 else None
+    names = dict(zip(("train", "validation", "test"), args.splits.split(",")))
+    hf_cache = os.path.join(args.cache_dir, "hf")
+    if args.dataset == "embedded" or os.path.isdir(args.dataset):
+        root = build_corpus(args.cache_dir, args.corpus_size, args.seed, args.num_proc) if args.dataset == "embedded" else args.dataset
+        raw = {split: local_folder(os.path.join(root, names.get(split, split)), hf_cache) for split in SPLITS
+               if os.path.exists(os.path.join(root, names.get(split, split), "metadata.csv"))}
+        if "train" not in raw and os.path.exists(os.path.join(root, "metadata.csv")):  # one flat folder: hold out 10 %
+            held = local_folder(root, hf_cache).train_test_split(test_size=0.1, seed=args.seed)
+            halves = held["test"].train_test_split(test_size=0.5, seed=args.seed)
+            raw = {"train": held["train"], "validation": halves["train"], "test": halves["test"]}
+    else:
+        try:
+            raw = {split: datasets.load_dataset(args.dataset, args.dataset_config, split=name, cache_dir=hf_cache)
+                   for split, name in names.items()}
+        except Exception as e:
+            raise SystemExit(f"echo: cannot load hub dataset {args.dataset!r} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120]}). Offline? Use a local folder instead: --dataset "
+                             "path/to/folder with audio files and metadata.csv (file_name,transcription)") from None
+    if "train" not in raw:
+        raise SystemExit(f"echo: {args.dataset}: no train split (expected <folder>/train/metadata.csv or <folder>/metadata.csv)")
+    out, skipped = {}, []
+    for split, ds in raw.items():
+        text_column = next(c for c in ("transcription", "text", "sentence", "raw_transcription") if c in ds.column_names)
+        ds = ds.cast_column("audio", datasets.Audio(decode=False))
+        ds = ds.map(_featurize_example, fn_kwargs={"text_column": text_column}, remove_columns=ds.column_names,
+                    features=_features(),
+                    num_proc=args.num_proc if len(ds) >= 100 else None, desc=f"features {split}")
+        bad = ds.filter(lambda e: e != "", input_columns="error")
+        skipped += bad["error"]
+        out[split] = ds.filter(lambda e: e == "", input_columns="error").with_format("numpy")
+    torch.set_num_threads(os.cpu_count() or 1)
+    return out, skipped
+
+
+def bucket_batches(lengths, batch_frames, seed, epoch):
+    """Length-bucketed batches: shuffle, sort inside windows of 1000, cut where the padded size would exceed
+    batch_frames, shuffle the batches. Deterministic in (seed, epoch), so a resumed run sees the same order."""
+    rng = random.Random(seed * 100003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), 1000):
+        batch, longest = [], 0
+        for i in sorted(order[start:start + 1000], key=lambda i: lengths[i]):
+            if batch and max(longest, lengths[i]) * (len(batch) + 1) > batch_frames:
+                batches.append(batch)
+                batch, longest = [], 0
+            batch.append(i)
+            longest = max(longest, lengths[i])
+        batches.append(batch)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(items, tokenizer=None):
+    """Feature dicts -> padded batch. mel (B, T, 80) zero-padded, f0/voiced (B, T), frames (B,);
+    with a tokenizer also tokens (B, L+1): BOS text EOS, PAD-filled."""
+    frames = torch.tensor([len(it["mel"]) for it in items])
+    mel = torch.zeros(len(items), int(frames.max()), N_MELS)
+    f0 = torch.zeros(len(items), int(frames.max()))
+    voiced = torch.zeros(len(items), int(frames.max()), dtype=torch.bool)
+    for i, it in enumerate(items):
+        n = len(it["mel"])
+        mel[i, :n] = torch.as_tensor(np.asarray(it["mel"], dtype=np.float32))
+        f0[i, :n] = torch.as_tensor(np.asarray(it["f0"], dtype=np.float32))
+        voiced[i, :n] = torch.as_tensor(np.asarray(it["voiced"], dtype=bool))
+    batch = {"mel": mel, "f0": f0, "voiced": voiced, "frames": frames, "text": [str(it["text"]) for it in items]}
+    if tokenizer is not None:
+        ids = [[BOS] + tokenizer.encode(t) + [EOS] for t in batch["text"]]
+        tokens = torch.full((len(ids), max(map(len, ids))), PAD)
+        for i, seq in enumerate(ids):
+            tokens[i, :len(seq)] = torch.tensor(seq)
+        batch["tokens"] = tokens
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# model
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+def rope_freqs(head_dim, theta=10000.0):
+    """Standard rotary angular steps per position, one per channel pair: (head_dim/2,)."""
+    return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
+def rotary(positions, freqs):
+    """positions (B, T) float -> (cos, sin), each (B, 1, T, head_dim/2), for apply_rotary."""
+    angle = positions.float()[..., None] * freqs
+    return angle.cos()[:, None], angle.sin()[:, None]
+
+
+def apply_rotary(x, table):
+    """Multiply each consecutive channel pair of x (B, H, T, head_dim), read as a complex number, by
+    cos + i*sin from the table (exact complex product, in float32)."""
+    cos, sin = table
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention through scaled_dot_product_attention. Self-attention when context is None."""
+
+    def __init__(self, d_model, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
+
+    def heads(self, x):
+        return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # (B, T, D) -> (B, H, T, D/H)
+
+    def forward(self, x, context=None, table=None, mask=None, causal=False, cache=None):
+        """x (B, T, D); context (B, S, D) for cross-attention; table: rotary for q and k (self-attention);
+        mask: bool, True = may attend, broadcast to (B, H, T, S); cache: dict holding past keys/values."""
+        q = self.heads(self.q(x))
+        if context is not None and cache is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]  # cross-attention keys of the audio are computed once per utterance
+        else:
+            source = x if context is None else context
+            k, v = self.heads(self.k(source)), self.heads(self.v(source))
+            if table is not None:
+                q, k = apply_rotary(q, table), apply_rotary(k, table)
+            if cache is not None:
+                if context is None and "k" in cache:
+                    k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+                cache["k"], cache["v"] = k, v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and cache is None)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model):
+        super().__init__()
+        self.up, self.down = nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, d_model)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: self-attention, optional cross-attention, MLP."""
+
+    def __init__(self, d_model, n_heads, cross=False):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(d_model), Attention(d_model, n_heads)
+        self.cross_norm, self.cross = (RMSNorm(d_model), Attention(d_model, n_heads)) if cross else (None, None)
+        self.mlp_norm, self.mlp = RMSNorm(d_model), MLP(d_model)
+
+    def forward(self, x, table=None, mask=None, causal=False, context=None, context_mask=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), table=table, mask=mask, causal=causal,
+                          cache=None if cache is None else cache.setdefault("self", {}))
+        if self.cross is not None:
+            x = x + self.cross(self.cross_norm(x), context=context, mask=context_mask,
+                               cache=None if cache is None else cache.setdefault("cross", {}))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def subsampled_length(frames):
+    """Encoder frames after the two stride-2 convolutions of the stem: ceil(frames / 4)."""
+    return (frames + 3) // 4
+
+
+class Encoder(nn.Module):
+    """log-mel (B, T, 80) -> (B, ceil(T/4), D): conv stem (stride 4, 40 ms frames), RoPE transformer blocks."""
+
+    def __init__(self, d_model, n_heads, n_layers):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv1d(N_MELS, d_model, 3, padding=1),
+                                    nn.Conv1d(d_model, d_model, 3, stride=2, padding=1),
+                                    nn.Conv1d(d_model, d_model, 3, stride=2, padding=1)])
+        self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
+        self.norm = RMSNorm(d_model)
+        self.register_buffer("freqs", rope_freqs(d_model // n_heads), persistent=False)
+
+    def forward(self, mel, frames):
+        x, lengths = mel.transpose(1, 2), frames
+        for conv in self.convs:
+            x = F.gelu(conv(x))
+            lengths = (lengths + conv.stride[0] - 1) // conv.stride[0]
+            # zero the padding so every utterance sees the same zero border alone or inside a batch
+            x = x * (torch.arange(x.shape[-1], device=x.device) < lengths[:, None])[:, None]
+        x = x.transpose(1, 2)
+        valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]  # (B, T)
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        table = rotary(positions, self.freqs)  # once per batch, shared by every block and head
+        mask = valid[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, table=table, mask=mask)
+        return self.norm(x), valid
+
+
+class Decoder(nn.Module):
+    """tokens (B, L) + audio (B, S, D) -> logits (B, L, vocab): causal RoPE self-attention over token
+    positions, cross-attention without rotary (tokens and frames share no position axis), tied output."""
+
+    def __init__(self, vocab, d_model, n_heads, n_layers):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)  # small init keeps the first loss near ln(vocab)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, cross=True) for _ in range(n_layers))
+        self.norm = RMSNorm(d_model)
+        self.register_buffer("freqs", rope_freqs(d_model // n_heads), persistent=False)
+
+    def forward(self, tokens, audio, audio_valid, caches=None, offset=0):
+        x = self.embed(tokens)
+        positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        table = rotary(positions, self.freqs)
+        context_mask = audio_valid[:, None, None, :]
+        for i, block in enumerate(self.blocks):
+            x = block(x, table=table, causal=True, context=audio, context_mask=context_mask,
+                      cache=None if caches is None else caches[i])
+        return self.norm(x) @ self.embed.weight.T
+
+
+class Echo(nn.Module):
+    def __init__(self, vocab, d_model=256, n_heads=4, enc_layers=6, dec_layers=2, ctc_weight=0.3):
+        super().__init__()
+        self.encoder = Encoder(d_model, n_heads, enc_layers)
+        self.decoder = Decoder(vocab, d_model, n_heads, dec_layers)
+        self.ctc_head = nn.Linear(d_model, vocab) if ctc_weight > 0 else None
+        self.ctc_weight = ctc_weight
+
+    def forward(self, batch):
+        """Teacher-forced loss for a collated batch -> (total loss, cross-entropy, ctc loss or None)."""
+        audio, valid = self.encoder(batch["mel"], batch["frames"])
+        tokens = batch["tokens"]
+        logits = self.decoder(tokens[:, :-1], audio, valid)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=PAD)
+        if self.ctc_head is None:
+            return ce, ce, None
+        log_probs = self.ctc_head(audio).float().log_softmax(-1).transpose(0, 1)
+        targets = tokens[:, 1:]  # text ids first, then EOS and PAD, which target_lengths leaves out
+        ctc = F.ctc_loss(log_probs, targets, valid.sum(1), (targets > EOS).sum(1), blank=PAD, zero_infinity=True)
+        return (1 - self.ctc_weight) * ce + self.ctc_weight * ctc, ce, ctc
+
+
+def build_model(config, vocab):
+    return Echo(vocab, config["d_model"], config["n_heads"], config["enc_layers"], config["dec_layers"],
+                config["ctc_weight"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# optimizer
+
+def build_optimizer(model, args, device):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-9, fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------
+# training
+
+def lr_at(step, args):
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.max_steps - args.warmup))
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def code_version():
+    """Git commit (if any) and a hash of this file, stored with every run and checkpoint."""
+    here = Path(__file__).resolve()
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here.parent, capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        git = ""
+    return f"{git or 'no-git'}+{hashlib.sha256(here.read_bytes()).hexdigest()[:10]}"
+
+
+def environment(device):
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    return {"code": code_version(), "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu}
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, fsync, keep the previous checkpoint as .prev, then rename: a crash at any
+    moment leaves a complete checkpoint on disk."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, path.with_name(path.name + ".prev"))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"echo: {path}: unreadable checkpoint ({type(e).__name__}); the previous one, if any, "
+                         f"is {path}.prev") from None
+
+
+def pick_device(name):
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train(args):
+    device = pick_device(args.device)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    data, skipped = load_splits(args)
+    run_dir = Path(args.runs_dir) / args.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "ckpt.pt"
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else "".join(data["train"]["text"]))
+    usable = [i for i, t in enumerate(data["train"]["text"]) if set(t) <= set(tokenizer.chars)]
+    skipped += [f"train utterance {i}: characters outside the tokenizer" for i in
+                sorted(set(range(len(data["train"]))) - set(usable))]
+    train_set = data["train"].select(usable)
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "transcribe", "ckpt")}
+    model = build_model(config, len(tokenizer)).to(device)
+    optimizer = build_optimizer(model, args, device)
+    step, epoch, batch_index = 0, 0, 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, epoch, batch_index = ckpt["step"], ckpt["epoch"], ckpt["batch_index"]
+        random.setstate(ckpt["rng"]["python"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    forward = torch.compile(model, dynamic=True) if args.compile else model
+    env = environment(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"echo {env['code']} | {n_params / 1e6:.2f} M parameters | {len(train_set)} train utterances "
+          f"({sum(train_set['n_frames']) / 360000:.2f} h) | vocab {len(tokenizer)} | {device} | {env['platform']}")
+    print(f"config: {json.dumps(config)}")
+    if skipped:
+        print(f"skipped {len(skipped)} unusable utterances, e.g. {skipped[0]}")
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(run_dir, purge_step=step if ckpt else None)
+    writer.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```", step)
+    writer.add_text("environment", f"```\n{json.dumps(env, indent=1)}\n```", step)
+    writer.add_scalar("data/skipped_utterances", len(skipped), step)
+    (run_dir / "config.json").write_text(json.dumps({"config": config, "environment": env}, indent=1))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    lengths = train_set["n_frames"]
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                    "epoch": epoch, "batch_index": batch_index, "config": config,
+                                    "tokenizer": tokenizer.chars, "code": env["code"],
+                                    "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}})
+
+    from tqdm import tqdm
+    progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
+    t_start, audio_seconds = time.time(), 0.0
+    while step < args.max_steps:
+        batches = bucket_batches(lengths, args.batch_frames, args.seed, epoch)
+        while batch_index + args.grad_accum <= len(batches) and step < args.max_steps:
+            model.train()
+            t0 = time.time()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args)
+            losses = torch.zeros(3)
+            for micro in batches[batch_index:batch_index + args.grad_accum]:
+                batch = to_device(collate([train_set[i] for i in micro], tokenizer), device)
+                with autocast:
+                    loss, ce, ctc = forward(batch)
+                (loss / args.grad_accum).backward()
+                losses += torch.tensor([loss.item(), ce.item(), ctc.item() if ctc is not None else 0.0]) / args.grad_accum
+                audio_seconds += batch["frames"].sum().item() / 100
+            batch_index += args.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[0]:.3f}")
+            if step % 10 == 0 or step == 1:
+                writer.add_scalar("train/loss", losses[0], step)
+                writer.add_scalar("train/cross_entropy", losses[1], step)
+                writer.add_scalar("train/ctc_loss", losses[2], step)
+                writer.add_scalar("train/lr", lr_at(step - 1, args), step)
+                writer.add_scalar("train/grad_norm", grad_norm, step)
+                writer.add_scalar("train/step_seconds", time.time() - t0, step)
+                writer.add_scalar("train/audio_seconds_per_second", audio_seconds / (time.time() - t_start), step)
+            if step % args.eval_every == 0 or step == args.max_steps:
+                result = evaluate(model, data["validation"], tokenizer, device, args.eval_utts)
+                writer.add_scalar("val/loss", result["loss"], step)
+                writer.add_scalar("val/token_accuracy_teacher_forced", result["token_accuracy"], step)
+                writer.add_scalar("val/wer", result["wer"], step)
+                writer.add_scalar("val/cer", result["cer"], step)
+                writer.add_text("val/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
+                progress.write(f"step {step}: val loss {result['loss']:.3f}  CER {100 * result['cer']:.2f} %  "
+                               f"WER {100 * result['wer']:.2f} %")
+                checkpoint()
+        if step < args.max_steps:
+            epoch, batch_index = epoch + 1, 0
+    progress.close()
+    results = {"train_minutes": round((time.time() - t_start) / 60, 2), "parameters": n_params,
+               "skipped_utterances": len(skipped)}
+    for split in ("test", "test_unseen"):
+        if split in data:
+            result = evaluate(model, data[split], tokenizer, device)
+            results[split] = {k: round(result[k], 4) for k in ("wer", "cer", "rtfx")} | {"utterances": result["n"]}
+            writer.add_scalar(f"{split}/wer", result["wer"], step)
+            writer.add_scalar(f"{split}/cer", result["cer"], step)
+            print(f"{split}: CER {100 * result['cer']:.2f} %  WER {100 * result['wer']:.2f} %  "
+                  f"({result['n']} utterances, greedy decoding, RTFx {result['rtfx']:.0f})")
+    if skipped:
+        print(f"skipped {len(skipped)} unusable utterances in all")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    writer.close()
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# decoding and evaluation
+
+def max_tokens_for(frames):
+    """Length cap for decoding: 30 characters per second of audio (speech rarely exceeds 20) plus 10."""
+    return (frames.float() / 100 * 30).long() + 10
+
+
+@torch.no_grad()
+def greedy_decode(model, batch):
+    """Autoregressive greedy decoding with a KV cache -> list of token-id lists (EOS and BOS removed)."""
+    model.eval()
+    audio, valid = model.encoder(batch["mel"], batch["frames"])
+    caches = [{} for _ in model.decoder.blocks]
+    limit = max_tokens_for(batch["frames"]).to(audio.device)
+    token = torch.full((len(audio), 1), BOS, device=audio.device)
+    done = torch.zeros(len(audio), dtype=torch.bool, device=audio.device)
+    out = []
+    for position in range(int(limit.max())):
+        token = model.decoder(token, audio, valid, caches, offset=position)[:, -1:].argmax(-1)
+        done |= (token[:, 0] == EOS) | (position >= limit)
+        out.append(torch.where(done, EOS, token[:, 0]))
+        if done.all():
+            break
+    hyps = torch.stack(out, 1).tolist()
+    return [seq[:seq.index(EOS)] if EOS in seq else seq for seq in hyps]
+
+
+@torch.no_grad()
+def evaluate(model, dataset, tokenizer, device, n_utts=None, batch_frames=30000):
+    """Decoded WER/CER (jiwer) on the first n_utts utterances, teacher-forced loss and token accuracy."""
+    import jiwer
+    model.eval()
+    n = len(dataset) if n_utts is None else min(n_utts, len(dataset))
+    lengths = dataset.select(range(n))["n_frames"]
+    order = sorted(range(n), key=lambda i: lengths[i])
+    refs, hyps, loss_sum, correct, tokens_total, decode_seconds = [], [], 0.0, 0, 0, 0.0
+    start = 0
+    while start < n:
+        end = start + 1
+        while end < n and lengths[order[end]] * (end - start + 1) <= batch_frames:
+            end += 1
+        items = [dataset[i] for i in order[start:end]]
+        start = end
+        items = [it for it in items if set(str(it["text"])) <= set(tokenizer.chars)]
+        if not items:
+            continue
+        batch = to_device(collate(items, tokenizer), device)
+        audio, valid = model.encoder(batch["mel"], batch["frames"])
+        logits = model.decoder(batch["tokens"][:, :-1], audio, valid).float()
+        targets = batch["tokens"][:, 1:]
+        keep = targets != PAD
+        loss_sum += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+        correct += (logits.argmax(-1)[keep] == targets[keep]).sum().item()
+        tokens_total += keep.sum().item()
+        t0 = time.time()
+        hyps += [tokenizer.decode(h) for h in greedy_decode(model, batch)]
+        decode_seconds += time.time() - t0
+        refs += batch["text"]
+    audio_seconds = sum(lengths) / 100
+    return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "loss": loss_sum / max(1, tokens_total),
+            "token_accuracy": correct / max(1, tokens_total), "samples": list(zip(refs, hyps)), "n": len(refs),
+            "rtfx": audio_seconds / max(decode_seconds, 1e-9)}
+
+
+def load_model(path, device):
+    ckpt = load_checkpoint(path)
+    tokenizer = Tokenizer(ckpt["tokenizer"])
+    model = build_model(ckpt["config"], len(tokenizer))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), tokenizer
+
+
+def transcribe(args):
+    """Print '<path>\\t<transcript>' per file in input order; one-line errors on stderr; exit 1 if any failed."""
+    device = pick_device(args.device)
+    model, tokenizer = load_model(args.ckpt, device)
+    features, failed = {}, 0
+    for path in args.transcribe:
+        try:
+            features[path] = {**featurize(decode_audio(path)), "text": ""}
+        except (BadInput, OSError) as e:
+            print(f"echo: {path}: {e}", file=sys.stderr)
+            failed += 1
+    paths = sorted(features, key=lambda p: len(features[p]["mel"]))
+    texts = {}
+    for start in range(0, len(paths), 16):
+        chunk = paths[start:start + 16]
+        hyps = greedy_decode(model, to_device(collate([features[p] for p in chunk]), device))
+        texts.update({p: tokenizer.decode(h) for p, h in zip(chunk, hyps)})
+    for path in args.transcribe:
+        if path in texts:
+            print(f"{path}\t{texts[path]}")
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.transcribe:
+        sys.exit(transcribe(args))
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
