@@ -33,6 +33,7 @@ HOP = 160  # 10 ms frames: frame k of the log-mel and of the f0 track is centred
 N_MELS = 80
 PAD, BOS, EOS = 0, 1, 2  # PAD doubles as the CTC blank
 SPLITS = ("train", "validation", "test", "test_unseen")
+CORPUS_VERSION = 2  # bump when the corpus recipe changes, so caches are rebuilt
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -58,6 +59,13 @@ def build_parser():
     a("--enc_layers", type=int, default=6, help="encoder blocks")
     a("--dec_layers", type=int, default=2, help="decoder blocks")
     a("--ctc_weight", type=float, default=0.3, help="weight of the auxiliary CTC loss on the encoder (0 = off)")
+    # pitch-aware encoder attention (DESIGN.md section 3)
+    a("--f0_theta", action=argparse.BooleanOptionalAction, default=True,
+      help="rotary phase advances with pitch-warped time (f0 / 220 Hz per frame); --no-f0_theta = plain RoPE")
+    a("--radii", action="store_true", help="rotary magnitude r from the utterance's log-f0 z-score, r in [1/2, 2]")
+    a("--pitch_bias", action="store_true", help="attention logit bias -lambda_h * |octaves between voiced frames|")
+    a("--zero_value", action="store_true", help="learnable per-head logit offset for unvoiced/silent keys")
+    a("--rope_freqs", choices=("standard", "mel"), default="standard", help="rotary frequency table")
     # training
     a("--max_steps", type=int, default=1500, help="optimizer steps")
     a("--batch_frames", type=int, default=12000, help="padded 10 ms frames per batch (length-bucketed)")
@@ -83,6 +91,9 @@ def parse_args(argv=None):
     for flag in ("max_steps", "batch_frames", "grad_accum", "eval_every", "corpus_size", "d_model", "n_heads"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag} must be positive, got {getattr(args, flag)}")
+    for flag in ("radii", "pitch_bias", "zero_value"):
+        if getattr(args, flag) and not args.f0_theta:
+            p.error(f"--{flag} uses the f0 track, which --no-f0_theta disables")
     if args.d_model % (2 * args.n_heads):
         p.error(f"--d_model {args.d_model} must be divisible by 2 * --n_heads")
     if args.transcribe and not args.ckpt:
@@ -278,6 +289,7 @@ def synthesize_chunk(job):
     import soundfile
     import torchaudio
     root, items = job
+    torch.set_num_threads(1)  # one process per core
     lib = ctypes.CDLL(espeakng_loader.get_library_path())
     native_rate = lib.espeak_Initialize(0x02, 0, espeakng_loader.get_data_path().encode(), 0)  # synchronous
     chunks = []
@@ -285,8 +297,11 @@ def synthesize_chunk(job):
         lambda wav, n, events: chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy()) or 0 if n > 0 else 0)
     lib.espeak_SetSynthCallback(callback)
     resample = torchaudio.transforms.Resample(native_rate, SAMPLE_RATE)
-    for item in items:
+    libc = ctypes.CDLL(None)
+    for number, item in enumerate(items):
         chunks.clear()
+        lib.espeak_ng_SetRandSeed(ctypes.c_long(number))  # breathy voices draw noise from both generators
+        libc.srand(number)
         if lib.espeak_SetVoiceByName(item["voice"].encode()) != 0:
             raise RuntimeError(f"eSpeak NG has no voice {item['voice']}")
         for parameter, key in ((1, "rate"), (3, "pitch"), (4, "range")):
@@ -300,7 +315,7 @@ def synthesize_chunk(job):
 
 def build_corpus(cache_dir, size, seed, num_proc=2):
     """Synthesise the embedded corpus once into cache_dir/corpus-<size>-<seed>/<split>/ (audio + metadata.csv)."""
-    root = os.path.join(cache_dir, f"corpus-{size}-{seed}")
+    root = os.path.join(cache_dir, f"corpus-v{CORPUS_VERSION}-{size}-{seed}")
     if os.path.exists(os.path.join(root, "done")):
         return root
     plan = corpus_plan(size, seed)
@@ -337,6 +352,8 @@ def decode_audio(audio):
         raise BadInput("audio has zero samples")
     if not np.isfinite(wave).all():
         raise BadInput("audio contains NaN or Inf samples")
+    if np.abs(wave).max() < 1e-4:
+        raise BadInput("silent audio (peak below -80 dBFS)")
     wave = torch.from_numpy(np.ascontiguousarray(wave))
     if rate != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, rate, SAMPLE_RATE)
@@ -396,8 +413,6 @@ def _featurize_example(example, text_column):
         if not text:
             raise BadInput("empty transcript")
         features = featurize(decode_audio(audio))
-        if not features["voiced"].any() and np.abs(features["mel"]).max() == 0:
-            raise BadInput("silent audio")
         return {**features, "text": text, "n_frames": len(features["mel"]), "error": ""}
     except BadInput as e:
         return {"mel": np.zeros((0, N_MELS), np.float16), "f0": np.zeros(0, np.float32),
@@ -422,6 +437,15 @@ def local_folder(folder, hf_cache):
     return ds.map(lambda f: {"audio": os.path.join(folder, f)}, input_columns="file_name")
 
 
+def hub_reachable(timeout=3.0):
+    import socket
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_splits(args):
     """Every source goes through Hugging Face datasets: raw audio (decode=False) -> cached features per split.
 
@@ -440,13 +464,16 @@ def load_splits(args):
             halves = held["test"].train_test_split(test_size=0.5, seed=args.seed)
             raw = {"train": held["train"], "validation": halves["train"], "test": halves["test"]}
     else:
+        offline_hint = ("Use a local folder instead: --dataset path/to/folder with audio files and metadata.csv "
+                        "(file_name,transcription)")
+        if not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
+            raise SystemExit(f"echo: cannot reach the Hugging Face hub for dataset {args.dataset!r} (offline?). {offline_hint}")
         try:
             raw = {split: datasets.load_dataset(args.dataset, args.dataset_config, split=name, cache_dir=hf_cache)
                    for split, name in names.items()}
         except Exception as e:
             raise SystemExit(f"echo: cannot load hub dataset {args.dataset!r} ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:120]}). Offline? Use a local folder instead: --dataset "
-                             "path/to/folder with audio files and metadata.csv (file_name,transcription)") from None
+                             f"{str(e).splitlines()[0][:120]}). {offline_hint}") from None
     if "train" not in raw:
         raise SystemExit(f"echo: {args.dataset}: no train split (expected <folder>/train/metadata.csv or <folder>/metadata.csv)")
     out, skipped = {}, []
@@ -518,23 +545,106 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
-def rope_freqs(head_dim, theta=10000.0):
-    """Standard rotary angular steps per position, one per channel pair: (head_dim/2,)."""
-    return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+F0_REF = 220.0  # Hz at which the pitch-warped rotary advances exactly one position per frame
+SPEED_RANGE = (0.25, 3.0)  # clamp of f0 / F0_REF (55-660 Hz): with max step 1 rad/frame no step exceeds pi
+RADIUS_MAX = 2.0  # variable radii stay in [1 / RADIUS_MAX, RADIUS_MAX]
+
+
+def rope_freqs(head_dim, kind="standard", theta=10000.0):
+    """Rotary angular steps per position, one per channel pair, highest first: (head_dim/2,) float64.
+    standard: theta^(-2k/d), top step 1 rad. mel: mel-spaced (as between 20 Hz and 8 kHz) with the top step
+    0.99 pi / SPEED_RANGE[1], so no step exceeds pi at any allowed pitch speed."""
+    k = torch.arange(head_dim // 2, dtype=torch.float64)
+    if kind == "standard":
+        return theta ** (-2 * k / head_dim)
+    mel_low, mel_high = (2595 * math.log10(1 + hz / 700) for hz in (20.0, 8000.0))
+    hz = 700 * (10 ** (torch.linspace(mel_high, mel_low, len(k), dtype=torch.float64) / 2595) - 1)
+    return hz / 8000.0 * 0.99 * math.pi / SPEED_RANGE[1]
 
 
 def rotary(positions, freqs):
-    """positions (B, T) float -> (cos, sin), each (B, 1, T, head_dim/2), for apply_rotary."""
-    angle = positions.float()[..., None] * freqs
-    return angle.cos()[:, None], angle.sin()[:, None]
+    """positions (B, T), possibly fractional -> (cos, sin), each (B, 1, T, head_dim/2) float32.
+    Angles in float64: pitch-warped positions grow without bound and only their differences matter."""
+    angle = positions.double()[..., None] * freqs.to(positions.device)
+    return angle.cos().float()[:, None], angle.sin().float()[:, None]
 
 
 def apply_rotary(x, table):
-    """Multiply each consecutive channel pair of x (B, H, T, head_dim), read as a complex number, by
-    cos + i*sin from the table (exact complex product, in float32)."""
+    """Multiply each consecutive channel pair of x (B, H, T, head_dim), read as a complex number, by the
+    table's cos + i*sin (which carry the radius, if any): the exact complex product, in float32."""
     cos, sin = table
     a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2).type_as(x)
+
+
+def pitch_track(f0, voiced, frames, n_out):
+    """Per-10 ms f0 (B, T') and voicing -> per encoder frame (B, n_out): mean log2 f0 of the voiced 10 ms
+    frames in each 40 ms group, voiced where at least two of the four are. A track a frame or two longer or
+    shorter than the log-mel is cut or padded with unvoiced frames; NaN, Inf and f0 <= 0 count as unvoiced."""
+    n = 4 * n_out
+    f0, voiced = f0[:, :n], voiced[:, :n]
+    f0, voiced = F.pad(f0, (0, n - f0.shape[1])), F.pad(voiced, (0, n - voiced.shape[1]))
+    inside = torch.arange(n, device=f0.device) < frames[:, None]
+    voiced = voiced.bool() & inside & torch.isfinite(f0) & (f0 > 0)
+    log_f0 = torch.where(voiced, f0.float().nan_to_num(1.0).clamp(min=1.0).log2(), 0.0)
+    count = voiced.view(len(f0), n_out, 4).sum(-1)
+    log_f0 = log_f0.view(len(f0), n_out, 4).sum(-1) / count.clamp(min=1)
+    voiced = count >= 2
+    return torch.where(voiced, log_f0, 0.0), voiced
+
+
+class PitchPrior(nn.Module):
+    """What encoder self-attention knows about pitch, computed once per batch and shared by every block:
+    the rotary table (pitch-warped phase, variable radius) and the attention mask (padding, pitch-similarity
+    bias, zero-value offset). With every flag off it is standard RoPE and a key-padding mask."""
+
+    def __init__(self, head_dim, n_heads, f0_theta=False, radii=False, pitch_bias=False, zero_value=False,
+                 freqs="standard"):
+        super().__init__()
+        self.f0_theta = f0_theta
+        self.register_buffer("freqs", rope_freqs(head_dim, freqs), persistent=False)
+        assert float(self.freqs.max()) * SPEED_RANGE[1] <= math.pi, "a rotary step above pi aliases"
+        self.radius_strength = nn.Parameter(torch.full((n_heads,), 0.1)) if radii else None
+        self.pitch_bias = nn.Parameter(torch.full((n_heads,), -2.0)) if pitch_bias else None  # softplus: 0.13/octave
+        self.zero_value = nn.Parameter(torch.zeros(n_heads)) if zero_value else None
+
+    def speed(self, log_f0, voiced):
+        """Pitch-warp speed s_t = f0_t / F0_REF on voiced frames (clamped), 1 elsewhere: (B, T)."""
+        if not self.f0_theta:
+            return torch.ones_like(log_f0)
+        return torch.where(voiced, (log_f0.exp2() / F0_REF).clamp(*SPEED_RANGE), 1.0)
+
+    def radius(self, log_f0, voiced):
+        """r = exp(alpha_h * (tanh(z) - mean tanh(z))) with z the utterance's log-f0 z-score: geometric mean 1 over
+        voiced frames, 1 on unvoiced frames and padding, in [1/RADIUS_MAX, RADIUS_MAX] since |alpha_h| <= ln(R)/2."""
+        count = voiced.sum(1, keepdim=True).clamp(min=1)
+        mean = (log_f0 * voiced).sum(1, keepdim=True) / count
+        std = (((log_f0 - mean) ** 2 * voiced).sum(1, keepdim=True) / count).sqrt().clamp(min=0.05)
+        z = torch.tanh((log_f0 - mean) / std) * voiced
+        z = (z - z.sum(1, keepdim=True) / count) * voiced
+        alpha = 0.5 * math.log(RADIUS_MAX) * torch.tanh(self.radius_strength)
+        return torch.exp(alpha[None, :, None] * z[:, None, :])  # (B, H, T)
+
+    def forward(self, log_f0, voiced, valid):
+        """log_f0, voiced, valid: (B, T) -> rotary table ((B, 1 or H, T, head_dim/2) x2) and attention mask
+        (bool (B, 1, 1, T), or float (B, H, T, T) with -inf on padding when a bias is on)."""
+        speed = self.speed(log_f0, voiced)
+        positions = speed.double().cumsum(1) - speed.double()  # phase_t = omega * sum_{tau < t} s_tau
+        cos, sin = rotary(positions, self.freqs)
+        if self.radius_strength is not None:
+            r = self.radius(log_f0, voiced)[..., None]
+            cos, sin = cos * r, sin * r
+        mask = valid[:, None, None, :]
+        if self.pitch_bias is None and self.zero_value is None:
+            return (cos, sin), mask
+        bias = torch.zeros(len(valid), 1, valid.shape[1], valid.shape[1], device=valid.device)
+        if self.pitch_bias is not None:
+            both_voiced = voiced[:, :, None] & voiced[:, None, :]
+            octaves = (log_f0[:, :, None] - log_f0[:, None, :]).abs() * both_voiced
+            bias = bias - F.softplus(self.pitch_bias)[None, :, None, None] * octaves[:, None]
+        if self.zero_value is not None:
+            bias = bias + self.zero_value[None, :, None, None] * (~voiced & valid)[:, None, None, :]
+        return (cos, sin), bias.masked_fill(~mask, float("-inf"))
 
 
 class Attention(nn.Module):
@@ -600,18 +710,19 @@ def subsampled_length(frames):
 
 
 class Encoder(nn.Module):
-    """log-mel (B, T, 80) -> (B, ceil(T/4), D): conv stem (stride 4, 40 ms frames), RoPE transformer blocks."""
+    """log-mel (B, T, 80) + f0 track -> (B, ceil(T/4), D): conv stem (stride 4, 40 ms frames), then transformer
+    blocks whose self-attention takes its rotary and mask from the PitchPrior."""
 
-    def __init__(self, d_model, n_heads, n_layers):
+    def __init__(self, d_model, n_heads, n_layers, **pitch):
         super().__init__()
         self.convs = nn.ModuleList([nn.Conv1d(N_MELS, d_model, 3, padding=1),
                                     nn.Conv1d(d_model, d_model, 3, stride=2, padding=1),
                                     nn.Conv1d(d_model, d_model, 3, stride=2, padding=1)])
         self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
         self.norm = RMSNorm(d_model)
-        self.register_buffer("freqs", rope_freqs(d_model // n_heads), persistent=False)
+        self.pitch = PitchPrior(d_model // n_heads, n_heads, **pitch)
 
-    def forward(self, mel, frames):
+    def forward(self, mel, frames, f0, voiced):
         x, lengths = mel.transpose(1, 2), frames
         for conv in self.convs:
             x = F.gelu(conv(x))
@@ -620,9 +731,7 @@ class Encoder(nn.Module):
             x = x * (torch.arange(x.shape[-1], device=x.device) < lengths[:, None])[:, None]
         x = x.transpose(1, 2)
         valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]  # (B, T)
-        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-        table = rotary(positions, self.freqs)  # once per batch, shared by every block and head
-        mask = valid[:, None, None, :]
+        table, mask = self.pitch(*pitch_track(f0, voiced, frames, x.shape[1]), valid)  # once per batch
         for block in self.blocks:
             x = block(x, table=table, mask=mask)
         return self.norm(x), valid
@@ -652,16 +761,19 @@ class Decoder(nn.Module):
 
 
 class Echo(nn.Module):
-    def __init__(self, vocab, d_model=256, n_heads=4, enc_layers=6, dec_layers=2, ctc_weight=0.3):
+    def __init__(self, vocab, d_model=256, n_heads=4, enc_layers=6, dec_layers=2, ctc_weight=0.3, **pitch):
         super().__init__()
-        self.encoder = Encoder(d_model, n_heads, enc_layers)
+        self.encoder = Encoder(d_model, n_heads, enc_layers, **pitch)
         self.decoder = Decoder(vocab, d_model, n_heads, dec_layers)
         self.ctc_head = nn.Linear(d_model, vocab) if ctc_weight > 0 else None
         self.ctc_weight = ctc_weight
 
+    def encode(self, batch):
+        return self.encoder(batch["mel"], batch["frames"], batch["f0"], batch["voiced"])
+
     def forward(self, batch):
         """Teacher-forced loss for a collated batch -> (total loss, cross-entropy, ctc loss or None)."""
-        audio, valid = self.encoder(batch["mel"], batch["frames"])
+        audio, valid = self.encode(batch)
         tokens = batch["tokens"]
         logits = self.decoder(tokens[:, :-1], audio, valid)
         ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=PAD)
@@ -675,7 +787,8 @@ class Echo(nn.Module):
 
 def build_model(config, vocab):
     return Echo(vocab, config["d_model"], config["n_heads"], config["enc_layers"], config["dec_layers"],
-                config["ctc_weight"])
+                config["ctc_weight"], f0_theta=config["f0_theta"], radii=config["radii"],
+                pitch_bias=config["pitch_bias"], zero_value=config["zero_value"], freqs=config["rope_freqs"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -869,7 +982,7 @@ def max_tokens_for(frames):
 def greedy_decode(model, batch):
     """Autoregressive greedy decoding with a KV cache -> list of token-id lists (EOS and BOS removed)."""
     model.eval()
-    audio, valid = model.encoder(batch["mel"], batch["frames"])
+    audio, valid = model.encode(batch)
     caches = [{} for _ in model.decoder.blocks]
     limit = max_tokens_for(batch["frames"]).to(audio.device)
     token = torch.full((len(audio), 1), BOS, device=audio.device)
@@ -905,7 +1018,7 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, batch_frames=30000)
         if not items:
             continue
         batch = to_device(collate(items, tokenizer), device)
-        audio, valid = model.encoder(batch["mel"], batch["frames"])
+        audio, valid = model.encode(batch)
         logits = model.decoder(batch["tokens"][:, :-1], audio, valid).float()
         targets = batch["tokens"][:, 1:]
         keep = targets != PAD

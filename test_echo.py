@@ -1,0 +1,476 @@
+"""Tests for echo.py. Fast by default; `-m slow` selects the long ones (CI runs both)."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+import echo
+
+HERE = Path(__file__).resolve().parent
+
+
+def harmonic_tone(f0, seconds, sample_rate=echo.SAMPLE_RATE, harmonics=12):
+    """A voice-like periodic signal with a time-varying f0 (array or constant), 1/k harmonic amplitudes."""
+    n = int(seconds * sample_rate)
+    f0 = np.broadcast_to(np.asarray(f0, dtype=np.float64), (n,))
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+    return (0.3 * sum(np.sin(k * phase) / k for k in range(1, harmonics + 1))).astype(np.float32)
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz '"
+CONFIG = dict(d_model=64, n_heads=2, enc_layers=2, dec_layers=2, ctc_weight=0.3, f0_theta=False, radii=False,
+              pitch_bias=False, zero_value=False, rope_freqs="standard")
+
+
+def tiny_model(vocab=20, **kw):
+    torch.manual_seed(0)
+    return echo.build_model(CONFIG | kw, vocab).eval()
+
+
+def fake_batch(lengths=(120, 77), text_lengths=(9, 5), vocab=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for n in lengths:
+        items.append({"mel": torch.randn(n, echo.N_MELS, generator=g).numpy(),
+                      "f0": (150 + 50 * torch.rand(n, generator=g)).numpy(), "voiced": np.ones(n, bool), "text": ""})
+    batch = echo.collate(items)
+    tokens = torch.full((len(lengths), max(text_lengths) + 2), echo.PAD)
+    for i, L in enumerate(text_lengths):
+        tokens[i, 0] = echo.BOS
+        tokens[i, 1:L + 1] = torch.randint(3, vocab, (L,), generator=g)
+        tokens[i, L + 1] = echo.EOS
+    batch["tokens"] = tokens
+    return batch
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """A 24-utterance embedded corpus (plus its unseen-voice split), built once for the session."""
+    cache = tmp_path_factory.mktemp("cache")
+    root = echo.build_corpus(str(cache), 24, 0, num_proc=1)
+    return cache, root
+
+
+def train_args(cache, tmp_path, *extra):
+    return echo.parse_args(["--cache_dir", str(cache), "--corpus_size", "24", "--runs_dir", str(tmp_path / "runs"),
+                            "--d_model", "64", "--n_heads", "2", "--enc_layers", "2", "--dec_layers", "1",
+                            "--batch_frames", "3000", "--warmup", "5", "--eval_utts", "4", "--num_proc", "1", *extra])
+
+
+# ---- text, corpus, features
+
+def test_tokenizer_round_trip():
+    tok = echo.Tokenizer("hello world's")
+    text = echo.normalize_text("  Hello,   WORLD's!! ")
+    assert text == "hello world's"
+    assert tok.decode([echo.BOS] + tok.encode(text) + [echo.EOS]) == text
+    assert len({echo.PAD, echo.BOS, echo.EOS} | set(tok.encode(text))) == 3 + len(set(text))
+    with pytest.raises(echo.BadInput, match="outside the tokenizer"):
+        tok.encode("xyz")
+
+
+def test_corpus_plan_is_deterministic_and_split_by_sentence():
+    plan = echo.corpus_plan(400, seed=3)
+    assert plan == echo.corpus_plan(400, seed=3) and plan != echo.corpus_plan(400, seed=4)
+    by_split = {}
+    for item in plan:
+        by_split.setdefault(item["split"], set()).add(item["transcription"])
+    assert sum(len(s) for s in by_split.values()) == len(plan)  # no sentence twice, so none in two splits
+    assert len(set().union(*map(echo.words, (echo.NOUNS, echo.ADJECTIVES, echo.VERBS, echo.ADVERBS, echo.NAMES)))) >= 1000
+    seen_voices = {p["voice"] for p in plan if p["split"] != "test_unseen"}
+    unseen = [p for p in plan if p["split"] == "test_unseen"]
+    assert not seen_voices & {p["voice"] for p in unseen}
+    assert all(not 20 <= p["pitch"] <= 80 and not 130 <= p["rate"] <= 210 for p in unseen)
+
+
+def test_corpus_audio_is_deterministic(tiny_corpus, tmp_path):
+    _, root = tiny_corpus
+    again = echo.build_corpus(str(tmp_path), 24, 0, num_proc=2)
+    files = sorted(Path(root).rglob("*.flac"))
+    assert len(files) == 24 + 2
+    for f in files:
+        assert f.read_bytes() == (Path(again) / f.relative_to(root)).read_bytes(), f
+    meta = (Path(root) / "train" / "metadata.csv").read_text().splitlines()
+    assert meta[0] == "file_name,transcription,voice,pitch,range,rate"
+
+
+def test_log_mel_and_f0_are_aligned():
+    for n in (1600, 16000, 16079, 16160):
+        wave = torch.from_numpy(harmonic_tone(150, n / echo.SAMPLE_RATE))
+        mel = echo.log_mel(wave)
+        f0, voiced = echo.extract_f0(wave.numpy(), echo.SAMPLE_RATE)
+        assert mel.shape == (n // echo.HOP + 1, echo.N_MELS) and f0.shape == voiced.shape == (len(mel),)
+
+
+def test_extract_f0_accuracy_on_known_signals():
+    """Gliding and steady tones between voiced gaps of noise and silence: median error <= 20 cents on frames
+    both call voiced, voicing agreement >= 90 %."""
+    sr, rng = echo.SAMPLE_RATE, np.random.default_rng(0)
+    pieces, truth = [], []
+    for f_start, f_end in [(90, 140), (200, 200), (300, 180), (70, 75), (110, 330)]:
+        n = int(0.6 * sr)
+        f0 = np.geomspace(f_start, f_end, n)
+        pieces += [harmonic_tone(f0, 0.6), (0.05 * rng.standard_normal(int(0.3 * sr))).astype(np.float32),
+                   np.zeros(int(0.2 * sr), np.float32)]
+        truth += [f0, np.zeros(int(0.5 * sr))]
+    wave, truth = np.concatenate(pieces), np.concatenate(truth)
+    f0, voiced = echo.extract_f0(wave, sr)
+    centre = np.minimum(np.arange(len(f0)) * echo.HOP, len(truth) - 1)
+    true_f0 = truth[centre]
+    true_voiced = true_f0 > 0
+    assert (voiced.numpy() == true_voiced).mean() >= 0.90
+    both = voiced.numpy() & true_voiced
+    cents = 1200 * np.abs(np.log2(f0.numpy()[both] / true_f0[both]))
+    assert both.sum() > 200 and np.median(cents) <= 20
+
+
+def test_extract_f0_resamples_other_rates():
+    for sr in (8000, 44100):
+        f0, voiced = echo.extract_f0(harmonic_tone(180, 1.0, sample_rate=sr), sr)
+        assert len(f0) == 101
+        assert abs(np.median(f0.numpy()[voiced.numpy()]) - 180) < 2
+
+
+@pytest.mark.slow
+def test_extract_f0_matches_pyin_on_corpus(tiny_corpus):
+    import librosa
+    _, root = tiny_corpus
+    cents = []
+    for path in sorted(Path(root, "train").glob("*.flac"))[:8]:
+        wave = echo.decode_audio(str(path)).numpy()
+        f0, voiced = echo.extract_f0(wave, echo.SAMPLE_RATE)
+        ref, ref_voiced, _ = librosa.pyin(wave, fmin=65, fmax=400, sr=echo.SAMPLE_RATE, frame_length=1024,
+                                          hop_length=echo.HOP, center=True)
+        n = min(len(f0), len(ref))
+        both = voiced.numpy()[:n] & ref_voiced[:n]
+        cents += list(1200 * np.abs(np.log2(f0.numpy()[:n][both] / ref[:n][both])))
+    assert len(cents) > 300 and np.median(cents) <= 20
+
+
+def test_local_folder_like_hub_and_bad_files_are_skipped(tmp_path):
+    """train/validation/test subfolders of wav and flac + metadata.csv; bad utterances are skipped and named."""
+    rows = {"train": [], "validation": [], "test": []}
+    for split in rows:
+        (tmp_path / split).mkdir()
+        for i, f0 in enumerate((110, 160, 220)):
+            name = f"{split}{i}.{'wav' if i % 2 else 'flac'}"
+            soundfile.write(tmp_path / split / name, harmonic_tone(f0, 0.5, 22050), 22050)
+            rows[split].append(f"{name},Hello world number {i}!")
+    soundfile.write(tmp_path / "train" / "stereo48k.wav", np.stack([harmonic_tone(150, 0.5, 48000)] * 2, 1), 48000)
+    soundfile.write(tmp_path / "train" / "nan.wav", np.full(8000, np.nan, np.float32), 16000, subtype="FLOAT")
+    soundfile.write(tmp_path / "train" / "silent_text.wav", np.zeros(8000, np.float32), 16000)
+    (tmp_path / "train" / "notaudio.wav").write_text("this is not audio")
+    soundfile.write(tmp_path / "train" / "empty.wav", np.zeros(0, np.float32), 16000)
+    rows["train"] += ["stereo48k.wav,a stereo file", "nan.wav,nan samples", "silent_text.wav,", "notaudio.wav,text",
+                      "empty.wav,nothing", "missing.wav,no such file"]
+    for split, lines in rows.items():
+        (tmp_path / split / "metadata.csv").write_text("file_name,transcription\n" + "\n".join(lines) + "\n")
+    args = echo.parse_args(["--dataset", str(tmp_path), "--cache_dir", str(tmp_path / "cache"), "--num_proc", "1"])
+    data, skipped = echo.load_splits(args)
+    assert {k: len(v) for k, v in data.items()} == {"train": 4, "validation": 3, "test": 3}
+    assert data["train"][0]["text"] == "hello world number 0"
+    assert len(skipped) == 5 and all(str(tmp_path) in s for s in skipped)
+    problems = " ".join(skipped)
+    for word in ("NaN", "empty transcript", "cannot read", "zero samples"):
+        assert word in problems
+
+
+def test_hub_dataset_offline_fails_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, str(HERE / "echo.py"), "--dataset", "librispeech_asr", "--dataset_config",
+                          "clean", "--cache_dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         env=os.environ | {"HF_HUB_OFFLINE": ""})
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert "librispeech_asr" in line and "--dataset path/to/folder" in line
+
+
+def test_invalid_arguments_are_argparse_errors(tmp_path):
+    for argv in (["--max_steps", "-1"], ["--ckpt", str(tmp_path / "none.pt"), "--transcribe", "a.wav"],
+                 ["--dataset", str(tmp_path)], ["--resume"]):
+        with pytest.raises(SystemExit) as e:
+            echo.parse_args(argv)
+        assert e.value.code == 2
+
+
+# ---- model
+
+def test_shapes_and_initial_loss_near_ln_vocab():
+    model, batch = tiny_model(vocab=30), fake_batch(vocab=30)
+    audio, valid = model.encode(batch)
+    assert audio.shape == (2, 30, 64) and valid.sum(1).tolist() == [30, 20]
+    logits = model.decoder(batch["tokens"][:, :-1], audio, valid)
+    assert logits.shape == (2, 10, 30)
+    loss, ce, ctc = model(batch)
+    assert abs(ce.item() - math.log(30)) < 0.3 and torch.isfinite(ctc)
+
+
+def test_decoder_is_causal():
+    model, batch = tiny_model(), fake_batch()
+    audio, valid = model.encode(batch)
+    tokens = batch["tokens"][:, :-1]
+    changed = tokens.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % 20
+    a, b = model.decoder(tokens, audio, valid), model.decoder(changed, audio, valid)
+    assert torch.equal(a[:, :5], b[:, :5]) and not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_padding_invariance():
+    """An utterance alone and inside a batch with a longer one: same encoder output on its frames, same text."""
+    model, batch = tiny_model(), fake_batch(lengths=(77, 130))
+    alone = {k: v[:1, :77] if v.dim() > 1 else v[:1] for k, v in batch.items() if torch.is_tensor(v)}
+    enc_alone, _ = model.encode(alone)
+    enc_batch, valid = model.encode(batch)
+    n = int(valid[0].sum())
+    assert n == enc_alone.shape[1] == 20
+    torch.testing.assert_close(enc_batch[0, :n], enc_alone[0], atol=1e-5, rtol=1e-5)
+    assert echo.greedy_decode(model, batch)[0] == echo.greedy_decode(model, alone)[0]
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    model, batch = tiny_model(), fake_batch()
+    audio, valid = model.encode(batch)
+    tokens = batch["tokens"][:, :-1]
+    full = model.decoder(tokens, audio, valid)
+    caches = [{} for _ in model.decoder.blocks]
+    stepwise = torch.cat([model.decoder(tokens[:, t:t + 1], audio, valid, caches, offset=t) for t in range(tokens.shape[1])], 1)
+    torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_decoding_stops_at_length_cap():
+    model, batch = tiny_model(), fake_batch(lengths=(50, 200))
+    hyps = echo.greedy_decode(model, batch)
+    caps = echo.max_tokens_for(batch["frames"]).tolist()
+    assert all(len(h) <= cap for h, cap in zip(hyps, caps))
+
+
+# ---- training, checkpoints, CLI
+
+def test_tiny_training_run_loss_falls_and_resume_continues(tiny_corpus, tmp_path):
+    cache, _ = tiny_corpus
+    args = train_args(cache, tmp_path, "--name", "tiny", "--max_steps", "40", "--eval_every", "20", "--lr", "3e-3")
+    results = echo.train(args)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "runs" / "tiny"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses[-1] < losses[0] - 0.5
+    assert {"val/wer", "val/cer", "test/cer", "train/lr", "train/grad_norm"} <= set(events.Tags()["scalars"])
+    assert "test" in results and "test_unseen" in results
+    ckpt = echo.load_checkpoint(tmp_path / "runs" / "tiny" / "ckpt.pt")
+    assert ckpt["step"] == 40 and ckpt["tokenizer"] and ckpt["code"]
+    resumed = train_args(cache, tmp_path, "--name", "tiny", "--max_steps", "60", "--eval_every", "20", "--resume")
+    echo.train(resumed)
+    assert echo.load_checkpoint(tmp_path / "runs" / "tiny" / "ckpt.pt")["step"] == 60
+    assert (tmp_path / "runs" / "tiny" / "ckpt.pt.prev").exists()
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    model, batch = tiny_model(vocab=31), fake_batch(vocab=31)
+    config = CONFIG
+    echo.save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": config, "tokenizer": CHARS})
+    loaded, tokenizer = echo.load_model(tmp_path / "ckpt.pt", torch.device("cpu"))
+    assert len(tokenizer) == 31
+    with torch.no_grad():
+        assert torch.equal(model(batch)[0], loaded(batch)[0])
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    echo.save_checkpoint(path, {"step": 1})
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        echo.save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert echo.load_checkpoint(path)["step"] == 1
+    path.write_bytes(b"truncated")
+    with pytest.raises(SystemExit, match="unreadable checkpoint"):
+        echo.load_checkpoint(path)
+
+
+def test_transcribe_cli_prints_contract_format(tmp_path):
+    model = tiny_model(vocab=31)
+    config = CONFIG
+    echo.save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": config, "tokenizer": CHARS})
+    good_a, good_b, bad = tmp_path / "a.wav", tmp_path / "b.flac", tmp_path / "bad.wav"
+    soundfile.write(good_a, harmonic_tone(150, 1.0), 16000)
+    soundfile.write(good_b, harmonic_tone(220, 0.7, 44100), 44100)
+    bad.write_text("not audio")
+    out = subprocess.run([sys.executable, str(HERE / "echo.py"), "--transcribe", str(good_b), str(bad), str(good_a),
+                          "--ckpt", str(tmp_path / "ckpt.pt")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    lines = out.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(good_b), str(good_a)]
+    assert all(len(line.split("\t")) == 2 for line in lines)
+    errors = out.stderr.strip().splitlines()
+    assert len(errors) == 1 and str(bad) in errors[0] and "Traceback" not in out.stderr
+
+
+# ---- pitch-aware attention (DESIGN.md section 3)
+
+ALL_PITCH = dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)
+
+
+def contour(n, seed=0, low=90.0, high=300.0):
+    """A random smooth log-f0 contour (octaves) with unvoiced stretches: (1, n) log2 f0 and voicing."""
+    g = torch.Generator().manual_seed(seed)
+    walk = torch.cumsum(0.1 * torch.randn(n, generator=g), 0)
+    hz = low * (high / low) ** torch.sigmoid(walk)
+    voiced = torch.rand(n, generator=g) > 0.25
+    return torch.where(voiced, hz.log2(), 0.0)[None], voiced[None]
+
+
+def scores(prior, log_f0, voiced, q, k):
+    table, _ = prior(log_f0, voiced, torch.ones_like(voiced))
+    return echo.apply_rotary(q, table) @ echo.apply_rotary(k, table).transpose(-1, -2)
+
+
+def test_rotary_without_f0_or_at_reference_pitch_is_standard_rope():
+    n, head_dim = 50, 16
+    q = torch.randn(1, 2, n, head_dim)
+    t = torch.arange(n, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, head_dim, 2) / head_dim)
+    pairs = torch.view_as_complex(q.double().unflatten(-1, (-1, 2)).contiguous())
+    reference = torch.view_as_real(pairs * torch.polar(torch.ones_like(t), t)).flatten(-2).float()
+    log_f0, voiced = contour(n)
+    for prior, f0 in [(echo.PitchPrior(head_dim, 2), log_f0),
+                      (echo.PitchPrior(head_dim, 2, f0_theta=True), torch.full_like(log_f0, math.log2(echo.F0_REF)))]:
+        table, mask = prior(f0, torch.ones_like(voiced), torch.ones_like(voiced))
+        torch.testing.assert_close(echo.apply_rotary(q, table), reference, atol=1e-6, rtol=0)
+        assert mask.dtype == torch.bool
+    table, _ = echo.PitchPrior(head_dim, 2, f0_theta=True)(log_f0, voiced, torch.ones_like(voiced))
+    assert not torch.allclose(echo.apply_rotary(q, table), reference, atol=1e-3)
+
+
+def test_pitch_warped_scores_depend_only_on_relative_position():
+    """Prepending frames leaves the scores between the original frames unchanged."""
+    head_dim, n, extra = 16, 40, 13
+    prior = echo.PitchPrior(head_dim, 2, f0_theta=True)  # radii use utterance statistics, so phase alone
+    log_f0, voiced = contour(n, seed=1)
+    pre_f0, pre_voiced = contour(extra, seed=2, low=60, high=600)
+    q, k = torch.randn(1, 2, n, head_dim), torch.randn(1, 2, n, head_dim)
+    q_pre, k_pre = torch.randn(1, 2, extra, head_dim), torch.randn(1, 2, extra, head_dim)
+    alone = scores(prior, log_f0, voiced, q, k)
+    longer = scores(prior, torch.cat([pre_f0, log_f0], 1), torch.cat([pre_voiced, voiced], 1),
+                    torch.cat([q_pre, q], 2), torch.cat([k_pre, k], 2))
+    torch.testing.assert_close(longer[..., extra:, extra:], alone, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["standard", "mel"])
+def test_no_angular_step_exceeds_pi(kind):
+    prior = echo.PitchPrior(32, 2, f0_theta=True, freqs=kind)
+    hz = torch.geomspace(30, 2000, 200)[None] if hasattr(torch, "geomspace") else torch.logspace(math.log10(30), math.log10(2000), 200)[None]
+    speed = prior.speed(hz.log2(), torch.ones_like(hz, dtype=torch.bool))
+    assert speed.max() * prior.freqs.max() <= math.pi
+    assert (speed.min() - echo.SPEED_RANGE[0]).abs() < 1e-6 and (speed.max() - echo.SPEED_RANGE[1]).abs() < 1e-6
+
+
+def test_radius_scales_pairs_and_stays_bounded():
+    prior = echo.PitchPrior(16, 2, f0_theta=True, radii=True)
+    with torch.no_grad():
+        prior.radius_strength.fill_(50.0)  # the largest strength the bound allows
+    hz = torch.logspace(math.log10(50), math.log10(1000), 100)[None]
+    voiced = torch.rand(1, 100, generator=torch.Generator().manual_seed(0)) > 0.3
+    log_f0 = torch.where(voiced, hz.log2(), 0.0)
+    r = prior.radius(log_f0, voiced)
+    assert r.min() >= 1 / echo.RADIUS_MAX - 1e-6 and r.max() <= echo.RADIUS_MAX + 1e-6
+    assert torch.all(r[:, :, ~voiced[0]] == 1)
+    assert abs(r[:, :, voiced[0]].log().mean(-1)).max() < 1e-5  # geometric mean 1 over voiced frames
+    x = torch.randn(1, 2, 100, 16)
+    table, _ = prior(log_f0, voiced, torch.ones_like(voiced))
+    pair_norm = lambda t: t.unflatten(-1, (-1, 2)).norm(dim=-1)
+    torch.testing.assert_close(pair_norm(echo.apply_rotary(x, table)), r[..., None] * pair_norm(x), atol=1e-5, rtol=1e-5)
+    plain = echo.PitchPrior(16, 2, f0_theta=True)
+    torch.testing.assert_close(pair_norm(echo.apply_rotary(x, plain(log_f0, voiced, torch.ones_like(voiced))[0])), pair_norm(x))
+
+
+def test_pitch_bias_is_symmetric_zero_on_diagonal_and_per_utterance():
+    prior = echo.PitchPrior(16, 2, f0_theta=True, pitch_bias=True)
+    a_f0, a_voiced = contour(30, seed=3)
+    b_f0, b_voiced = contour(20, seed=4, low=180, high=320)
+    b_f0, b_voiced = F_pad(b_f0, 10), F_pad(b_voiced, 10)
+    valid = torch.arange(30)[None] < torch.tensor([[30], [20]])
+    _, mask = prior(torch.cat([a_f0, b_f0]), torch.cat([a_voiced, b_voiced]), valid)
+    _, mask_a = prior(a_f0, a_voiced, valid[:1])
+    torch.testing.assert_close(mask[:1], mask_a)
+    a = mask[0, 0]
+    torch.testing.assert_close(a, a.T)
+    assert torch.all(a.diagonal() == 0) and torch.all(a <= 0)
+    equal = (a_f0[0][:, None] == a_f0[0][None, :])
+    assert torch.all(a[equal] == 0) and (a[~equal] < 0).any()
+    assert torch.all(mask[1, :, :, 20:] == float("-inf")) and torch.isfinite(mask[1, :, :, :20]).all()
+
+
+def F_pad(x, n):
+    return torch.nn.functional.pad(x, (0, n))
+
+
+def test_batched_utterances_with_different_pitch_match_each_alone():
+    model = tiny_model(**ALL_PITCH)
+    batch = fake_batch(lengths=(120, 77))
+    batch["f0"][1] = 90 + 10 * torch.rand(batch["f0"].shape[1])
+    batch["voiced"][0, 30:50] = False
+    enc, valid = model.encode(batch)
+    for i, n in enumerate((120, 77)):
+        alone = {k: v[i:i + 1, :n] if v.dim() > 1 else v[i:i + 1] for k, v in batch.items() if torch.is_tensor(v)}
+        enc_alone, _ = model.encode(alone)
+        torch.testing.assert_close(enc[i, :enc_alone.shape[1]], enc_alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_every_pitch_flag_changes_the_output():
+    batch = fake_batch()
+    batch["voiced"][:, 40:60] = False
+    base = tiny_model().encode(batch)[0]
+    for flag in ("f0_theta", "radii", "pitch_bias", "zero_value", "rope_freqs"):
+        kw = dict(f0_theta=True) | ({flag: "mel"} if flag == "rope_freqs" else {flag: True})
+        model = tiny_model(**kw)
+        if flag == "zero_value":  # initialised at 0: give it the value training would
+            with torch.no_grad():
+                model.encoder.pitch.zero_value.fill_(-1.0)
+        reference = base if flag == "f0_theta" else tiny_model(f0_theta=True).encode(batch)[0]
+        assert (model.encode(batch)[0] - reference).abs().max() > 1e-4, flag
+
+
+def test_every_parameter_gets_a_gradient_with_all_flags():
+    model = tiny_model(**ALL_PITCH).train()
+    batch = fake_batch()
+    batch["voiced"][:, 40:60] = False
+    model(batch)[0].backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_logit_spread_at_init_with_radii_is_close_to_unit_radius():
+    torch.manual_seed(0)
+    log_f0, voiced = contour(200, seed=5, low=60, high=400)
+    q, k = torch.randn(1, 2, 200, 32), torch.randn(1, 2, 200, 32)
+    spread = [scores(echo.PitchPrior(32, 2, f0_theta=True, radii=r), log_f0, voiced, q, k).std() for r in (False, True)]
+    assert 0.5 <= spread[1] / spread[0] <= 2.0
+
+
+@pytest.mark.parametrize("case", ["unvoiced", "nan", "empty", "longer", "shorter"])
+def test_bad_f0_tracks_never_give_nan(case):
+    model = tiny_model(**ALL_PITCH)
+    batch = fake_batch()
+    if case == "unvoiced":
+        batch["voiced"][:] = False
+    elif case == "nan":
+        batch["f0"][0, ::3] = float("nan")
+        batch["f0"][1, ::5] = float("inf")
+    elif case == "empty":
+        batch["f0"], batch["voiced"] = batch["f0"][:, :0], batch["voiced"][:, :0]
+    elif case == "longer":
+        batch["f0"], batch["voiced"] = F_pad(batch["f0"], 2), F_pad(batch["voiced"], 2)
+    else:
+        batch["f0"], batch["voiced"] = batch["f0"][:, :-2], batch["voiced"][:, :-2]
+    loss = model(batch)[0]
+    assert torch.isfinite(loss)
+    assert all(len(h) > 0 or True for h in echo.greedy_decode(model, batch))
