@@ -44,21 +44,24 @@ def build_parser():
     a = p.add_argument
     a("--name", default=None, help="run name: logs and checkpoint go to runs/<name>/ (default: a timestamp)")
     a("--runs_dir", default="runs", help="parent folder of all runs")
-    a("--seed", type=int, default=0, help="seed for corpus, data order and initialisation")
+    a("--seed", type=int, default=0, help="seed for initialisation and data order")
     # data
     a("--dataset", default="embedded", help="'embedded' (synthetic eSpeak corpus), a local folder of audio "
       "+ metadata.csv (file_name,transcription), or a hub id such as librispeech_asr or google/fleurs")
     a("--dataset_config", default=None, help="hub dataset config, e.g. clean (LibriSpeech) or en_us (FLEURS)")
     a("--splits", default="train,validation,test", help="train,validation,test split names of the dataset")
     a("--cache_dir", default=os.path.expanduser("~/.cache/echo"), help="corpus and feature cache")
-    a("--corpus_size", type=int, default=4000, help="utterances in the embedded corpus")
+    a("--corpus_size", type=int, default=4000, help="train+validation+test utterances of the embedded corpus "
+      "(test_unseen adds 5 %%)")
+    a("--corpus_seed", type=int, default=0, help="seed of the embedded corpus (and of a flat folder's split)")
     a("--num_proc", type=int, default=2, help="processes for corpus synthesis and feature extraction")
     # model
-    a("--d_model", type=int, default=256, help="model width")
+    a("--d_model", type=int, default=192, help="model width")
     a("--n_heads", type=int, default=4, help="attention heads")
     a("--enc_layers", type=int, default=6, help="encoder blocks")
     a("--dec_layers", type=int, default=2, help="decoder blocks")
     a("--ctc_weight", type=float, default=0.3, help="weight of the auxiliary CTC loss on the encoder (0 = off)")
+    a("--decode_ctc_weight", type=float, default=0.3, help="weight of CTC prefix scores in decoding (0 = attention only)")
     # pitch-aware encoder attention (DESIGN.md section 3)
     a("--f0_theta", action=argparse.BooleanOptionalAction, default=True,
       help="rotary phase advances with pitch-warped time (f0 / 220 Hz per frame); --no-f0_theta = plain RoPE")
@@ -67,18 +70,24 @@ def build_parser():
     a("--zero_value", action="store_true", help="learnable per-head logit offset for unvoiced/silent keys")
     a("--rope_freqs", choices=("standard", "mel"), default="standard", help="rotary frequency table")
     # training
-    a("--max_steps", type=int, default=1500, help="optimizer steps")
-    a("--batch_frames", type=int, default=12000, help="padded 10 ms frames per batch (length-bucketed)")
+    a("--max_steps", type=int, default=1400, help="optimizer steps")
+    a("--batch_frames", type=int, default=8000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--lr", type=float, default=2e-3, help="peak learning rate")
-    a("--warmup", type=int, default=150, help="linear warmup steps, then cosine decay to lr/10")
+    a("--lr", type=float, default=3e-3, help="peak learning rate")
+    a("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to lr/10")
     a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
-    a("--eval_every", type=int, default=500, help="steps between validation decoding and checkpoints")
-    a("--eval_utts", type=int, default=200, help="validation utterances decoded at each evaluation")
+    a("--eval_every", type=int, default=350, help="steps between validation decoding and checkpoints")
+    a("--eval_utts", type=int, default=100, help="validation utterances decoded at each evaluation")
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
     a("--resume", action="store_true", help="continue runs/<name>/ckpt.pt")
+    # experiments
+    a("--bench", action="store_true", help="print a table of train-step time per attention variant, f0 and "
+      "decoding speed on this device, then exit")
+    a("--ablate", action="store_true", help="train baseline / f0_theta / +radii / +pitch_bias / all for each "
+      "seed, write runs/<name>/ablation.md and .png")
+    a("--seeds", type=int, default=3, help="seeds per configuration for --ablate")
     # transcription
     a("--transcribe", nargs="+", metavar="AUDIO", help="print '<path>\\t<transcript>' for each file and exit")
     a("--ckpt", default=None, help="checkpoint for --transcribe")
@@ -456,12 +465,12 @@ def load_splits(args):
     names = dict(zip(("train", "validation", "test"), args.splits.split(",")))
     hf_cache = os.path.join(args.cache_dir, "hf")
     if args.dataset == "embedded" or os.path.isdir(args.dataset):
-        root = build_corpus(args.cache_dir, args.corpus_size, args.seed, args.num_proc) if args.dataset == "embedded" else args.dataset
+        root = build_corpus(args.cache_dir, args.corpus_size, args.corpus_seed, args.num_proc) if args.dataset == "embedded" else args.dataset
         raw = {split: local_folder(os.path.join(root, names.get(split, split)), hf_cache) for split in SPLITS
                if os.path.exists(os.path.join(root, names.get(split, split), "metadata.csv"))}
         if "train" not in raw and os.path.exists(os.path.join(root, "metadata.csv")):  # one flat folder: hold out 10 %
-            held = local_folder(root, hf_cache).train_test_split(test_size=0.1, seed=args.seed)
-            halves = held["test"].train_test_split(test_size=0.5, seed=args.seed)
+            held = local_folder(root, hf_cache).train_test_split(test_size=0.1, seed=args.corpus_seed)
+            halves = held["test"].train_test_split(test_size=0.5, seed=args.corpus_seed)
             raw = {"train": held["train"], "validation": halves["train"], "test": halves["test"]}
     else:
         offline_hint = ("Use a local folder instead: --dataset path/to/folder with audio files and metadata.csv "
@@ -941,7 +950,7 @@ def train(args):
                 writer.add_scalar("train/step_seconds", time.time() - t0, step)
                 writer.add_scalar("train/audio_seconds_per_second", audio_seconds / (time.time() - t_start), step)
             if step % args.eval_every == 0 or step == args.max_steps:
-                result = evaluate(model, data["validation"], tokenizer, device, args.eval_utts)
+                result = evaluate(model, data["validation"], tokenizer, device, args.eval_utts, args.decode_ctc_weight)
                 writer.add_scalar("val/loss", result["loss"], step)
                 writer.add_scalar("val/token_accuracy_teacher_forced", result["token_accuracy"], step)
                 writer.add_scalar("val/wer", result["wer"], step)
@@ -957,12 +966,12 @@ def train(args):
                "skipped_utterances": len(skipped)}
     for split in ("test", "test_unseen"):
         if split in data:
-            result = evaluate(model, data[split], tokenizer, device)
+            result = evaluate(model, data[split], tokenizer, device, ctc_weight=args.decode_ctc_weight)
             results[split] = {k: round(result[k], 4) for k in ("wer", "cer", "rtfx")} | {"utterances": result["n"]}
             writer.add_scalar(f"{split}/wer", result["wer"], step)
             writer.add_scalar(f"{split}/cer", result["cer"], step)
             print(f"{split}: CER {100 * result['cer']:.2f} %  WER {100 * result['wer']:.2f} %  "
-                  f"({result['n']} utterances, greedy decoding, RTFx {result['rtfx']:.0f})")
+                  f"({result['n']} utterances, decoded, RTFx {result['rtfx']:.0f})")
     if skipped:
         print(f"skipped {len(skipped)} unusable utterances in all")
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
@@ -978,18 +987,75 @@ def max_tokens_for(frames):
     return (frames.float() / 100 * 30).long() + 10
 
 
+class CTCPrefixScorer:
+    """CTC prefix scores for one growing hypothesis per utterance (joint CTC/attention decoding, Watanabe et al.
+    2017, as in ESPnet): log P(the audio's CTC paths start with this text). The recurrences
+    r_t = (r_{t-1} + phi_{t-1}) * p_t are solved over all frames at once: r_t = e^{P_t} sum_{s<=t} ... with P the
+    cumulative log-probability, i.e. one logcumsumexp per step instead of a loop over frames. float64 throughout."""
+    NEG = -1e4  # log of "impossible" that keeps the closed form finite
+
+    def __init__(self, log_probs, valid):
+        """log_probs (B, T, V) from the CTC head, valid (B, T). Frames past the end emit blank with
+        probability 1, which changes no score, so one T serves the whole batch."""
+        blank_only = torch.full_like(log_probs[0, 0], self.NEG, dtype=torch.float64)
+        blank_only[PAD] = 0.0
+        self.log_probs = torch.where(valid[..., None], log_probs.double(), blank_only)
+        self.cum_blank = self.log_probs[..., PAD].cumsum(1)[..., None]  # (B, T, 1)
+        self.r_n = torch.full_like(self.cum_blank, self.NEG)  # paths of the prefix ending in its last token
+        self.r_b = self.cum_blank.clone()  # ... ending in blank; the empty prefix is all blanks
+        self.score = torch.zeros(len(valid), 1, dtype=torch.float64, device=valid.device)  # psi(empty) = 0
+        self.last = torch.full((len(valid), 1), -1, device=valid.device)
+
+    def extend(self, tokens):
+        """Scores of the prefix extended by each of tokens (B, K): psi (B, K) and the r_n, r_b (B, T, K)."""
+        log_p = self.log_probs.gather(2, tokens[:, None, :].expand(-1, self.log_probs.shape[1], -1))
+        phi = torch.where((tokens == self.last)[:, None, :], self.r_b, torch.logaddexp(self.r_n, self.r_b))
+        start = torch.where(self.last < 0, log_p[:, 0], self.NEG)  # r_n at frame 0: only an empty prefix
+        cum = log_p.cumsum(1)
+        r_n = cum + torch.logcumsumexp(torch.cat([(start - cum[:, 0])[:, None], phi[:, :-1] - cum[:, :-1]], 1), 1)
+        r_b = self.cum_blank + torch.logcumsumexp(
+            torch.cat([torch.full_like(start, self.NEG)[:, None], r_n[:, :-1] - self.cum_blank[:, :-1]], 1), 1)
+        psi = torch.logsumexp(torch.cat([start[:, None], phi[:, :-1] + log_p[:, 1:]], 1), 1)
+        return psi, r_n, r_b
+
+    def final(self):
+        """log P(the whole audio reads exactly this prefix): the score of ending now, (B, 1)."""
+        return torch.logaddexp(self.r_n[:, -1], self.r_b[:, -1])
+
+    def choose(self, index, tokens, psi, r_n, r_b):
+        """Keep candidate index (B, 1) of the last extend()."""
+        self.score, self.last = psi.gather(1, index), tokens.gather(1, index)
+        pick = index[:, None, :].expand(-1, r_n.shape[1], -1)
+        self.r_n, self.r_b = r_n.gather(2, pick), r_b.gather(2, pick)
+
+
 @torch.no_grad()
-def greedy_decode(model, batch):
-    """Autoregressive greedy decoding with a KV cache -> list of token-id lists (EOS and BOS removed)."""
+def greedy_decode(model, batch, ctc_weight=0.3, candidates=5):
+    """Autoregressive greedy decoding with a KV cache -> list of token-id lists (EOS and BOS removed).
+    With a CTC head, each step picks among the decoder's top candidates by (1 - w) log p_attention + w * (gain
+    in CTC prefix score), which stops the loops and early ends of a young attention decoder."""
     model.eval()
     audio, valid = model.encode(batch)
     caches = [{} for _ in model.decoder.blocks]
     limit = max_tokens_for(batch["frames"]).to(audio.device)
+    use_ctc = model.ctc_head is not None and ctc_weight > 0
+    if use_ctc:
+        ctc = CTCPrefixScorer(model.ctc_head(audio).float().log_softmax(-1), valid)
     token = torch.full((len(audio), 1), BOS, device=audio.device)
     done = torch.zeros(len(audio), dtype=torch.bool, device=audio.device)
     out = []
     for position in range(int(limit.max())):
-        token = model.decoder(token, audio, valid, caches, offset=position)[:, -1:].argmax(-1)
+        log_p = model.decoder(token, audio, valid, caches, offset=position)[:, -1].float().log_softmax(-1)
+        log_p[:, [PAD, BOS]] = float("-inf")
+        if use_ctc:
+            top = log_p.topk(candidates, -1)
+            psi, r_n, r_b = ctc.extend(top.indices)
+            gain = torch.where(top.indices == EOS, ctc.final() - ctc.score, psi - ctc.score)
+            index = ((1 - ctc_weight) * top.values + ctc_weight * gain).argmax(-1, keepdim=True)
+            token = top.indices.gather(1, index)
+            ctc.choose(index, top.indices, psi, r_n, r_b)
+        else:
+            token = log_p.argmax(-1, keepdim=True)
         done |= (token[:, 0] == EOS) | (position >= limit)
         out.append(torch.where(done, EOS, token[:, 0]))
         if done.all():
@@ -999,7 +1065,7 @@ def greedy_decode(model, batch):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, tokenizer, device, n_utts=None, batch_frames=30000):
+def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, batch_frames=30000):
     """Decoded WER/CER (jiwer) on the first n_utts utterances, teacher-forced loss and token accuracy."""
     import jiwer
     model.eval()
@@ -1026,7 +1092,7 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, batch_frames=30000)
         correct += (logits.argmax(-1)[keep] == targets[keep]).sum().item()
         tokens_total += keep.sum().item()
         t0 = time.time()
-        hyps += [tokenizer.decode(h) for h in greedy_decode(model, batch)]
+        hyps += [tokenizer.decode(h) for h in greedy_decode(model, batch, ctc_weight)]
         decode_seconds += time.time() - t0
         refs += batch["text"]
     audio_seconds = sum(lengths) / 100
@@ -1040,13 +1106,13 @@ def load_model(path, device):
     tokenizer = Tokenizer(ckpt["tokenizer"])
     model = build_model(ckpt["config"], len(tokenizer))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), tokenizer, ckpt["config"]
 
 
 def transcribe(args):
     """Print '<path>\\t<transcript>' per file in input order; one-line errors on stderr; exit 1 if any failed."""
     device = pick_device(args.device)
-    model, tokenizer = load_model(args.ckpt, device)
+    model, tokenizer, config = load_model(args.ckpt, device)
     features, failed = {}, 0
     for path in args.transcribe:
         try:
@@ -1058,12 +1124,109 @@ def transcribe(args):
     texts = {}
     for start in range(0, len(paths), 16):
         chunk = paths[start:start + 16]
-        hyps = greedy_decode(model, to_device(collate([features[p] for p in chunk]), device))
+        hyps = greedy_decode(model, to_device(collate([features[p] for p in chunk]), device), config["decode_ctc_weight"])
         texts.update({p: tokenizer.decode(h) for p, h in zip(chunk, hyps)})
     for path in args.transcribe:
         if path in texts:
             print(f"{path}\t{texts[path]}")
     return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# experiments: ablation and benchmark
+
+ABLATION = {"baseline": dict(f0_theta=False), "f0_theta": dict(f0_theta=True),
+            "+radii": dict(f0_theta=True, radii=True), "+pitch_bias": dict(f0_theta=True, pitch_bias=True),
+            "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
+
+
+def mean_std(values):
+    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
+
+
+def ablate(args):
+    """Train every ABLATION configuration for args.seeds seeds; decoded test CER/WER as mean ± std."""
+    out = Path(args.runs_dir) / args.name
+    t0, results = time.time(), {}
+    for label, flags in ABLATION.items():
+        for seed in range(args.seeds):
+            run = argparse.Namespace(**(vars(args) | flags | {"seed": seed, "name": f"{args.name}/{label}-seed{seed}"}))
+            results.setdefault(label, []).append(train(run))
+    rows = ["| configuration | test CER % | test WER % | test_unseen CER % | test_unseen WER % |", "|---|---|---|---|---|"]
+    for label, runs in results.items():
+        rows.append(f"| {label} | " + " | ".join(mean_std([r[split][metric] for r in runs])
+                                                  for split in ("test", "test_unseen") for metric in ("cer", "wer")) + " |")
+    table = "\n".join(rows) + f"\n\n{args.seeds} seeds each, mean ± std, {(time.time() - t0) / 60:.0f} min in all.\n"
+    (out / "ablation.md").write_text(table)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    cer = [[100 * r["test"]["cer"] for r in runs] for runs in results.values()]
+    ax.bar(list(results), [np.mean(c) for c in cer], yerr=[np.std(c) for c in cer], capsize=4, color="tab:blue")
+    ax.set_ylabel("test CER % (decoded)")
+    ax.set_title(f"Echo ablation, {args.seeds} seeds")
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=120)
+    print(table)
+
+
+def benchmark(args):
+    """Side-by-side speed on this device: train step per attention variant (same batches, round-robin, warm-up
+    excluded), padding fraction of the batches, f0 extraction vs librosa.pyin, decoding real-time factor."""
+    device = pick_device(args.device)
+    data, _ = load_splits(args)
+    train_set = data["train"]
+    tokenizer = Tokenizer("".join(train_set["text"]))
+    all_batches = bucket_batches(train_set["n_frames"], args.batch_frames, args.seed, 0)
+    frames = train_set["n_frames"]
+    padding = 1 - sum(frames[i] for b in all_batches for i in b) / sum(max(frames[i] for i in b) * len(b) for b in all_batches)
+    warmup, steps = 3, 20
+    batches = [collate([train_set[i] for i in b], tokenizer) for b in all_batches[:warmup + steps]]
+    variants = {"plain RoPE": ABLATION["baseline"], "f0_theta": ABLATION["f0_theta"], "all pitch features": ABLATION["all"]}
+    models = {}
+    for label, flags in variants.items():
+        torch.manual_seed(args.seed)
+        model = build_model(vars(args) | flags, len(tokenizer)).to(device).train()
+        models[label] = (model, build_optimizer(model, args, device))
+    seconds = {label: [] for label in variants}
+    for i, batch in enumerate(batches):
+        batch = to_device(batch, device)
+        for label, (model, optimizer) in models.items():
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(batch)[0]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            if i >= warmup:
+                seconds[label].append(time.perf_counter() - t0)
+    audio = sum(b["frames"].sum().item() for b in batches[warmup:]) / 100
+    print(f"device: {device} ({environment(device)['gpu']}), {torch.get_num_threads()} threads, batch_frames {args.batch_frames}, "
+          f"{steps} timed steps after {warmup} warm-up\n")
+    print("| what | value |\n|---|---|")
+    base = np.median(seconds["plain RoPE"])
+    for label, values in seconds.items():
+        print(f"| train step, {label} | {1000 * np.median(values):.0f} ms ({np.median(values) / base:.2f}x), "
+              f"{audio / sum(values):.0f} audio-s/s |")
+    print(f"| padding in length-bucketed batches | {100 * padding:.1f} % |")
+    import librosa
+    waves = [decode_audio(path) for path in sorted(Path(args.cache_dir).rglob("validation/*.flac"))[:20]]
+    audio_s = sum(len(w) for w in waves) / SAMPLE_RATE
+    librosa.pyin(waves[0].numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE)  # compile its numba kernels first
+    for label, fn in (("f0, Praat (extract_f0)", lambda w: extract_f0(w.numpy())),
+                      ("f0, librosa.pyin 65-400 Hz", lambda w: librosa.pyin(w.numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE))):
+        t0 = time.process_time()
+        for w in waves:
+            fn(w)
+        print(f"| {label} | {(time.process_time() - t0) / audio_s:.4f} CPU-s per audio-s |")
+    model = models["all pitch features"][0]
+    for weight in (0.0, args.decode_ctc_weight):
+        result = evaluate(model, data["validation"], tokenizer, device, 64, weight)
+        print(f"| decoding RTFx, KV cache, {'attention only' if weight == 0 else 'joint CTC/attention'} | "
+              f"{result['rtfx']:.0f} |")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1073,7 +1236,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.transcribe:
         sys.exit(transcribe(args))
-    train(args)
+    if args.bench:
+        benchmark(args)
+    elif args.ablate:
+        ablate(args)
+    else:
+        train(args)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def harmonic_tone(f0, seconds, sample_rate=echo.SAMPLE_RATE, harmonics=12):
 
 CHARS = "abcdefghijklmnopqrstuvwxyz '"
 CONFIG = dict(d_model=64, n_heads=2, enc_layers=2, dec_layers=2, ctc_weight=0.3, f0_theta=False, radii=False,
-              pitch_bias=False, zero_value=False, rope_freqs="standard")
+              pitch_bias=False, zero_value=False, rope_freqs="standard", decode_ctc_weight=0.3)
 
 
 def tiny_model(vocab=20, **kw):
@@ -242,6 +242,31 @@ def test_kv_cache_decoding_matches_full_forward():
     torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-5)
 
 
+def test_ctc_prefix_scores_match_enumeration_of_all_alignments():
+    import itertools
+    T, V = 5, 5
+    log_probs = torch.randn(1, T + 2, V, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
+    valid = torch.arange(T + 2)[None] < T  # two padded frames must change nothing
+
+    def collapse(path):
+        return [p for i, p in enumerate(path) if p != echo.PAD and (i == 0 or p != path[i - 1])]
+
+    def brute(text, whole):
+        total = sum(math.exp(sum(log_probs[0, t, p].item() for t, p in enumerate(path)))
+                    for path in itertools.product(range(V), repeat=T)
+                    if (collapse(path) == text if whole else collapse(path)[:len(text)] == text))
+        return math.log(total)
+
+    scorer, text = echo.CTCPrefixScorer(log_probs, valid), []
+    for token in (3, 3, 4):
+        candidates = torch.tensor([[token, 4]])
+        psi, r_n, r_b = scorer.extend(candidates)
+        scorer.choose(torch.tensor([[0]]), candidates, psi, r_n, r_b)
+        text.append(token)
+        assert abs(scorer.score.item() - brute(text, whole=False)) < 1e-5
+        assert abs(scorer.final().item() - brute(text, whole=True)) < 1e-5
+
+
 def test_greedy_decoding_stops_at_length_cap():
     model, batch = tiny_model(), fake_batch(lengths=(50, 200))
     hyps = echo.greedy_decode(model, batch)
@@ -274,7 +299,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     model, batch = tiny_model(vocab=31), fake_batch(vocab=31)
     config = CONFIG
     echo.save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": config, "tokenizer": CHARS})
-    loaded, tokenizer = echo.load_model(tmp_path / "ckpt.pt", torch.device("cpu"))
+    loaded, tokenizer, _ = echo.load_model(tmp_path / "ckpt.pt", torch.device("cpu"))
     assert len(tokenizer) == 31
     with torch.no_grad():
         assert torch.equal(model(batch)[0], loaded(batch)[0])
