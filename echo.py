@@ -62,6 +62,11 @@ def build_parser():
     a("--dec_layers", type=int, default=2, help="decoder blocks")
     a("--ctc_weight", type=float, default=0.3, help="weight of the auxiliary CTC loss on the encoder (0 = off)")
     a("--decode_ctc_weight", type=float, default=0.3, help="weight of CTC prefix scores in decoding (0 = attention only)")
+    a("--gate", choices=("none", "mlp", "t", "m"), default="t", help="gate on every block's MLP output: "
+      "sigmoid(Wx), a softmax mixture of 4 sigmoid gates (t), or MLP + learned-memory gate (m)")
+    a("--gate_memory", type=int, default=64, help="memory slots of --gate m")
+    a("--streams", type=streams_flag, default="spectrogram", help="comma list of encoder input streams: "
+      "spectrogram (always), pitch, waveform; several are fused by the c_gate")
     # pitch-aware encoder attention (DESIGN.md section 3)
     a("--f0_theta", action=argparse.BooleanOptionalAction, default=True,
       help="rotary phase advances with pitch-warped time (f0 / 220 Hz per frame); --no-f0_theta = plain RoPE")
@@ -73,7 +78,9 @@ def build_parser():
     a("--max_steps", type=int, default=1400, help="optimizer steps")
     a("--batch_frames", type=int, default=8000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--lr", type=float, default=3e-3, help="peak learning rate")
+    a("--optimizer", choices=("adamw", "maxfactor"), default="adamw", help="AdamW or MaxFactor (factored, "
+      "sign updates, O(rows + cols) state per matrix)")
+    a("--lr", type=float, default=None, help="peak learning rate (default 3e-3 for AdamW, 1e-2 for MaxFactor)")
     a("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to lr/10")
     a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
@@ -92,6 +99,14 @@ def build_parser():
     a("--transcribe", nargs="+", metavar="AUDIO", help="print '<path>\\t<transcript>' for each file and exit")
     a("--ckpt", default=None, help="checkpoint for --transcribe")
     return p
+
+
+def streams_flag(value):
+    names = value.split(",")
+    unknown = set(names) - {"spectrogram", "pitch", "waveform"}
+    if unknown or "spectrogram" not in names or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{value!r}: want spectrogram[,pitch][,waveform], each once")
+    return value
 
 
 def parse_args(argv=None):
@@ -114,6 +129,7 @@ def parse_args(argv=None):
     if args.dataset != "embedded" and os.path.isdir(args.dataset) and not list(Path(args.dataset).rglob("metadata.csv")):
         p.error(f"--dataset {args.dataset}: folder has no metadata.csv (file_name,transcription)")
     args.name = args.name or time.strftime("%Y%m%d-%H%M%S")
+    args.lr = args.lr or {"adamw": 3e-3, "maxfactor": 1e-2}[args.optimizer]
     return args
 
 
@@ -405,15 +421,17 @@ def extract_f0(wave, sample_rate=SAMPLE_RATE):
     return torch.from_numpy(f0), torch.from_numpy(f0 > 0)
 
 
-def featurize(wave):
-    """Waveform -> dict of log-mel (frames, 80), f0 (frames,), voiced (frames,), all the same length."""
+def featurize(wave, keep_wave=False):
+    """Waveform -> dict of log-mel (frames, 80), f0 (frames,), voiced (frames,), all the same length, and the
+    waveform itself (float16) for the waveform stream."""
     mel = log_mel(wave)
     f0, voiced = extract_f0(wave.numpy())
     n = min(len(mel), len(f0))
-    return {"mel": mel[:n].half().numpy(), "f0": f0[:n].numpy(), "voiced": voiced[:n].numpy()}
+    features = {"mel": mel[:n].half().numpy(), "f0": f0[:n].numpy(), "voiced": voiced[:n].numpy()}
+    return features | ({"wave": wave.half().numpy()} if keep_wave else {})
 
 
-def _featurize_example(example, text_column):
+def _featurize_example(example, text_column, keep_wave):
     """datasets .map function: decode, check and featurize one utterance; failures become an error string."""
     audio = example["audio"]
     name = audio.get("path") or "<in-memory audio>"
@@ -421,18 +439,22 @@ def _featurize_example(example, text_column):
         text = normalize_text(example[text_column] or "")
         if not text:
             raise BadInput("empty transcript")
-        features = featurize(decode_audio(audio))
+        features = featurize(decode_audio(audio), keep_wave)
         return {**features, "text": text, "n_frames": len(features["mel"]), "error": ""}
     except BadInput as e:
-        return {"mel": np.zeros((0, N_MELS), np.float16), "f0": np.zeros(0, np.float32),
-                "voiced": np.zeros(0, bool), "text": "", "n_frames": 0, "error": f"{name}: {e}"}
+        empty = {"mel": np.zeros((0, N_MELS), np.float16), "f0": np.zeros(0, np.float32), "voiced": np.zeros(0, bool)}
+        return empty | ({"wave": np.zeros(0, np.float16)} if keep_wave else {}) | {"text": "", "n_frames": 0,
+                                                                                   "error": f"{name}: {e}"}
 
 
-def _features():
+def _features(keep_wave):
     import datasets
-    return datasets.Features({"mel": datasets.Array2D((None, N_MELS), "float16"), "f0": datasets.Sequence(datasets.Value("float32")),
-                              "voiced": datasets.Sequence(datasets.Value("bool")), "text": datasets.Value("string"),
-                              "n_frames": datasets.Value("int32"), "error": datasets.Value("string")})
+    columns = {"mel": datasets.Array2D((None, N_MELS), "float16"), "f0": datasets.Sequence(datasets.Value("float32")),
+               "voiced": datasets.Sequence(datasets.Value("bool"))}
+    if keep_wave:
+        columns["wave"] = datasets.Sequence(datasets.Value("float16"))
+    return datasets.Features(columns | {"text": datasets.Value("string"), "n_frames": datasets.Value("int32"),
+                                        "error": datasets.Value("string")})
 
 
 def local_folder(folder, hf_cache):
@@ -489,8 +511,9 @@ def load_splits(args):
     for split, ds in raw.items():
         text_column = next(c for c in ("transcription", "text", "sentence", "raw_transcription") if c in ds.column_names)
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
-        ds = ds.map(_featurize_example, fn_kwargs={"text_column": text_column}, remove_columns=ds.column_names,
-                    features=_features(),
+        keep_wave = "waveform" in args.streams
+        ds = ds.map(_featurize_example, fn_kwargs={"text_column": text_column, "keep_wave": keep_wave},
+                    remove_columns=ds.column_names, features=_features(keep_wave),
                     num_proc=args.num_proc if len(ds) >= 100 else None, desc=f"features {split}")
         bad = ds.filter(lambda e: e != "", input_columns="error")
         skipped += bad["error"]
@@ -532,6 +555,10 @@ def collate(items, tokenizer=None):
         f0[i, :n] = torch.as_tensor(np.asarray(it["f0"], dtype=np.float32))
         voiced[i, :n] = torch.as_tensor(np.asarray(it["voiced"], dtype=bool))
     batch = {"mel": mel, "f0": f0, "voiced": voiced, "frames": frames, "text": [str(it["text"]) for it in items]}
+    if "wave" in items[0]:
+        batch["wave"] = torch.zeros(len(items), max(len(it["wave"]) for it in items))
+        for i, it in enumerate(items):
+            batch["wave"][i, :len(it["wave"])] = torch.as_tensor(np.asarray(it["wave"], dtype=np.float32))
     if tokenizer is not None:
         ids = [[BOS] + tokenizer.encode(t) + [EOS] for t in batch["text"]]
         tokens = torch.full((len(ids), max(map(len, ids))), PAD)
@@ -695,14 +722,41 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: self-attention, optional cross-attention, MLP."""
+class Gate(nn.Module):
+    """A scalar gate per position on a block's MLP output: (B, T, D) -> (B, T, 1) in (0, 1).
+    mlp: sigmoid(W x). t: softmax mixture of 4 sigmoid gates. m: mean of a sigmoid MLP gate and a sigmoid read
+    from a learned memory, softmax(x K^T / sqrt(d)) V."""
 
-    def __init__(self, d_model, n_heads, cross=False):
+    def __init__(self, kind, d_model, memory=64):
+        super().__init__()
+        self.kind = kind
+        if kind == "mlp":
+            self.proj = nn.Linear(d_model, 1)
+        elif kind == "t":
+            self.gates, self.mix = nn.Linear(d_model, 4), nn.Linear(d_model, 4)
+        else:
+            self.proj = nn.Sequential(nn.Linear(d_model, d_model // 2), nn.SiLU(), nn.Linear(d_model // 2, 1))
+            self.memory_keys = nn.Parameter(torch.randn(memory, d_model) / math.sqrt(d_model))
+            self.memory_values = nn.Parameter(torch.randn(memory, 1))
+
+    def forward(self, x):
+        if self.kind == "mlp":
+            return torch.sigmoid(self.proj(x))
+        if self.kind == "t":
+            return (torch.sigmoid(self.gates(x)) * torch.softmax(self.mix(x), -1)).sum(-1, keepdim=True)
+        read = torch.softmax(x @ self.memory_keys.T / math.sqrt(x.shape[-1]), -1) @ self.memory_values
+        return 0.5 * (torch.sigmoid(self.proj(x)) + torch.sigmoid(read))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: self-attention, optional cross-attention, MLP scaled by an optional Gate."""
+
+    def __init__(self, d_model, n_heads, cross=False, gate="none", gate_memory=64):
         super().__init__()
         self.attn_norm, self.attn = RMSNorm(d_model), Attention(d_model, n_heads)
         self.cross_norm, self.cross = (RMSNorm(d_model), Attention(d_model, n_heads)) if cross else (None, None)
         self.mlp_norm, self.mlp = RMSNorm(d_model), MLP(d_model)
+        self.gate = Gate(gate, d_model, gate_memory) if gate != "none" else None
 
     def forward(self, x, table=None, mask=None, causal=False, context=None, context_mask=None, cache=None):
         x = x + self.attn(self.attn_norm(x), table=table, mask=mask, causal=causal,
@@ -710,37 +764,83 @@ class Block(nn.Module):
         if self.cross is not None:
             x = x + self.cross(self.cross_norm(x), context=context, mask=context_mask,
                                cache=None if cache is None else cache.setdefault("cross", {}))
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.mlp_norm(x)
+        return x + (self.mlp(h) if self.gate is None else self.gate(h) * self.mlp(h))
 
 
-def subsampled_length(frames):
-    """Encoder frames after the two stride-2 convolutions of the stem: ceil(frames / 4)."""
-    return (frames + 3) // 4
+class Stem(nn.Module):
+    """A stream's conv front-end: (B, C, T) at 100 frames/s -> (B, ceil(T/4), D) at 25 frames/s. The padding is
+    zeroed after every conv, so an utterance sees the same zero border alone or inside a batch."""
+
+    def __init__(self, channels, d_model):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv1d(channels, d_model, 3, padding=1),
+                                    nn.Conv1d(d_model, d_model, 3, stride=2, padding=1),
+                                    nn.Conv1d(d_model, d_model, 3, stride=2, padding=1)])
+
+    def forward(self, x, frames):
+        for conv in self.convs:
+            x = F.gelu(conv(x))
+            frames = (frames + conv.stride[0] - 1) // conv.stride[0]
+            x = x * (torch.arange(x.shape[-1], device=x.device) < frames[:, None])[:, None]
+        return x.transpose(1, 2)
+
+
+def fit_frames(x, n):
+    """Cut or zero-pad the last axis to n: how a stream a few frames off the log-mel is aligned to it."""
+    return x[..., :n] if x.shape[-1] >= n else F.pad(x, (0, n - x.shape[-1]))
+
+
+class Streams(nn.Module):
+    """Feature streams -> encoder input (B, T/4, D). spectrogram: the log-mel. pitch: log2(f0 / 220 Hz) and
+    voicing, from the same cached f0 track as the rotary. waveform: 25 ms frames every 10 ms through a learned
+    filterbank conv. Each stream has its own Stem; several are fused by c_gate, a per-stream sigmoid weight
+    computed from all of them."""
+
+    def __init__(self, names, d_model):
+        super().__init__()
+        self.names = names
+        channels = {"spectrogram": N_MELS, "pitch": 2, "waveform": 64}
+        self.stems = nn.ModuleDict({name: Stem(channels[name], d_model) for name in names})
+        if "waveform" in names:
+            self.filterbank = nn.Conv1d(1, 64, 400, stride=HOP, padding=200)
+        self.c_gate = nn.Linear(len(names) * d_model, len(names)) if len(names) > 1 else None
+        self.weights = None  # mean c_gate weight per stream of the last batch, for logging
+
+    def forward(self, batch):
+        frames, n = batch["frames"], batch["mel"].shape[1]
+        inputs = {"spectrogram": lambda: batch["mel"].transpose(1, 2),
+                  "pitch": lambda: pitch_input(batch["f0"], batch["voiced"], n),
+                  "waveform": lambda: F.gelu(self.filterbank(batch["wave"][:, None]))}
+        streams = [self.stems[name](fit_frames(inputs[name](), n), frames) for name in self.names]
+        if self.c_gate is None:
+            return streams[0]
+        weights = torch.sigmoid(self.c_gate(torch.cat(streams, -1)))  # (B, T/4, streams)
+        self.weights = weights.detach().flatten(0, 1).mean(0)
+        return sum(weights[..., i:i + 1] * stream for i, stream in enumerate(streams))
+
+
+def pitch_input(f0, voiced, n):
+    """(B, T') f0 and voicing -> (B, 2, n): log2(f0 / 220 Hz) on voiced frames (0 elsewhere) and the voicing flag."""
+    f0, voiced = fit_frames(f0, n), fit_frames(voiced, n).bool() & torch.isfinite(fit_frames(f0, n)) & (fit_frames(f0, n) > 0)
+    return torch.stack([torch.where(voiced, (f0.nan_to_num(F0_REF).clamp(min=1.0) / F0_REF).log2(), 0.0), voiced.float()], 1)
 
 
 class Encoder(nn.Module):
     """log-mel (B, T, 80) + f0 track -> (B, ceil(T/4), D): conv stem (stride 4, 40 ms frames), then transformer
     blocks whose self-attention takes its rotary and mask from the PitchPrior."""
 
-    def __init__(self, d_model, n_heads, n_layers, **pitch):
+    def __init__(self, d_model, n_heads, n_layers, streams=("spectrogram",), gate="none", gate_memory=64, **pitch):
         super().__init__()
-        self.convs = nn.ModuleList([nn.Conv1d(N_MELS, d_model, 3, padding=1),
-                                    nn.Conv1d(d_model, d_model, 3, stride=2, padding=1),
-                                    nn.Conv1d(d_model, d_model, 3, stride=2, padding=1)])
-        self.blocks = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
+        self.streams = Streams(streams, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, gate=gate, gate_memory=gate_memory) for _ in range(n_layers))
         self.norm = RMSNorm(d_model)
         self.pitch = PitchPrior(d_model // n_heads, n_heads, **pitch)
 
-    def forward(self, mel, frames, f0, voiced):
-        x, lengths = mel.transpose(1, 2), frames
-        for conv in self.convs:
-            x = F.gelu(conv(x))
-            lengths = (lengths + conv.stride[0] - 1) // conv.stride[0]
-            # zero the padding so every utterance sees the same zero border alone or inside a batch
-            x = x * (torch.arange(x.shape[-1], device=x.device) < lengths[:, None])[:, None]
-        x = x.transpose(1, 2)
-        valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]  # (B, T)
-        table, mask = self.pitch(*pitch_track(f0, voiced, frames, x.shape[1]), valid)  # once per batch
+    def forward(self, batch):
+        x, frames = self.streams(batch), batch["frames"]
+        valid = torch.arange(x.shape[1], device=x.device) < ((frames + 3) // 4)[:, None]  # (B, T/4)
+        table, mask = self.pitch(*pitch_track(batch["f0"], batch["voiced"], frames, x.shape[1]), valid)  # once per batch
         for block in self.blocks:
             x = block(x, table=table, mask=mask)
         return self.norm(x), valid
@@ -750,11 +850,12 @@ class Decoder(nn.Module):
     """tokens (B, L) + audio (B, S, D) -> logits (B, L, vocab): causal RoPE self-attention over token
     positions, cross-attention without rotary (tokens and frames share no position axis), tied output."""
 
-    def __init__(self, vocab, d_model, n_heads, n_layers):
+    def __init__(self, vocab, d_model, n_heads, n_layers, gate="none", gate_memory=64):
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         nn.init.normal_(self.embed.weight, std=0.02)  # small init keeps the first loss near ln(vocab)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, cross=True) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, cross=True, gate=gate, gate_memory=gate_memory)
+                                    for _ in range(n_layers))
         self.norm = RMSNorm(d_model)
         self.register_buffer("freqs", rope_freqs(d_model // n_heads), persistent=False)
 
@@ -770,15 +871,16 @@ class Decoder(nn.Module):
 
 
 class Echo(nn.Module):
-    def __init__(self, vocab, d_model=256, n_heads=4, enc_layers=6, dec_layers=2, ctc_weight=0.3, **pitch):
+    def __init__(self, vocab, d_model=192, n_heads=4, enc_layers=6, dec_layers=2, ctc_weight=0.3, gate="none",
+                 gate_memory=64, streams=("spectrogram",), **pitch):
         super().__init__()
-        self.encoder = Encoder(d_model, n_heads, enc_layers, **pitch)
-        self.decoder = Decoder(vocab, d_model, n_heads, dec_layers)
+        self.encoder = Encoder(d_model, n_heads, enc_layers, streams, gate, gate_memory, **pitch)
+        self.decoder = Decoder(vocab, d_model, n_heads, dec_layers, gate, gate_memory)
         self.ctc_head = nn.Linear(d_model, vocab) if ctc_weight > 0 else None
         self.ctc_weight = ctc_weight
 
     def encode(self, batch):
-        return self.encoder(batch["mel"], batch["frames"], batch["f0"], batch["voiced"])
+        return self.encoder(batch)
 
     def forward(self, batch):
         """Teacher-forced loss for a collated batch -> (total loss, cross-entropy, ctc loss or None)."""
@@ -796,18 +898,71 @@ class Echo(nn.Module):
 
 def build_model(config, vocab):
     return Echo(vocab, config["d_model"], config["n_heads"], config["enc_layers"], config["dec_layers"],
-                config["ctc_weight"], f0_theta=config["f0_theta"], radii=config["radii"],
+                config["ctc_weight"], config["gate"], config["gate_memory"], tuple(config["streams"].split(",")),
+                f0_theta=config["f0_theta"], radii=config["radii"],
                 pitch_bias=config["pitch_bias"], zero_value=config["zero_value"], freqs=config["rope_freqs"])
 
 
 # ----------------------------------------------------------------------------------------------------
 # optimizer
 
+class MaxFactor(torch.optim.Optimizer):
+    """Adafactor-family optimizer without momentum (DESIGN.md section 5). Per parameter and per-parameter step t:
+    EMA weight b_t = clamp(t^-0.8, 0.001, 0.999); relative step a_t = max(eps2, RMS(theta)) * min(lr, 1/sqrt(t));
+    decoupled weight decay; second moments factored for >= 2-D tensors (a row and a column EMA of G^2, viewed as
+    rows x cols, V = R (x) C / max(R)) and plain for vectors; U = G / sqrt(V) scaled to infinity-norm 1; the step is
+    sign(U) * (row-wise max |U|) * a_t. State: O(rows + cols) per matrix, O(n) per vector."""
+
+    def __init__(self, params, lr=1e-2, weight_decay=0.0, eps=(1e-30, 1e-3)):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            eps1, eps2 = group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    if p.dim() >= 2:
+                        state["row"] = torch.zeros(p.shape[0], device=p.device)
+                        state["col"] = torch.zeros(p[0].numel(), device=p.device)
+                    else:
+                        state["second"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                t = state["step"]
+                beta = min(max(t ** -0.8, 0.001), 0.999)
+                alpha = max(eps2, p.float().pow(2).mean().sqrt().item()) * min(group["lr"], 1 / math.sqrt(t))
+                grad = p.grad.float().reshape(p.shape[0], -1) if p.dim() >= 2 else p.grad.float()
+                square = grad * grad + eps1
+                if p.dim() >= 2:
+                    state["row"].lerp_(square.mean(1), beta)
+                    state["col"].lerp_(square.mean(0), beta)
+                    second = torch.outer(state["row"], state["col"]) / state["row"].max()
+                else:
+                    second = state["second"].lerp_(square, beta)
+                update = grad / second.sqrt()
+                update = update / update.abs().max().clamp(min=eps1)
+                scale = update.abs().amax(1, keepdim=True) if p.dim() >= 2 else update.abs().max()
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_((update.sign() * scale * alpha).view_as(p).to(p.dtype), alpha=-1.0)
+
+
 def build_optimizer(model, args, device):
+    """AdamW or MaxFactor; weight decay on matrices only."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "maxfactor":
+        return MaxFactor(groups, lr=args.lr)
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-9, fused=device.type == "cuda")
+
+
+def optimizer_state_bytes(optimizer):
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+               if torch.is_tensor(v))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1116,7 +1271,7 @@ def transcribe(args):
     features, failed = {}, 0
     for path in args.transcribe:
         try:
-            features[path] = {**featurize(decode_audio(path)), "text": ""}
+            features[path] = {**featurize(decode_audio(path), "waveform" in config["streams"]), "text": ""}
         except (BadInput, OSError) as e:
             print(f"echo: {path}: {e}", file=sys.stderr)
             failed += 1

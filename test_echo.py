@@ -25,7 +25,8 @@ def harmonic_tone(f0, seconds, sample_rate=echo.SAMPLE_RATE, harmonics=12):
 
 CHARS = "abcdefghijklmnopqrstuvwxyz '"
 CONFIG = dict(d_model=64, n_heads=2, enc_layers=2, dec_layers=2, ctc_weight=0.3, f0_theta=False, radii=False,
-              pitch_bias=False, zero_value=False, rope_freqs="standard", decode_ctc_weight=0.3)
+              pitch_bias=False, zero_value=False, rope_freqs="standard", decode_ctc_weight=0.3, gate="none",
+              gate_memory=8, streams="spectrogram")
 
 
 def tiny_model(vocab=20, **kw):
@@ -295,6 +296,19 @@ def test_tiny_training_run_loss_falls_and_resume_continues(tiny_corpus, tmp_path
     assert (tmp_path / "runs" / "tiny" / "ckpt.pt.prev").exists()
 
 
+def test_tiny_run_with_maxfactor_and_all_features_learns(tiny_corpus, tmp_path):
+    cache, _ = tiny_corpus
+    args = train_args(cache, tmp_path, "--name", "maxfactor", "--max_steps", "40", "--eval_every", "40",
+                      "--optimizer", "maxfactor", "--gate", "m", "--streams", "spectrogram,pitch,waveform",
+                      "--radii", "--pitch_bias", "--zero_value")
+    echo.train(args)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "runs" / "maxfactor"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses[-1] < losses[0] - 0.5
+
+
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     model, batch = tiny_model(vocab=31), fake_batch(vocab=31)
     config = CONFIG
@@ -499,3 +513,116 @@ def test_bad_f0_tracks_never_give_nan(case):
     loss = model(batch)[0]
     assert torch.isfinite(loss)
     assert all(len(h) > 0 or True for h in echo.greedy_decode(model, batch))
+
+
+# ---- gates, streams, MaxFactor (DESIGN.md sections 4 and 5)
+
+def with_wave(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch["wave"] = 0.1 * torch.randn(len(batch["frames"]), (batch["mel"].shape[1] - 1) * echo.HOP, generator=g)
+    batch["wave"][1, (int(batch["frames"][1]) - 1) * echo.HOP:] = 0
+    return batch
+
+
+def test_each_gate_changes_the_output_and_builds_only_what_it_uses():
+    batch = fake_batch()
+    outputs, names = {}, {}
+    for gate in ("none", "mlp", "t", "m"):
+        model = tiny_model(gate=gate)
+        outputs[gate] = model(batch)[0]
+        names[gate] = {n.split(".gate.")[1].split(".")[0] for n, _ in model.named_parameters() if ".gate." in n}
+    assert names == {"none": set(), "mlp": {"proj"}, "t": {"gates", "mix"}, "m": {"proj", "memory_keys", "memory_values"}}
+    assert len({round(v.item(), 6) for v in outputs.values()}) == 4
+
+
+def test_each_stream_changes_the_output_and_c_gate_weights_are_in_unit_interval():
+    batch = with_wave(fake_batch())
+    outputs = {}
+    for streams in ("spectrogram", "spectrogram,pitch", "spectrogram,waveform", "spectrogram,pitch,waveform"):
+        model = tiny_model(streams=streams)
+        outputs[streams] = model.encode(batch)[0]
+        weights = model.encoder.streams.weights
+        if "," in streams:
+            assert weights.shape == (streams.count(",") + 1,) and torch.all((weights > 0) & (weights < 1))
+        else:
+            assert weights is None and model.encoder.streams.c_gate is None
+    values = list(outputs.values())
+    assert all((a - b).abs().max() > 1e-4 for i, a in enumerate(values) for b in values[i + 1:])
+
+
+@pytest.mark.parametrize("gate", ["t", "m"])
+def test_every_parameter_gets_a_gradient_with_every_stream(gate):
+    model = tiny_model(gate=gate, streams="spectrogram,pitch,waveform", **ALL_PITCH).train()
+    batch = with_wave(fake_batch())
+    batch["voiced"][:, 40:60] = False
+    model(batch)[0].backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+
+
+def test_streams_a_few_frames_off_are_aligned():
+    model = tiny_model(streams="spectrogram,pitch,waveform")
+    batch = with_wave(fake_batch())
+    reference = model.encode(batch)[0]
+    for wave_cut, f0_cut in ((-300, -2), (250, 1)):
+        shifted = dict(batch)
+        shifted["wave"] = batch["wave"][:, :wave_cut] if wave_cut < 0 else F_pad(batch["wave"], wave_cut)
+        shifted["f0"] = batch["f0"][:, :f0_cut] if f0_cut < 0 else F_pad(batch["f0"], f0_cut)
+        shifted["voiced"] = batch["voiced"][:, :f0_cut] if f0_cut < 0 else F_pad(batch["voiced"], f0_cut)
+        out = model.encode(shifted)[0]
+        assert out.shape == reference.shape and torch.isfinite(out).all()
+
+
+def test_unknown_gate_or_stream_is_an_argparse_error():
+    for argv in (["--gate", "x"], ["--streams", "spectrogram,pich"], ["--streams", "pitch"], ["--radii", "--no-f0_theta"]):
+        with pytest.raises(SystemExit) as e:
+            echo.parse_args(argv)
+        assert e.value.code == 2
+
+
+def test_maxfactor_state_is_factored_and_counted_per_parameter():
+    layer = torch.nn.Linear(5, 3)
+    extra = torch.nn.Parameter(torch.ones(4))
+    opt = echo.MaxFactor([{"params": list(layer.parameters()) + [extra]}], lr=0.01)
+    for step in range(3):
+        layer(torch.randn(8, 5)).pow(2).mean().backward()
+        if step == 0:
+            extra.grad = torch.ones(4)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert opt.state[layer.weight]["row"].shape == (3,) and opt.state[layer.weight]["col"].shape == (5,)
+    assert "second" not in opt.state[layer.weight] and opt.state[layer.bias]["second"].shape == (3,)
+    assert opt.state[layer.weight]["step"] == 3 and opt.state[extra]["step"] == 1
+
+
+def test_maxfactor_reduces_a_regression_loss_and_survives_zero_gradients():
+    torch.manual_seed(0)
+    x, w_true = torch.randn(256, 16), torch.randn(16, 4)
+    y = x @ w_true
+    model = torch.nn.Linear(16, 4)
+    opt = echo.MaxFactor(model.parameters(), lr=0.05)
+    first = torch.nn.functional.mse_loss(model(x), y).item()
+    for _ in range(200):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = [p.clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.isfinite(p).all() and torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_maxfactor_state_is_a_tenth_of_adamw_for_the_default_model():
+    args = echo.parse_args([])
+    model = echo.build_model(vars(args), 30)
+    batch = fake_batch(vocab=30)
+    sizes = {}
+    for name in ("adamw", "maxfactor"):
+        opt = echo.build_optimizer(model, echo.parse_args(["--optimizer", name]), torch.device("cpu"))
+        model(batch)[0].backward()
+        opt.step()
+        opt.zero_grad()
+        sizes[name] = echo.optimizer_state_bytes(opt)
+    assert sizes["maxfactor"] <= 0.1 * sizes["adamw"]
