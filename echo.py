@@ -8,6 +8,7 @@ training -> decoding and evaluation -> diagnostics -> CLI. Method and hazards: D
     python echo.py --transcribe a.wav --ckpt runs/<name>/ckpt.pt
 """
 import argparse
+import contextlib
 import csv
 import ctypes
 import hashlib
@@ -18,8 +19,10 @@ import os
 import platform
 import random
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +37,7 @@ N_MELS = 80
 PAD, BOS, EOS = 0, 1, 2  # PAD doubles as the CTC blank
 SPLITS = ("train", "validation", "test", "test_unseen")
 CORPUS_VERSION = 2  # bump when the corpus recipe changes, so caches are rebuilt
+CODE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]  # the code this process runs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -54,6 +58,8 @@ def build_parser():
     a("--corpus_size", type=int, default=4000, help="train+validation+test utterances of the embedded corpus "
       "(test_unseen adds 5 %%)")
     a("--corpus_seed", type=int, default=0, help="seed of the embedded corpus (and of a flat folder's split)")
+    a("--max_seconds", type=float, default=30.0, help="longer training utterances are skipped (counted); "
+      "--transcribe cuts longer audio into pieces of this length and joins their text")
     a("--num_proc", type=int, default=2, help="processes for corpus synthesis and feature extraction")
     # model
     a("--d_model", type=int, default=192, help="model width")
@@ -431,7 +437,7 @@ def featurize(wave, keep_wave=False):
     return features | ({"wave": wave.half().numpy()} if keep_wave else {})
 
 
-def _featurize_example(example, text_column, keep_wave):
+def _featurize_example(example, text_column, keep_wave, max_seconds):
     """datasets .map function: decode, check and featurize one utterance; failures become an error string."""
     audio = example["audio"]
     name = audio.get("path") or "<in-memory audio>"
@@ -439,7 +445,10 @@ def _featurize_example(example, text_column, keep_wave):
         text = normalize_text(example[text_column] or "")
         if not text:
             raise BadInput("empty transcript")
-        features = featurize(decode_audio(audio), keep_wave)
+        wave = decode_audio(audio)
+        if len(wave) > max_seconds * SAMPLE_RATE:  # its transcript would not match a cut, so it is skipped
+            raise BadInput(f"{len(wave) / SAMPLE_RATE:.1f} s is longer than --max_seconds {max_seconds}")
+        features = featurize(wave, keep_wave)
         return {**features, "text": text, "n_frames": len(features["mel"]), "error": ""}
     except BadInput as e:
         empty = {"mel": np.zeros((0, N_MELS), np.float16), "f0": np.zeros(0, np.float32), "voiced": np.zeros(0, bool)}
@@ -512,7 +521,8 @@ def load_splits(args):
         text_column = next(c for c in ("transcription", "text", "sentence", "raw_transcription") if c in ds.column_names)
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
         keep_wave = "waveform" in args.streams
-        ds = ds.map(_featurize_example, fn_kwargs={"text_column": text_column, "keep_wave": keep_wave},
+        ds = ds.map(_featurize_example, fn_kwargs={"text_column": text_column, "keep_wave": keep_wave,
+                                                   "max_seconds": args.max_seconds},
                     remove_columns=ds.column_names, features=_features(keep_wave),
                     num_proc=args.num_proc if len(ds) >= 100 else None, desc=f"features {split}")
         bad = ds.filter(lambda e: e != "", input_columns="error")
@@ -977,14 +987,13 @@ def lr_at(step, args):
 
 
 def code_version():
-    """Git commit (if any) and a hash of this file, stored with every run and checkpoint."""
-    here = Path(__file__).resolve()
+    """Git commit (if any) and a hash of this file as imported, stored with every run and checkpoint."""
     try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here.parent, capture_output=True,
-                             text=True, timeout=5).stdout.strip()
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         git = ""
-    return f"{git or 'no-git'}+{hashlib.sha256(here.read_bytes()).hexdigest()[:10]}"
+    return f"{git or 'no-git'}+{CODE_HASH}"
 
 
 def environment(device):
@@ -1013,6 +1022,36 @@ def load_checkpoint(path):
     except Exception as e:
         raise SystemExit(f"echo: {path}: unreadable checkpoint ({type(e).__name__}); the previous one, if any, "
                          f"is {path}.prev") from None
+
+
+def learned_pitch_and_stream_weights(model):
+    """{tag: value}: the per-head pitch parameters as the attention uses them, the mean c_gate weight per stream."""
+    pitch, streams = model.encoder.pitch, model.encoder.streams
+    per_head = {"radius_alpha": None if pitch.radius_strength is None else
+                0.5 * math.log(RADIUS_MAX) * torch.tanh(pitch.radius_strength),
+                "bias_lambda_per_octave": None if pitch.pitch_bias is None else F.softplus(pitch.pitch_bias),
+                "zero_value_offset": pitch.zero_value}
+    out = {f"pitch/{name}/head{h}": v for name, values in per_head.items() if values is not None
+           for h, v in enumerate(values.tolist())}
+    if streams.weights is not None:
+        out |= {f"streams/c_gate_{name}": w for name, w in zip(streams.names, streams.weights.tolist())}
+    return out
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Inside, SIGINT and SIGTERM only append to the yielded list: training finishes its step, saves, exits."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def pick_device(name):
@@ -1057,7 +1096,7 @@ def train(args):
     if skipped:
         print(f"skipped {len(skipped)} unusable utterances, e.g. {skipped[0]}")
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(run_dir, purge_step=step if ckpt else None)
+    writer = SummaryWriter(run_dir, purge_step=step + 1 if ckpt else None)  # drop what came after the checkpoint
     writer.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```", step)
     writer.add_text("environment", f"```\n{json.dumps(env, indent=1)}\n```", step)
     writer.add_scalar("data/skipped_utterances", len(skipped), step)
@@ -1073,52 +1112,66 @@ def train(args):
 
     from tqdm import tqdm
     progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
-    t_start, audio_seconds = time.time(), 0.0
-    while step < args.max_steps:
-        batches = bucket_batches(lengths, args.batch_frames, args.seed, epoch)
-        while batch_index + args.grad_accum <= len(batches) and step < args.max_steps:
-            model.train()
-            t0 = time.time()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args)
-            losses = torch.zeros(3)
-            for micro in batches[batch_index:batch_index + args.grad_accum]:
-                batch = to_device(collate([train_set[i] for i in micro], tokenizer), device)
-                with autocast:
-                    loss, ce, ctc = forward(batch)
-                (loss / args.grad_accum).backward()
-                losses += torch.tensor([loss.item(), ce.item(), ctc.item() if ctc is not None else 0.0]) / args.grad_accum
-                audio_seconds += batch["frames"].sum().item() / 100
-            batch_index += args.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[0]:.3f}")
-            if step % 10 == 0 or step == 1:
+    t_start, audio_seconds, nonfinite_steps = time.time(), 0.0, 0
+    with deferred_signals() as stop:
+        while step < args.max_steps:
+            batches = bucket_batches(lengths, args.batch_frames, args.seed, epoch)
+            while batch_index + args.grad_accum <= len(batches) and step < args.max_steps:
+                model.train()
+                t0 = time.time()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, args)
+                losses = torch.zeros(3)
+                for micro in batches[batch_index:batch_index + args.grad_accum]:
+                    batch = to_device(collate([train_set[i] for i in micro], tokenizer), device)
+                    with autocast:
+                        loss, ce, ctc = forward(batch)
+                    (loss / args.grad_accum).backward()
+                    losses += torch.tensor([loss.item(), ce.item(), ctc.item() if ctc is not None else 0.0]) / args.grad_accum
+                    audio_seconds += batch["frames"].sum().item() / 100
+                batch_index += args.grad_accum
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                if torch.isfinite(grad_norm) and torch.isfinite(losses).all():
+                    optimizer.step()
+                else:  # one bad batch must not poison the weights: skip it, count it, go on
+                    nonfinite_steps += 1
+                    progress.write(f"step {step + 1}: non-finite loss or gradient, optimizer step skipped ({nonfinite_steps} so far)")
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{losses[0]:.3f}")
                 writer.add_scalar("train/loss", losses[0], step)
-                writer.add_scalar("train/cross_entropy", losses[1], step)
-                writer.add_scalar("train/ctc_loss", losses[2], step)
-                writer.add_scalar("train/lr", lr_at(step - 1, args), step)
-                writer.add_scalar("train/grad_norm", grad_norm, step)
-                writer.add_scalar("train/step_seconds", time.time() - t0, step)
-                writer.add_scalar("train/audio_seconds_per_second", audio_seconds / (time.time() - t_start), step)
-            if step % args.eval_every == 0 or step == args.max_steps:
-                result = evaluate(model, data["validation"], tokenizer, device, args.eval_utts, args.decode_ctc_weight)
-                writer.add_scalar("val/loss", result["loss"], step)
-                writer.add_scalar("val/token_accuracy_teacher_forced", result["token_accuracy"], step)
-                writer.add_scalar("val/wer", result["wer"], step)
-                writer.add_scalar("val/cer", result["cer"], step)
-                writer.add_text("val/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
-                progress.write(f"step {step}: val loss {result['loss']:.3f}  CER {100 * result['cer']:.2f} %  "
-                               f"WER {100 * result['wer']:.2f} %")
-                checkpoint()
-        if step < args.max_steps:
-            epoch, batch_index = epoch + 1, 0
+                if step % 10 == 0 or step == 1:
+                    writer.add_scalar("train/skipped_nonfinite_steps", nonfinite_steps, step)
+                    writer.add_scalar("train/cross_entropy", losses[1], step)
+                    writer.add_scalar("train/ctc_loss", losses[2], step)
+                    writer.add_scalar("train/lr", lr_at(step - 1, args), step)
+                    writer.add_scalar("train/grad_norm", grad_norm, step)
+                    writer.add_scalar("train/step_seconds", time.time() - t0, step)
+                    writer.add_scalar("train/audio_seconds_per_second", audio_seconds / (time.time() - t_start), step)
+                    for tag, value in learned_pitch_and_stream_weights(model).items():
+                        writer.add_scalar(tag, value, step)
+                if step % args.eval_every == 0 or step == args.max_steps:
+                    result = evaluate(model, data["validation"], tokenizer, device, args.eval_utts, args.decode_ctc_weight)
+                    writer.add_scalar("val/loss", result["loss"], step)
+                    writer.add_scalar("val/token_accuracy_teacher_forced", result["token_accuracy"], step)
+                    writer.add_scalar("val/wer", result["wer"], step)
+                    writer.add_scalar("val/cer", result["cer"], step)
+                    writer.add_text("val/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
+                    progress.write(f"step {step}: val loss {result['loss']:.3f}  CER {100 * result['cer']:.2f} %  "
+                                   f"WER {100 * result['wer']:.2f} %")
+                    checkpoint()
+                if stop:
+                    checkpoint()
+                    writer.close()
+                    print(f"echo: {signal.Signals(stop[0]).name} at step {step}: checkpoint saved to {ckpt_path}; "
+                          f"continue with --name {args.name} --resume")
+                    raise SystemExit(128 + stop[0])
+            if step < args.max_steps:
+                epoch, batch_index = epoch + 1, 0
     progress.close()
     results = {"train_minutes": round((time.time() - t_start) / 60, 2), "parameters": n_params,
-               "skipped_utterances": len(skipped)}
+               "skipped_utterances": len(skipped), "skipped_nonfinite_steps": nonfinite_steps}
     for split in ("test", "test_unseen"):
         if split in data:
             result = evaluate(model, data[split], tokenizer, device, ctc_weight=args.decode_ctc_weight)
@@ -1268,22 +1321,26 @@ def transcribe(args):
     """Print '<path>\\t<transcript>' per file in input order; one-line errors on stderr; exit 1 if any failed."""
     device = pick_device(args.device)
     model, tokenizer, config = load_model(args.ckpt, device)
-    features, failed = {}, 0
+    pieces, failed = {}, 0  # (path, piece number) -> features; audio longer than --max_seconds is cut in pieces
     for path in args.transcribe:
         try:
-            features[path] = {**featurize(decode_audio(path), "waveform" in config["streams"]), "text": ""}
+            wave, piece = decode_audio(path), int(args.max_seconds * SAMPLE_RATE)
+            for i, start in enumerate(range(0, len(wave), piece)):
+                if i == 0 or len(wave) - start >= 4 * HOP:
+                    pieces[path, i] = featurize(wave[start:start + piece], "waveform" in config["streams"]) | {"text": ""}
         except (BadInput, OSError) as e:
             print(f"echo: {path}: {e}", file=sys.stderr)
             failed += 1
-    paths = sorted(features, key=lambda p: len(features[p]["mel"]))
+    order = sorted(pieces, key=lambda key: len(pieces[key]["mel"]))
     texts = {}
-    for start in range(0, len(paths), 16):
-        chunk = paths[start:start + 16]
-        hyps = greedy_decode(model, to_device(collate([features[p] for p in chunk]), device), config["decode_ctc_weight"])
-        texts.update({p: tokenizer.decode(h) for p, h in zip(chunk, hyps)})
+    for start in range(0, len(order), 16):
+        keys = order[start:start + 16]
+        hyps = greedy_decode(model, to_device(collate([pieces[k] for k in keys]), device), config["decode_ctc_weight"])
+        texts.update({k: tokenizer.decode(h) for k, h in zip(keys, hyps)})
     for path in args.transcribe:
-        if path in texts:
-            print(f"{path}\t{texts[path]}")
+        if (path, 0) in texts:
+            parts = [texts[path, i] for i in range(len(texts)) if (path, i) in texts]
+            print(f"{path}\t" + " ".join(part for part in parts if part))
     return 1 if failed else 0
 
 
@@ -1326,62 +1383,84 @@ def ablate(args):
     print(table)
 
 
-def benchmark(args):
-    """Side-by-side speed on this device: train step per attention variant (same batches, round-robin, warm-up
-    excluded), padding fraction of the batches, f0 extraction vs librosa.pyin, decoding real-time factor."""
-    device = pick_device(args.device)
-    data, _ = load_splits(args)
-    train_set = data["train"]
-    tokenizer = Tokenizer("".join(train_set["text"]))
-    all_batches = bucket_batches(train_set["n_frames"], args.batch_frames, args.seed, 0)
-    frames = train_set["n_frames"]
-    padding = 1 - sum(frames[i] for b in all_batches for i in b) / sum(max(frames[i] for i in b) * len(b) for b in all_batches)
-    warmup, steps = 3, 20
-    batches = [collate([train_set[i] for i in b], tokenizer) for b in all_batches[:warmup + steps]]
-    variants = {"plain RoPE": ABLATION["baseline"], "f0_theta": ABLATION["f0_theta"], "all pitch features": ABLATION["all"]}
-    models = {}
+def time_train_steps(args, batches, variants, vocab, device, warmup=3):
+    """Median train-step seconds and parameter count per variant ({label: config overrides}) on the same
+    batches, round-robin so that every variant sees the same machine load; warm-up steps are not timed."""
+    models, seconds = {}, {label: [] for label in variants}
     for label, flags in variants.items():
         torch.manual_seed(args.seed)
-        model = build_model(vars(args) | flags, len(tokenizer)).to(device).train()
+        model = build_model(vars(args) | flags, vocab).to(device).train()
         models[label] = (model, build_optimizer(model, args, device))
-    seconds = {label: [] for label in variants}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i, batch in enumerate(batches):
         batch = to_device(batch, device)
         for label, (model, optimizer) in models.items():
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            sync()
             t0 = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = model(batch)[0]
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            sync()
             if i >= warmup:
                 seconds[label].append(time.perf_counter() - t0)
-    audio = sum(b["frames"].sum().item() for b in batches[warmup:]) / 100
-    print(f"device: {device} ({environment(device)['gpu']}), {torch.get_num_threads()} threads, batch_frames {args.batch_frames}, "
-          f"{steps} timed steps after {warmup} warm-up\n")
-    print("| what | value |\n|---|---|")
-    base = np.median(seconds["plain RoPE"])
-    for label, values in seconds.items():
-        print(f"| train step, {label} | {1000 * np.median(values):.0f} ms ({np.median(values) / base:.2f}x), "
-              f"{audio / sum(values):.0f} audio-s/s |")
-    print(f"| padding in length-bucketed batches | {100 * padding:.1f} % |")
+    return {label: (float(np.median(seconds[label])), sum(p.numel() for p in models[label][0].parameters()))
+            for label in variants}
+
+
+def benchmark(args):
+    """Side-by-side speed on this device: train step per attention variant, gate and stream set (same batches,
+    round-robin, warm-up excluded), optimizer state, padding of the batches, f0 extraction against librosa.pyin,
+    and decoding real-time factor (of --ckpt if given, else of an untrained model, which runs to the cap)."""
+    device = pick_device(args.device)
+    data, _ = load_splits(argparse.Namespace(**(vars(args) | {"streams": "spectrogram,pitch,waveform"})))
+    train_set = data["train"]
+    tokenizer = Tokenizer("".join(train_set["text"]))
+    all_batches = bucket_batches(train_set["n_frames"], args.batch_frames, args.seed, 0)
+    frames = train_set["n_frames"]
+    padded = sum(max(frames[i] for i in b) * len(b) for b in all_batches)
+    batches = [collate([train_set[i] for i in b], tokenizer) for b in all_batches[:23]]
+    audio = sum(b["frames"].sum().item() for b in batches[3:]) / 100
+    print(f"device: {device} ({environment(device)['gpu']}), {torch.get_num_threads()} threads, --batch_frames "
+          f"{args.batch_frames}, 20 timed steps after 3 warm-up, defaults otherwise\n")
+    variants = {"attention: plain RoPE (--no-f0_theta)": ABLATION["baseline"], "attention: f0_theta": ABLATION["f0_theta"],
+                "attention: f0_theta + radii + pitch_bias + zero_value": ABLATION["all"]}
+    variants |= {f"--gate {gate}": {"gate": gate} for gate in ("none", "mlp", "t", "m")}
+    variants |= {f"--streams {s}": {"streams": s} for s in ("spectrogram", "spectrogram,pitch", "spectrogram,waveform",
+                                                            "spectrogram,pitch,waveform")}
+    timings = time_train_steps(args, batches, variants, len(tokenizer), device)
+    base = timings["attention: plain RoPE (--no-f0_theta)"][0]
+    print("| train step | ms | vs plain RoPE | audio-s/s | parameters |\n|---|---|---|---|---|")
+    for label, (sec, params) in timings.items():
+        print(f"| {label} | {1000 * sec:.0f} | {sec / base:.2f}x | {audio / 20 / sec:.0f} | {params / 1e6:.2f} M |")
+    model = build_model(vars(args), len(tokenizer))
+    state = {}
+    for name in ("adamw", "maxfactor"):
+        optimizer = build_optimizer(model, argparse.Namespace(**(vars(args) | {"optimizer": name})), torch.device("cpu"))
+        model(collate([train_set[i] for i in all_batches[0]], tokenizer))[0].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state[name] = optimizer_state_bytes(optimizer)
+    print(f"\n| what | value |\n|---|---|\n| optimizer state, default model: AdamW | {state['adamw'] / 2**20:.2f} MiB |")
+    print(f"| optimizer state, default model: MaxFactor | {state['maxfactor'] / 2**20:.3f} MiB "
+          f"({state['maxfactor'] / state['adamw']:.3f} of AdamW) |")
+    print(f"| padding in length-bucketed batches | {100 * (1 - sum(frames) / padded):.1f} % |")
     import librosa
     waves = [decode_audio(path) for path in sorted(Path(args.cache_dir).rglob("validation/*.flac"))[:20]]
     audio_s = sum(len(w) for w in waves) / SAMPLE_RATE
     librosa.pyin(waves[0].numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE)  # compile its numba kernels first
-    for label, fn in (("f0, Praat (extract_f0)", lambda w: extract_f0(w.numpy())),
-                      ("f0, librosa.pyin 65-400 Hz", lambda w: librosa.pyin(w.numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE))):
+    for label, fn in (("f0: Praat (extract_f0)", lambda w: extract_f0(w.numpy())),
+                      ("f0: librosa.pyin 65-400 Hz", lambda w: librosa.pyin(w.numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE))):
         t0 = time.process_time()
         for w in waves:
             fn(w)
         print(f"| {label} | {(time.process_time() - t0) / audio_s:.4f} CPU-s per audio-s |")
-    model = models["all pitch features"][0]
-    for weight in (0.0, args.decode_ctc_weight):
-        result = evaluate(model, data["validation"], tokenizer, device, 64, weight)
-        print(f"| decoding RTFx, KV cache, {'attention only' if weight == 0 else 'joint CTC/attention'} | "
-              f"{result['rtfx']:.0f} |")
+    model, tokenizer, config = load_model(args.ckpt, device) if args.ckpt else (build_model(vars(args), len(tokenizer)), tokenizer, vars(args))
+    for weight in (0.0, config["decode_ctc_weight"]):
+        result = evaluate(model, data["validation"], tokenizer, device, 100, weight)
+        print(f"| decoding RTFx, KV cache, {'attention only' if weight == 0 else 'joint CTC/attention'}"
+              f"{'' if args.ckpt else ', untrained'} | {result['rtfx']:.0f} |")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -307,6 +307,10 @@ def test_tiny_run_with_maxfactor_and_all_features_learns(tiny_corpus, tmp_path):
     events.Reload()
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses[-1] < losses[0] - 0.5
+    tags = set(events.Tags()["scalars"])
+    for name in ("radius_alpha", "bias_lambda_per_octave", "zero_value_offset"):
+        assert {f"pitch/{name}/head0", f"pitch/{name}/head1"} <= tags
+    assert {"streams/c_gate_spectrogram", "streams/c_gate_pitch", "streams/c_gate_waveform"} <= tags
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
@@ -626,3 +630,127 @@ def test_maxfactor_state_is_a_tenth_of_adamw_for_the_default_model():
         opt.zero_grad()
         sizes[name] = echo.optimizer_state_bytes(opt)
     assert sizes["maxfactor"] <= 0.1 * sizes["adamw"]
+
+
+# ---- reliability: bad input, interruption, numerical faults, determinism
+
+def write_bad_and_good_audio(folder):
+    """Files a user may hand to --transcribe: {path: True if it should be transcribed}."""
+    tone = harmonic_tone(160, 1.0)
+    files = {}
+    def add(name, ok, data=None, rate=16000, **kw):
+        path = folder / name
+        if data is None:
+            path.write_bytes(b"")
+        elif isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            soundfile.write(path, data, rate, **kw)
+        files[str(path)] = ok
+    add("empty_file.wav", False)
+    add("zero_samples.wav", False, np.zeros(0, np.float32))
+    add("silent.wav", False, np.zeros(16000, np.float32))
+    add("nan.wav", False, np.where(np.arange(16000) % 7 == 0, np.nan, tone).astype(np.float32), subtype="FLOAT")
+    add("inf.wav", False, np.where(np.arange(16000) == 5, np.inf, tone).astype(np.float32), subtype="FLOAT")
+    add("clipped.wav", True, np.clip(4 * tone, -1, 1))
+    for rate in (8000, 44100, 48000):
+        add(f"rate{rate}.wav", True, harmonic_tone(160, 1.0, rate), rate)
+    add("stereo.wav", True, np.stack([tone, 0.5 * tone], 1))
+    add("pcm8.wav", True, tone, subtype="PCM_U8")
+    add("pcm24.wav", True, tone, subtype="PCM_24")
+    add("audio.flac", True, tone)
+    add("audio.ogg", True, tone, format="OGG", subtype="VORBIS")
+    add("long.wav", True, np.tile(tone, 35))
+    whole = folder / "clipped.wav"
+    add("truncated_header.wav", False, whole.read_bytes()[:30])
+    add("text.wav", False, b"RIFF? no, this is a text file with a .wav name\n")
+    return files
+
+
+def test_transcribe_reports_each_bad_file_in_one_line_and_goes_on(tmp_path):
+    model = tiny_model(vocab=31)  # untrained, so it decodes to the length cap: attention-only keeps that quick
+    echo.save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": CONFIG | {"decode_ctc_weight": 0.0},
+                                                "tokenizer": CHARS})
+    files = write_bad_and_good_audio(tmp_path)
+    out = subprocess.run([sys.executable, str(HERE / "echo.py"), "--transcribe", *files, "--ckpt", str(tmp_path / "ckpt.pt")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert [line.split("\t")[0] for line in out.stdout.splitlines()] == [p for p, ok in files.items() if ok]
+    errors = out.stderr.strip().splitlines()
+    assert len(errors) == sum(not ok for ok in files.values())
+    assert all(any(p in e for e in errors) for p, ok in files.items() if not ok)
+
+
+def tiny_cli(cache, tmp_path, name, *extra):
+    return [sys.executable, str(HERE / "echo.py"), "--cache_dir", str(cache), "--corpus_size", "24", "--runs_dir",
+            str(tmp_path / "runs"), "--d_model", "64", "--n_heads", "2", "--enc_layers", "2", "--dec_layers", "1",
+            "--batch_frames", "1500", "--warmup", "5", "--eval_utts", "2", "--num_proc", "1", "--name", name, *extra]
+
+
+def step_losses(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_corpus, tmp_path):
+    import time
+    cache, _ = tiny_corpus
+    subprocess.run(tiny_cli(cache, tmp_path, "whole", "--max_steps", "30", "--eval_every", "10"), check=True,
+                   capture_output=True, timeout=600)
+    process = subprocess.Popen(tiny_cli(cache, tmp_path, "killed", "--max_steps", "30", "--eval_every", "10"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "runs" / "killed" / "ckpt.pt"
+    while not ckpt.exists() and process.poll() is None:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    killed_at = echo.load_checkpoint(ckpt)["step"]
+    assert killed_at < 30
+    subprocess.run(tiny_cli(cache, tmp_path, "killed", "--max_steps", "30", "--eval_every", "10", "--resume"),
+                   check=True, capture_output=True, timeout=600)
+    whole, resumed = step_losses(tmp_path / "runs" / "whole"), step_losses(tmp_path / "runs" / "killed")
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(1, 31):
+        assert abs(whole[step] - resumed[step]) < 1e-5, step
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_corpus, tmp_path):
+    import signal
+    import time
+    cache, _ = tiny_corpus
+    process = subprocess.Popen(tiny_cli(cache, tmp_path, "term", "--max_steps", "100000", "--eval_every", "100000"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    events = tmp_path / "runs" / "term"
+    while not list(events.glob("events*")) and process.poll() is None:
+        time.sleep(0.1)
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr
+    assert "SIGTERM" in stdout and echo.load_checkpoint(events / "ckpt.pt")["step"] > 0
+
+
+def test_nonfinite_loss_skips_the_step_and_training_goes_on(tiny_corpus, tmp_path, monkeypatch):
+    cache, _ = tiny_corpus
+    forward, calls = echo.Echo.forward, []
+
+    def poisoned(self, batch):
+        calls.append(1)
+        loss, ce, ctc = forward(self, batch)
+        return (loss * float("nan"), ce, ctc) if len(calls) == 3 else (loss, ce, ctc)
+    monkeypatch.setattr(echo.Echo, "forward", poisoned)
+    results = echo.train(train_args(cache, tmp_path, "--name", "nan", "--max_steps", "8", "--eval_every", "8"))
+    assert results["skipped_nonfinite_steps"] == 1
+    ckpt = echo.load_checkpoint(tmp_path / "runs" / "nan" / "ckpt.pt")
+    assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_same_seed_gives_identical_first_20_losses(tiny_corpus, tmp_path):
+    cache, _ = tiny_corpus
+    for name in ("a", "b"):
+        echo.train(train_args(cache, tmp_path, "--name", name, "--max_steps", "20", "--eval_every", "20", "--eval_utts", "1"))
+    a, b = step_losses(tmp_path / "runs" / "a"), step_losses(tmp_path / "runs" / "b")
+    assert len(a) == 20 and a == b
