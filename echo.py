@@ -44,7 +44,9 @@ CODE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]  # the 
 # config
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     a = p.add_argument
     a("--name", default=None, help="run name: logs and checkpoint go to runs/<name>/ (default: a timestamp)")
     a("--runs_dir", default="runs", help="parent folder of all runs")
@@ -81,7 +83,7 @@ def build_parser():
     a("--zero_value", action="store_true", help="learnable per-head logit offset for unvoiced/silent keys")
     a("--rope_freqs", choices=("standard", "mel"), default="standard", help="rotary frequency table")
     # training
-    a("--max_steps", type=int, default=1400, help="optimizer steps")
+    a("--max_steps", type=int, default=1300, help="optimizer steps")
     a("--batch_frames", type=int, default=8000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--optimizer", choices=("adamw", "maxfactor"), default="adamw", help="AdamW or MaxFactor (factored, "
@@ -90,7 +92,7 @@ def build_parser():
     a("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to lr/10")
     a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
-    a("--eval_every", type=int, default=350, help="steps between validation decoding and checkpoints")
+    a("--eval_every", type=int, default=325, help="steps between validation decoding and checkpoints")
     a("--eval_utts", type=int, default=100, help="validation utterances decoded at each evaluation")
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
@@ -552,6 +554,12 @@ def bucket_batches(lengths, batch_frames, seed, epoch):
     return batches
 
 
+def rows(dataset, indices):
+    """Rows of a numpy-formatted Dataset as dicts, fetched in one slice per column."""
+    columns = dataset[list(indices)]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
 def collate(items, tokenizer=None):
     """Feature dicts -> padded batch. mel (B, T, 80) zero-padded, f0/voiced (B, T), frames (B,);
     with a tokenizer also tokens (B, L+1): BOS text EOS, PAD-filled."""
@@ -561,14 +569,14 @@ def collate(items, tokenizer=None):
     voiced = torch.zeros(len(items), int(frames.max()), dtype=torch.bool)
     for i, it in enumerate(items):
         n = len(it["mel"])
-        mel[i, :n] = torch.as_tensor(np.asarray(it["mel"], dtype=np.float32))
-        f0[i, :n] = torch.as_tensor(np.asarray(it["f0"], dtype=np.float32))
-        voiced[i, :n] = torch.as_tensor(np.asarray(it["voiced"], dtype=bool))
+        mel[i, :n] = torch.from_numpy(np.array(it["mel"], dtype=np.float32))
+        f0[i, :n] = torch.from_numpy(np.array(it["f0"], dtype=np.float32))
+        voiced[i, :n] = torch.from_numpy(np.array(it["voiced"], dtype=bool))
     batch = {"mel": mel, "f0": f0, "voiced": voiced, "frames": frames, "text": [str(it["text"]) for it in items]}
     if "wave" in items[0]:
         batch["wave"] = torch.zeros(len(items), max(len(it["wave"]) for it in items))
         for i, it in enumerate(items):
-            batch["wave"][i, :len(it["wave"])] = torch.as_tensor(np.asarray(it["wave"], dtype=np.float32))
+            batch["wave"][i, :len(it["wave"])] = torch.from_numpy(np.array(it["wave"], dtype=np.float32))
     if tokenizer is not None:
         ids = [[BOS] + tokenizer.encode(t) + [EOS] for t in batch["text"]]
         tokens = torch.full((len(ids), max(map(len, ids))), PAD)
@@ -1123,7 +1131,7 @@ def train(args):
                     group["lr"] = lr_at(step, args)
                 losses = torch.zeros(3)
                 for micro in batches[batch_index:batch_index + args.grad_accum]:
-                    batch = to_device(collate([train_set[i] for i in micro], tokenizer), device)
+                    batch = to_device(collate(rows(train_set, micro), tokenizer), device)
                     with autocast:
                         loss, ce, ctc = forward(batch)
                     (loss / args.grad_accum).backward()
@@ -1286,7 +1294,7 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bat
         end = start + 1
         while end < n and lengths[order[end]] * (end - start + 1) <= batch_frames:
             end += 1
-        items = [dataset[i] for i in order[start:end]]
+        items = rows(dataset, order[start:end])
         start = end
         items = [it for it in items if set(str(it["text"])) <= set(tokenizer.chars)]
         if not items:
@@ -1420,7 +1428,7 @@ def benchmark(args):
     all_batches = bucket_batches(train_set["n_frames"], args.batch_frames, args.seed, 0)
     frames = train_set["n_frames"]
     padded = sum(max(frames[i] for i in b) * len(b) for b in all_batches)
-    batches = [collate([train_set[i] for i in b], tokenizer) for b in all_batches[:23]]
+    batches = [collate(rows(train_set, b), tokenizer) for b in all_batches[:23]]
     audio = sum(b["frames"].sum().item() for b in batches[3:]) / 100
     print(f"device: {device} ({environment(device)['gpu']}), {torch.get_num_threads()} threads, --batch_frames "
           f"{args.batch_frames}, 20 timed steps after 3 warm-up, defaults otherwise\n")
@@ -1438,7 +1446,7 @@ def benchmark(args):
     state = {}
     for name in ("adamw", "maxfactor"):
         optimizer = build_optimizer(model, argparse.Namespace(**(vars(args) | {"optimizer": name})), torch.device("cpu"))
-        model(collate([train_set[i] for i in all_batches[0]], tokenizer))[0].backward()
+        model(collate(rows(train_set, all_batches[0]), tokenizer))[0].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state[name] = optimizer_state_bytes(optimizer)
