@@ -137,6 +137,8 @@ def parse_args(argv=None):
     if args.dataset != "embedded" and os.path.isdir(args.dataset) and not list(Path(args.dataset).rglob("metadata.csv")):
         p.error(f"--dataset {args.dataset}: folder has no metadata.csv (file_name,transcription)")
     args.name = args.name or time.strftime("%Y%m%d-%H%M%S")
+    if not (args.resume or args.transcribe or args.bench) and (Path(args.runs_dir) / args.name).exists():
+        p.error(f"{Path(args.runs_dir) / args.name} exists: add --resume to continue that run, or pick another --name")
     args.lr = args.lr or {"adamw": 3e-3, "maxfactor": 1e-2}[args.optimizer]
     return args
 
