@@ -70,7 +70,7 @@ def build_parser():
     a("--dec_layers", type=int, default=2, help="decoder blocks")
     a("--ctc_weight", type=float, default=0.3, help="weight of the auxiliary CTC loss on the encoder (0 = off)")
     a("--decode_ctc_weight", type=float, default=0.3, help="weight of CTC prefix scores in decoding (0 = attention only)")
-    a("--gate", choices=("none", "mlp", "t", "m"), default="t", help="gate on every block's MLP output: "
+    a("--gate", choices=("none", "mlp", "t", "m"), default="none", help="gate on every block's MLP output: "
       "sigmoid(Wx), a softmax mixture of 4 sigmoid gates (t), or MLP + learned-memory gate (m)")
     a("--gate_memory", type=int, default=64, help="memory slots of --gate m")
     a("--streams", type=streams_flag, default="spectrogram", help="comma list of encoder input streams: "
@@ -83,7 +83,7 @@ def build_parser():
     a("--zero_value", action="store_true", help="learnable per-head logit offset for unvoiced/silent keys")
     a("--rope_freqs", choices=("standard", "mel"), default="standard", help="rotary frequency table")
     # training
-    a("--max_steps", type=int, default=1300, help="optimizer steps")
+    a("--max_steps", type=int, default=1200, help="optimizer steps")
     a("--batch_frames", type=int, default=8000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--optimizer", choices=("adamw", "maxfactor"), default="adamw", help="AdamW or MaxFactor (factored, "
@@ -92,7 +92,7 @@ def build_parser():
     a("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to lr/10")
     a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
-    a("--eval_every", type=int, default=325, help="steps between validation decoding and checkpoints")
+    a("--eval_every", type=int, default=300, help="steps between validation decoding and checkpoints")
     a("--eval_utts", type=int, default=100, help="validation utterances decoded at each evaluation")
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
