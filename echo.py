@@ -1072,14 +1072,34 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def init_distributed(device_flag):
+    """Under torchrun, join the process group (NCCL on GPU, gloo on CPU) -> (rank, world size, device)."""
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), pick_device(device_flag)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
 def train(args):
-    device = pick_device(args.device)
+    """The training loop. Under torchrun each optimizer step's --grad_accum micro-batches are shared out among the
+    processes (DistributedDataParallel averages their gradients); rank 0 alone logs, evaluates and checkpoints."""
+    rank, world, device = init_distributed(args.device)
+    if args.grad_accum % world:
+        raise SystemExit(f"echo: --grad_accum {args.grad_accum} must be a multiple of the {world} processes")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    if rank > 0:
+        torch.distributed.barrier()  # rank 0 builds the corpus and the feature cache first
     data, skipped = load_splits(args)
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
     run_dir = Path(args.runs_dir) / args.name
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "ckpt.pt"
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else "".join(data["train"]["text"]))
@@ -1097,20 +1117,24 @@ def train(args):
         step, epoch, batch_index = ckpt["step"], ckpt["epoch"], ckpt["batch_index"]
         random.setstate(ckpt["rng"]["python"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-    forward = torch.compile(model, dynamic=True) if args.compile else model
-    env = environment(device)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    forward = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
+    env = environment(device) | {"processes": world}
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"echo {env['code']} | {n_params / 1e6:.2f} M parameters | {len(train_set)} train utterances "
-          f"({sum(train_set['n_frames']) / 360000:.2f} h) | vocab {len(tokenizer)} | {device} | {env['platform']}")
-    print(f"config: {json.dumps(config)}")
-    if skipped:
-        print(f"skipped {len(skipped)} unusable utterances, e.g. {skipped[0]}")
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(run_dir, purge_step=step + 1 if ckpt else None)  # drop what came after the checkpoint
-    writer.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```", step)
-    writer.add_text("environment", f"```\n{json.dumps(env, indent=1)}\n```", step)
-    writer.add_scalar("data/skipped_utterances", len(skipped), step)
-    (run_dir / "config.json").write_text(json.dumps({"config": config, "environment": env}, indent=1))
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"echo {env['code']} | {n_params / 1e6:.2f} M parameters | {len(train_set)} train utterances "
+              f"({sum(train_set['n_frames']) / 360000:.2f} h) | vocab {len(tokenizer)} | {world} x {device} | "
+              f"{env['platform']}")
+        print(f"config: {json.dumps(config)}")
+        if skipped:
+            print(f"skipped {len(skipped)} unusable utterances, e.g. {skipped[0]}")
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(run_dir, purge_step=step + 1 if ckpt else None)  # drop what came after the checkpoint
+        writer.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```", step)
+        writer.add_text("environment", f"```\n{json.dumps(env, indent=1)}\n```", step)
+        writer.add_scalar("data/skipped_utterances", len(skipped), step)
+        (run_dir / "config.json").write_text(json.dumps({"config": config, "environment": env}, indent=1))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     lengths = train_set["n_frames"]
 
@@ -1120,8 +1144,31 @@ def train(args):
                                     "tokenizer": tokenizer.chars, "code": env["code"],
                                     "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}})
 
+    def log(losses, grad_norm, step_seconds):
+        writer.add_scalar("train/loss", losses[0], step)
+        if step % 10 == 0 or step == 1:
+            writer.add_scalar("train/skipped_nonfinite_steps", nonfinite_steps, step)
+            writer.add_scalar("train/cross_entropy", losses[1], step)
+            writer.add_scalar("train/ctc_loss", losses[2], step)
+            writer.add_scalar("train/lr", lr_at(step - 1, args), step)
+            writer.add_scalar("train/grad_norm", grad_norm, step)
+            writer.add_scalar("train/step_seconds", step_seconds, step)
+            writer.add_scalar("train/audio_seconds_per_second", audio_seconds / (time.time() - t_start), step)
+            for tag, value in learned_pitch_and_stream_weights(model).items():
+                writer.add_scalar(tag, value, step)
+        if step % args.eval_every == 0 or step == args.max_steps:
+            result = evaluate(model, data["validation"], tokenizer, device, args.eval_utts, args.decode_ctc_weight)
+            writer.add_scalar("val/loss", result["loss"], step)
+            writer.add_scalar("val/token_accuracy_teacher_forced", result["token_accuracy"], step)
+            writer.add_scalar("val/wer", result["wer"], step)
+            writer.add_scalar("val/cer", result["cer"], step)
+            writer.add_text("val/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
+            progress.write(f"step {step}: val loss {result['loss']:.3f}  CER {100 * result['cer']:.2f} %  "
+                           f"WER {100 * result['wer']:.2f} %")
+            checkpoint()
+
     from tqdm import tqdm
-    progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
+    progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=None if rank == 0 else True)
     t_start, audio_seconds, nonfinite_steps = time.time(), 0.0, 0
     with deferred_signals() as stop:
         while step < args.max_steps:
@@ -1131,55 +1178,48 @@ def train(args):
                 t0 = time.time()
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, args)
-                losses = torch.zeros(3)
-                for micro in batches[batch_index:batch_index + args.grad_accum]:
+                mine = batches[batch_index:batch_index + args.grad_accum][rank::world]  # this process's share
+                totals = torch.zeros(4)  # mean loss, cross-entropy, ctc; audio frames
+                for i, micro in enumerate(mine):
                     batch = to_device(collate(rows(train_set, micro), tokenizer), device)
-                    with autocast:
-                        loss, ce, ctc = forward(batch)
-                    (loss / args.grad_accum).backward()
-                    losses += torch.tensor([loss.item(), ce.item(), ctc.item() if ctc is not None else 0.0]) / args.grad_accum
-                    audio_seconds += batch["frames"].sum().item() / 100
+                    sync = world == 1 or i == len(mine) - 1  # all-reduce gradients once, after the last micro-batch
+                    with contextlib.nullcontext() if sync else wrapped.no_sync():
+                        with autocast:
+                            loss, ce, ctc = forward(batch)
+                        (loss / len(mine)).backward()
+                    totals += torch.tensor([loss.item() / len(mine), ce.item() / len(mine),
+                                            (0.0 if ctc is None else ctc.item()) / len(mine), batch["frames"].sum().item()])
+                if world > 1:
+                    torch.distributed.all_reduce(totals)
+                    totals[:3] /= world
+                losses, audio_seconds = totals[:3], audio_seconds + totals[3].item() / 100
                 batch_index += args.grad_accum
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 if torch.isfinite(grad_norm) and torch.isfinite(losses).all():
                     optimizer.step()
                 else:  # one bad batch must not poison the weights: skip it, count it, go on
                     nonfinite_steps += 1
-                    progress.write(f"step {step + 1}: non-finite loss or gradient, optimizer step skipped ({nonfinite_steps} so far)")
+                    progress.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({nonfinite_steps} so far)")
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{losses[0]:.3f}")
-                writer.add_scalar("train/loss", losses[0], step)
-                if step % 10 == 0 or step == 1:
-                    writer.add_scalar("train/skipped_nonfinite_steps", nonfinite_steps, step)
-                    writer.add_scalar("train/cross_entropy", losses[1], step)
-                    writer.add_scalar("train/ctc_loss", losses[2], step)
-                    writer.add_scalar("train/lr", lr_at(step - 1, args), step)
-                    writer.add_scalar("train/grad_norm", grad_norm, step)
-                    writer.add_scalar("train/step_seconds", time.time() - t0, step)
-                    writer.add_scalar("train/audio_seconds_per_second", audio_seconds / (time.time() - t_start), step)
-                    for tag, value in learned_pitch_and_stream_weights(model).items():
-                        writer.add_scalar(tag, value, step)
-                if step % args.eval_every == 0 or step == args.max_steps:
-                    result = evaluate(model, data["validation"], tokenizer, device, args.eval_utts, args.decode_ctc_weight)
-                    writer.add_scalar("val/loss", result["loss"], step)
-                    writer.add_scalar("val/token_accuracy_teacher_forced", result["token_accuracy"], step)
-                    writer.add_scalar("val/wer", result["wer"], step)
-                    writer.add_scalar("val/cer", result["cer"], step)
-                    writer.add_text("val/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
-                    progress.write(f"step {step}: val loss {result['loss']:.3f}  CER {100 * result['cer']:.2f} %  "
-                                   f"WER {100 * result['wer']:.2f} %")
-                    checkpoint()
+                if rank == 0:
+                    log(losses, grad_norm, time.time() - t0)
                 if stop:
-                    checkpoint()
-                    writer.close()
-                    print(f"echo: {signal.Signals(stop[0]).name} at step {step}: checkpoint saved to {ckpt_path}; "
-                          f"continue with --name {args.name} --resume")
+                    if rank == 0:
+                        checkpoint()
+                        writer.close()
+                        print(f"echo: {signal.Signals(stop[0]).name} at step {step}: checkpoint saved to {ckpt_path}; "
+                              f"continue with --name {args.name} --resume")
                     raise SystemExit(128 + stop[0])
             if step < args.max_steps:
                 epoch, batch_index = epoch + 1, 0
     progress.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank > 0:
+        return None
     results = {"train_minutes": round((time.time() - t_start) / 60, 2), "parameters": n_params,
                "skipped_utterances": len(skipped), "skipped_nonfinite_steps": nonfinite_steps}
     for split in ("test", "test_unseen"):
@@ -1298,10 +1338,9 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bat
             end += 1
         items = rows(dataset, order[start:end])
         start = end
-        items = [it for it in items if set(str(it["text"])) <= set(tokenizer.chars)]
-        if not items:
-            continue
-        batch = to_device(collate(items, tokenizer), device)
+        # references keep every character; the teacher-forced loss can only score the ones the tokenizer knows
+        batch = to_device(collate([it | {"text": "".join(c for c in str(it["text"]) if c in tokenizer.index)}
+                                   for it in items], tokenizer), device)
         audio, valid = model.encode(batch)
         logits = model.decoder(batch["tokens"][:, :-1], audio, valid).float()
         targets = batch["tokens"][:, 1:]
@@ -1312,7 +1351,7 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bat
         t0 = time.time()
         hyps += [tokenizer.decode(h) for h in greedy_decode(model, batch, ctc_weight)]
         decode_seconds += time.time() - t0
-        refs += batch["text"]
+        refs += [str(it["text"]) for it in items]
     audio_seconds = sum(lengths) / 100
     return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "loss": loss_sum / max(1, tokens_total),
             "token_accuracy": correct / max(1, tokens_total), "samples": list(zip(refs, hyps)), "n": len(refs),
