@@ -69,7 +69,8 @@ def build_parser():
     a("--enc_layers", type=int, default=6, help="encoder blocks")
     a("--dec_layers", type=int, default=2, help="decoder blocks")
     a("--ctc_weight", type=float, default=0.3, help="weight of the auxiliary CTC loss on the encoder (0 = off)")
-    a("--decode_ctc_weight", type=float, default=0.3, help="weight of CTC prefix scores in decoding (0 = attention only)")
+    a("--decode_ctc_weight", type=float, default=0.3,
+      help="weight of CTC prefix scores in decoding (0 = attention only)")
     a("--gate", choices=("none", "mlp", "t", "m"), default="none", help="gate on every block's MLP output: "
       "sigmoid(Wx), a softmax mixture of 4 sigmoid gates (t), or MLP + learned-memory gate (m)")
     a("--gate_memory", type=int, default=64, help="memory slots of --gate m")
@@ -134,7 +135,8 @@ def parse_args(argv=None):
         p.error(f"--ckpt {args.ckpt}: no such file")
     if args.resume and not args.name:
         p.error("--resume needs --name of the run to continue")
-    if args.dataset != "embedded" and os.path.isdir(args.dataset) and not list(Path(args.dataset).rglob("metadata.csv")):
+    folder = args.dataset != "embedded" and os.path.isdir(args.dataset)
+    if folder and not list(Path(args.dataset).rglob("metadata.csv")):
         p.error(f"--dataset {args.dataset}: folder has no metadata.csv (file_name,transcription)")
     args.name = args.name or time.strftime("%Y%m%d-%H%M%S")
     if not (args.resume or args.transcribe or args.bench) and (Path(args.runs_dir) / args.name).exists():
@@ -500,7 +502,8 @@ def load_splits(args):
     names = dict(zip(("train", "validation", "test"), args.splits.split(",")))
     hf_cache = os.path.join(args.cache_dir, "hf")
     if args.dataset == "embedded" or os.path.isdir(args.dataset):
-        root = build_corpus(args.cache_dir, args.corpus_size, args.corpus_seed, args.num_proc) if args.dataset == "embedded" else args.dataset
+        root = (build_corpus(args.cache_dir, args.corpus_size, args.corpus_seed, args.num_proc)
+                if args.dataset == "embedded" else args.dataset)
         raw = {split: local_folder(os.path.join(root, names.get(split, split)), hf_cache) for split in SPLITS
                if os.path.exists(os.path.join(root, names.get(split, split), "metadata.csv"))}
         if "train" not in raw and os.path.exists(os.path.join(root, "metadata.csv")):  # one flat folder: hold out 10 %
@@ -842,8 +845,10 @@ class Streams(nn.Module):
 
 def pitch_input(f0, voiced, n):
     """(B, T') f0 and voicing -> (B, 2, n): log2(f0 / 220 Hz) on voiced frames (0 elsewhere) and the voicing flag."""
-    f0, voiced = fit_frames(f0, n), fit_frames(voiced, n).bool() & torch.isfinite(fit_frames(f0, n)) & (fit_frames(f0, n) > 0)
-    return torch.stack([torch.where(voiced, (f0.nan_to_num(F0_REF).clamp(min=1.0) / F0_REF).log2(), 0.0), voiced.float()], 1)
+    f0 = fit_frames(f0, n)
+    voiced = fit_frames(voiced, n).bool() & torch.isfinite(f0) & (f0 > 0)
+    octaves = (f0.nan_to_num(F0_REF).clamp(min=1.0) / F0_REF).log2()
+    return torch.stack([torch.where(voiced, octaves, 0.0), voiced.float()], 1)
 
 
 class Encoder(nn.Module):
@@ -1065,7 +1070,9 @@ def deferred_signals():
 
 
 def pick_device(name):
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def to_device(batch, device):
@@ -1168,7 +1175,8 @@ def train(args):
             checkpoint()
 
     from tqdm import tqdm
-    progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=None if rank == 0 else True)
+    progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True,
+                    disable=None if rank == 0 else True)  # None: on when writing to a terminal
     t_start, audio_seconds, nonfinite_steps = time.time(), 0.0, 0
     with deferred_signals() as stop:
         while step < args.max_steps:
@@ -1505,7 +1513,10 @@ def benchmark(args):
         for w in waves:
             fn(w)
         print(f"| {label} | {(time.process_time() - t0) / audio_s:.4f} CPU-s per audio-s |")
-    model, tokenizer, config = load_model(args.ckpt, device) if args.ckpt else (build_model(vars(args), len(tokenizer)), tokenizer, vars(args))
+    if args.ckpt:
+        model, tokenizer, config = load_model(args.ckpt, device)
+    else:
+        model, config = build_model(vars(args), len(tokenizer)).to(device), vars(args)
     for weight in (0.0, config["decode_ctc_weight"]):
         result = evaluate(model, data["validation"], tokenizer, device, 100, weight)
         print(f"| decoding RTFx, KV cache, {'attention only' if weight == 0 else 'joint CTC/attention'}"
