@@ -1416,6 +1416,7 @@ def mean_std(values):
 def ablate(args):
     """Train every ABLATION configuration for args.seeds seeds; decoded test CER/WER as mean ± std."""
     out = Path(args.runs_dir) / args.name
+    out.mkdir(parents=True, exist_ok=True)
     t0, results = time.time(), {}
     for label, flags in ABLATION.items():
         for seed in range(args.seeds):

@@ -783,3 +783,19 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_co
     assert sorted(ddp) == sorted(single) == list(range(1, 7))
     for step in single:
         assert abs(single[step] - ddp[step]) < 1e-4, step
+
+
+def test_ablation_writes_a_mean_and_spread_table_and_a_chart(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_train(run):
+        seen.append((run.name, run.seed, run.f0_theta, run.radii, run.pitch_bias, run.zero_value))
+        cer = 0.1 + 0.01 * run.seed + 0.05 * run.radii
+        return {split: {"cer": cer, "wer": 2 * cer} for split in ("test", "test_unseen")}
+    monkeypatch.setattr(echo, "train", fake_train)
+    args = echo.parse_args(["--runs_dir", str(tmp_path), "--name", "abl", "--seeds", "2"])
+    echo.ablate(args)
+    assert len(seen) == 10 and ("abl/baseline-seed1", 1, False, False, False, False) in seen
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "| baseline | 10.50 ± 0.50 | 21.00 ± 1.00 |" in table and "| +radii | 15.50 ± 0.50 |" in table
+    assert (tmp_path / "abl" / "ablation.png").stat().st_size > 1000
