@@ -498,7 +498,9 @@ def load_splits(args):
     Returns {split: Dataset with mel, f0, voiced, text, n_frames} and the count of skipped utterances."""
     import datasets
     datasets.disable_progress_bars()
-    torch.set_num_threads(1) if args.num_proc > 1 else None
+    threads = torch.get_num_threads()
+    if args.num_proc > 1:  # the forked feature workers inherit this: one thread each, one worker per core
+        torch.set_num_threads(1)
     names = dict(zip(("train", "validation", "test"), args.splits.split(",")))
     hf_cache = os.path.join(args.cache_dir, "hf")
     if args.dataset == "embedded" or os.path.isdir(args.dataset):
@@ -535,7 +537,7 @@ def load_splits(args):
         bad = ds.filter(lambda e: e != "", input_columns="error")
         skipped += bad["error"]
         out[split] = ds.filter(lambda e: e == "", input_columns="error").with_format("numpy")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     return out, skipped
 
 
