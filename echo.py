@@ -1298,12 +1298,12 @@ class CTCPrefixScorer:
 
 
 @torch.no_grad()
-def greedy_decode(model, batch, ctc_weight=0.3, candidates=5):
+def greedy_decode(model, batch, ctc_weight=0.3, candidates=5, encoded=None):
     """Autoregressive greedy decoding with a KV cache -> list of token-id lists (EOS and BOS removed).
     With a CTC head, each step picks among the decoder's top candidates by (1 - w) log p_attention + w * (gain
     in CTC prefix score), which stops the loops and early ends of a young attention decoder."""
     model.eval()
-    audio, valid = model.encode(batch)
+    audio, valid = model.encode(batch) if encoded is None else encoded  # evaluate() has encoded it already
     caches = [{} for _ in model.decoder.blocks]
     limit = max_tokens_for(batch["frames"]).to(audio.device)
     use_ctc = model.ctc_head is not None and ctc_weight > 0
@@ -1351,7 +1351,9 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bat
         # references keep every character; the teacher-forced loss can only score the ones the tokenizer knows
         batch = to_device(collate([it | {"text": "".join(c for c in str(it["text"]) if c in tokenizer.index)}
                                    for it in items], tokenizer), device)
+        t0 = time.time()
         audio, valid = model.encode(batch)
+        decode_seconds += time.time() - t0  # transcription time = encoding + decoding
         logits = model.decoder(batch["tokens"][:, :-1], audio, valid).float()
         targets = batch["tokens"][:, 1:]
         keep = targets != PAD
@@ -1359,7 +1361,7 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bat
         correct += (logits.argmax(-1)[keep] == targets[keep]).sum().item()
         tokens_total += keep.sum().item()
         t0 = time.time()
-        hyps += [tokenizer.decode(h) for h in greedy_decode(model, batch, ctc_weight)]
+        hyps += [tokenizer.decode(h) for h in greedy_decode(model, batch, ctc_weight, encoded=(audio, valid))]
         decode_seconds += time.time() - t0
         refs += [str(it["text"]) for it in items]
     audio_seconds = sum(lengths) / 100
