@@ -413,31 +413,62 @@ def log_mel(wave):
     return ((mel + 4.0) / 4.0).T.contiguous()
 
 
+F0_MIN, F0_MAX = 60.0, 500.0  # search range of the pitch tracker; the embedded voices span about 60-330 Hz
+
+
+def yin_f0(waves, window=512, dip=0.15, voicing=0.5, silence_db=-45.0):
+    """Batched YIN pitch tracker (de Cheveigne & Kawahara 2002) in torch, so it runs on any device.
+
+    waves (batch, samples) float32 at 16 kHz -> f0 in Hz and voiced, each (batch, samples // 160 + 1); frame k
+    is centred at k*10 ms. The difference function d(tau) = E_0 + E_tau - 2 r(tau) comes from one FFT per frame;
+    the period is the first dip of the cumulative-mean-normalised d' below `dip` (else its global minimum),
+    refined by a parabola. A frame is voiced when d' there is below `voicing` and the frame is within
+    `silence_db` of the utterance's loudest frame. Unvoiced frames have f0 = 0."""
+    lag_min, lag_max = int(SAMPLE_RATE / F0_MAX), math.ceil(SAMPLE_RATE / F0_MIN)
+    span = window + lag_max + 2
+    n_frames = waves.shape[-1] // HOP + 1
+    frames = F.pad(waves, (window // 2, span)).unfold(-1, span, HOP)[:, :n_frames]  # (batch, frames, span)
+    frames = frames - frames.mean(-1, keepdim=True)
+    n_fft = 1 << (span - 1).bit_length()
+    spectrum, head = torch.fft.rfft(frames, n_fft), torch.fft.rfft(frames[..., :window], n_fft)
+    lags = torch.arange(lag_max + 2, device=waves.device)
+    correlation = torch.fft.irfft(spectrum * head.conj(), n_fft)[..., :lag_max + 2]  # r(tau) = sum_j x_j x_(j+tau)
+    energy = F.pad(frames.square().cumsum(-1), (1, 0))
+    diff = (energy[..., window:window + 1] + energy[..., lags + window] - energy[..., lags] - 2 * correlation).clamp(min=0)
+    cmnd = diff[..., 1:] * lags[1:] / diff[..., 1:].cumsum(-1).clamp(min=1e-12)  # d'(tau) for tau = 1 .. lag_max+1
+    inner = cmnd[..., 1:-1]  # tau = 2 .. lag_max: each has both neighbours
+    in_range = lags[2:-1] >= lag_min
+    is_dip = (inner <= cmnd[..., :-2]) & (inner < cmnd[..., 2:]) & in_range & (inner < dip)
+    fallback = inner.masked_fill(~in_range, float("inf")).argmin(-1)
+    best = torch.where(is_dip.any(-1), is_dip.int().argmax(-1), fallback).unsqueeze(-1) + 1  # index into cmnd
+    left, centre, right = cmnd.gather(-1, best - 1), cmnd.gather(-1, best), cmnd.gather(-1, best + 1)
+    shift = (0.5 * (left - right) / (left - 2 * centre + right).clamp(min=1e-12)).clamp(-1, 1)
+    period = (best + 1 + shift).squeeze(-1)  # lag of cmnd index i is i + 1
+    level = frames[..., :window].square().mean(-1)
+    loud = 10 * torch.log10(level / level.amax(-1, keepdim=True).clamp(min=1e-20) + 1e-20) > silence_db
+    voiced = (centre.squeeze(-1) < voicing) & loud
+    return torch.where(voiced, SAMPLE_RATE / period, torch.zeros_like(period)), voiced
+
+
 def extract_f0(wave, sample_rate=SAMPLE_RATE):
     """f0 in Hz and a voicing flag per 10 ms frame (frame k centred at k*10 ms), aligned 1:1 with log_mel.
 
-    Praat's autocorrelation pitch tracker (through praat-parselmouth): the field's reference, about 50x less
-    CPU than librosa.pyin at matching accuracy. Unvoiced frames have f0 = 0 and voiced = False."""
-    import parselmouth
-    wave = np.asarray(wave, dtype=np.float64).reshape(-1)
+    (samples,) array or tensor at any rate -> two (samples * 16000 // rate // 160 + 1,) tensors. YIN in torch
+    (yin_f0): as accurate as Praat and pyin on speech and over 30x cheaper than librosa.pyin (README)."""
+    import torchaudio
+    wave = torch.as_tensor(np.asarray(wave, dtype=np.float32)).reshape(-1)
     n_frames = len(wave) * SAMPLE_RATE // sample_rate // HOP + 1
-    hop_s = HOP / SAMPLE_RATE
-    f0 = np.zeros(n_frames, dtype=np.float32)
-    if len(wave) >= 0.08 * sample_rate and np.abs(wave).max() > 0:  # Praat needs 3 periods of the pitch floor
-        pitch = parselmouth.Sound(wave, sampling_frequency=sample_rate).to_pitch_ac(
-            time_step=hop_s, pitch_floor=60.0, pitch_ceiling=500.0)
-        values = pitch.selected_array["frequency"]
-        nearest = np.rint((np.arange(n_frames) * hop_s - pitch.xs()[0]) / hop_s).astype(int)
-        inside = (nearest >= 0) & (nearest < len(values))
-        f0[inside] = values[nearest[inside]]
-    return torch.from_numpy(f0), torch.from_numpy(f0 > 0)
+    if sample_rate != SAMPLE_RATE:
+        wave = torchaudio.functional.resample(wave, sample_rate, SAMPLE_RATE)
+    f0, voiced = yin_f0(wave[None])  # resampling may add a frame: cut or pad to the count at the input rate
+    return fit_frames(f0, n_frames)[0], fit_frames(voiced.float(), n_frames)[0] > 0
 
 
 def featurize(wave, keep_wave=False):
     """Waveform -> dict of log-mel (frames, 80), f0 (frames,), voiced (frames,), all the same length, and the
     waveform itself (float16) for the waveform stream."""
     mel = log_mel(wave)
-    f0, voiced = extract_f0(wave.numpy())
+    f0, voiced = extract_f0(wave)
     n = min(len(mel), len(f0))
     features = {"mel": mel[:n].half().numpy(), "f0": f0[:n].numpy(), "voiced": voiced[:n].numpy()}
     return features | ({"wave": wave.half().numpy()} if keep_wave else {})
@@ -492,11 +523,20 @@ def hub_reachable(timeout=3.0):
         return False
 
 
+def feature_code_hash():
+    """The feature code's own source and constants: part of each split's cache key, so that editing them recomputes
+    the features (datasets' fingerprint of the map function does not follow the functions it calls)."""
+    import inspect
+    code = [inspect.getsource(f) for f in (decode_audio, log_mel, yin_f0, extract_f0, featurize, _featurize_example)]
+    return hashlib.sha256(repr((code, SAMPLE_RATE, HOP, N_MELS, F0_MIN, F0_MAX)).encode()).hexdigest()[:16]
+
+
 def load_splits(args):
     """Every source goes through Hugging Face datasets: raw audio (decode=False) -> cached features per split.
 
     Returns {split: Dataset with mel, f0, voiced, text, n_frames} and the count of skipped utterances."""
     import datasets
+    from datasets.fingerprint import Hasher
     datasets.disable_progress_bars()
     threads = torch.get_num_threads()
     if args.num_proc > 1:  # the forked feature workers inherit this: one thread each, one worker per core
@@ -530,9 +570,9 @@ def load_splits(args):
         text_column = next(c for c in ("transcription", "text", "sentence", "raw_transcription") if c in ds.column_names)
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
         keep_wave = "waveform" in args.streams
-        ds = ds.map(_featurize_example, fn_kwargs={"text_column": text_column, "keep_wave": keep_wave,
-                                                   "max_seconds": args.max_seconds},
-                    remove_columns=ds.column_names, features=_features(keep_wave),
+        kwargs = {"text_column": text_column, "keep_wave": keep_wave, "max_seconds": args.max_seconds}
+        ds = ds.map(_featurize_example, fn_kwargs=kwargs, remove_columns=ds.column_names, features=_features(keep_wave),
+                    new_fingerprint=Hasher.hash((ds._fingerprint, feature_code_hash(), kwargs)),
                     num_proc=args.num_proc if len(ds) >= 100 else None, desc=f"features {split}")
         bad = ds.filter(lambda e: e != "", input_columns="error")
         skipped += bad["error"]
@@ -1513,11 +1553,18 @@ def benchmark(args):
     audio_s = sum(len(w) for w in waves) / SAMPLE_RATE
     pyin = lambda w: librosa.pyin(w.numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE, hop_length=HOP)  # same 10 ms frames
     pyin(waves[0])  # compile its numba kernels first
-    for label, fn in (("f0: Praat (extract_f0)", lambda w: extract_f0(w.numpy())), ("f0: librosa.pyin 65-400 Hz", pyin)):
-        t0 = time.process_time()
-        for w in waves:
+    padded = nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
+    for label, fn in (("f0: YIN in torch (extract_f0), one utterance at a time", extract_f0),
+                      (f"f0: YIN in torch, 20 utterances batched on {device.type}", lambda w: yin_f0(padded)),
+                      ("f0: librosa.pyin 65-400 Hz", pyin)):
+        on_gpu = "batched" in label and device.type == "cuda"  # a GPU's time is wall time, not CPU time
+        clock = time.perf_counter if on_gpu else time.process_time
+        t0 = clock()
+        for w in waves[:1] if "batched" in label else waves:
             fn(w)
-        print(f"| {label} | {(time.process_time() - t0) / audio_s:.4f} CPU-s per audio-s |")
+        if on_gpu:
+            torch.cuda.synchronize()
+        print(f"| {label} | {(clock() - t0) / audio_s:.4f} {'wall' if on_gpu else 'CPU'}-s per audio-s |")
     if args.ckpt:
         model, tokenizer, config = load_model(args.ckpt, device)
     else:

@@ -138,6 +138,29 @@ def test_extract_f0_resamples_other_rates():
         assert abs(np.median(f0.numpy()[voiced.numpy()]) - 180) < 2
 
 
+def test_yin_batched_equals_each_alone():
+    """Padding a shorter utterance with zeros inside a batch leaves its f0 track unchanged (and on GPU it runs
+    batched like this)."""
+    waves = [harmonic_tone(120, 0.7), harmonic_tone(np.geomspace(250, 150, int(1.1 * echo.SAMPLE_RATE)), 1.1)]
+    batch = torch.zeros(2, max(len(w) for w in waves))
+    for row, w in zip(batch, waves):
+        row[:len(w)] = torch.from_numpy(w)
+    f0, voiced = echo.yin_f0(batch)
+    for i, w in enumerate(waves):
+        alone_f0, alone_voiced = echo.yin_f0(torch.from_numpy(w)[None])
+        n = alone_f0.shape[1]
+        assert torch.equal(voiced[i, :n], alone_voiced[0, :n]) and voiced[i, :n].float().mean() > 0.9
+        torch.testing.assert_close(f0[i, :n], alone_f0[0, :n], rtol=1e-4, atol=1e-3)
+
+
+def test_feature_cache_key_follows_the_feature_code(monkeypatch):
+    """Editing any function the features come from changes the cache key of the featurised splits."""
+    before = echo.feature_code_hash()
+    assert echo.feature_code_hash() == before
+    monkeypatch.setattr(echo, "yin_f0", lambda waves: (torch.zeros(len(waves), 1), torch.zeros(len(waves), 1)))
+    assert echo.feature_code_hash() != before
+
+
 @pytest.mark.slow
 def test_extract_f0_matches_pyin_on_corpus(tiny_corpus):
     import librosa
