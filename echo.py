@@ -10,6 +10,7 @@ training -> decoding and evaluation -> diagnostics -> CLI. Method and hazards: D
 import argparse
 import contextlib
 import csv
+import functools
 import ctypes
 import hashlib
 import json
@@ -63,6 +64,13 @@ def build_parser():
     a("--max_seconds", type=float, default=30.0, help="longer training utterances are skipped (counted); "
       "--transcribe cuts longer audio into pieces of this length and joins their text")
     a("--num_proc", type=int, default=2, help="processes for corpus synthesis and feature extraction")
+    # augmentation of training batches (on the fly, seeded)
+    a("--specaug", action="store_true", help="SpecAugment: 2 frequency masks of <= 27 mel bins and 5 time masks of "
+      "<= 5 %% of the utterance each")
+    a("--speed_perturb", action="store_true", help="resample each utterance's audio by 0.9, 1.0 or 1.1 "
+      "(tempo and pitch) before its features")
+    a("--noise_snr", type=snr_range, default=None, metavar="LOW,HIGH", help="add white noise at a random SNR "
+      "in [LOW, HIGH] dB")
     # model
     a("--d_model", type=int, default=192, help="model width")
     a("--n_heads", type=int, default=4, help="attention heads")
@@ -71,6 +79,7 @@ def build_parser():
     a("--ctc_weight", type=float, default=0.3, help="weight of the auxiliary CTC loss on the encoder (0 = off)")
     a("--decode_ctc_weight", type=float, default=0.3,
       help="weight of CTC prefix scores in decoding (0 = attention only)")
+    a("--beam", type=int, default=4, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
     a("--gate", choices=("none", "mlp", "t", "m"), default="none", help="gate on every block's MLP output: "
       "sigmoid(Wx), a softmax mixture of 4 sigmoid gates (t), or MLP + learned-memory gate (m)")
     a("--gate_memory", type=int, default=64, help="memory slots of --gate m")
@@ -97,6 +106,8 @@ def build_parser():
     a("--eval_utts", type=int, default=100, help="validation utterances decoded at each evaluation")
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
+    a("--workers", type=int, default=None, help="DataLoader worker processes that read, augment and collate "
+      "batches (default: 4 with CUDA, with pinned memory; 0 on CPU, where they would compete with the model)")
     a("--resume", action="store_true", help="continue runs/<name>/ckpt.pt")
     # experiments
     a("--bench", action="store_true", help="print a table of train-step time per attention variant, f0 and "
@@ -104,6 +115,11 @@ def build_parser():
     a("--ablate", action="store_true", help="train baseline / f0_theta / +radii / +pitch_bias / all for each "
       "seed, write runs/<name>/ablation.md and .png")
     a("--seeds", type=int, default=3, help="seeds per configuration for --ablate")
+    # diagnostics
+    a("--diag_every", type=int, default=100, help="steps between per-block gate/MLP and Q/K/V/O gradient scalars "
+      "(figures come with each evaluation); 0 = off")
+    a("--diagnose", nargs=2, metavar=("CKPT", "AUDIO"), help="write the diagnostic figures of a checkpoint for one "
+      "audio file as PNGs to runs/<name>/, then exit")
     # transcription
     a("--transcribe", nargs="+", metavar="AUDIO", help="print '<path>\\t<transcript>' for each file and exit")
     a("--ckpt", default=None, help="checkpoint for --transcribe")
@@ -118,12 +134,24 @@ def streams_flag(value):
     return value
 
 
+def snr_range(value):
+    try:
+        low, high = map(float, value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: want LOW,HIGH in dB, e.g. 10,30") from None
+    if low > high:
+        raise argparse.ArgumentTypeError(f"{value!r}: LOW is above HIGH")
+    return low, high
+
+
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    for flag in ("max_steps", "batch_frames", "grad_accum", "eval_every", "corpus_size", "d_model", "n_heads"):
+    for flag in ("max_steps", "batch_frames", "grad_accum", "eval_every", "corpus_size", "d_model", "n_heads", "beam"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.diag_every < 0:
+        p.error(f"--diag_every must be 0 (off) or positive, got {args.diag_every}")
     for flag in ("radii", "pitch_bias", "zero_value"):
         if getattr(args, flag) and not args.f0_theta:
             p.error(f"--{flag} uses the f0 track, which --no-f0_theta disables")
@@ -139,6 +167,8 @@ def parse_args(argv=None):
     if folder and not list(Path(args.dataset).rglob("metadata.csv")):
         p.error(f"--dataset {args.dataset}: folder has no metadata.csv (file_name,transcription)")
     args.name = args.name or time.strftime("%Y%m%d-%H%M%S")
+    if args.diagnose and not os.path.isfile(args.diagnose[0]):
+        p.error(f"--diagnose {args.diagnose[0]}: no such checkpoint")
     if not (args.resume or args.transcribe or args.bench) and (Path(args.runs_dir) / args.name).exists():
         p.error(f"{Path(args.runs_dir) / args.name} exists: add --resume to continue that run, or pick another --name")
     args.lr = args.lr or {"adamw": 3e-3, "maxfactor": 1e-2}[args.optimizer]
@@ -176,6 +206,10 @@ class Tokenizer:
 
     def decode(self, ids):
         return "".join(self.chars[i - 3] for i in ids if i >= 3)
+
+    def known(self, text):
+        """text without the characters the tokenizer cannot encode (for teacher-forced scoring of held-out text)."""
+        return "".join(c for c in str(text) if c in self.index)
 
 
 # The embedded corpus: seeded sentences from these word classes, spoken by eSpeak NG voices.
@@ -569,7 +603,7 @@ def load_splits(args):
     for split, ds in raw.items():
         text_column = next(c for c in ("transcription", "text", "sentence", "raw_transcription") if c in ds.column_names)
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
-        keep_wave = "waveform" in args.streams
+        keep_wave = "waveform" in args.streams or (split == "train" and bool(args.speed_perturb or args.noise_snr))
         kwargs = {"text_column": text_column, "keep_wave": keep_wave, "max_seconds": args.max_seconds}
         ds = ds.map(_featurize_example, fn_kwargs=kwargs, remove_columns=ds.column_names, features=_features(keep_wave),
                     new_fingerprint=Hasher.hash((ds._fingerprint, feature_code_hash(), kwargs)),
@@ -632,6 +666,48 @@ def collate(items, tokenizer=None):
         batch["tokens"] = tokens
     return batch
 
+
+
+def perturb_audio(items, rng, speed_perturb=False, noise_snr=None):
+    """Training audio augmentation, on the fly and seeded by rng: speed perturbation (factor 0.9, 1.0 or 1.1 by
+    resampling, Kaldi-style: tempo and pitch move together) and white noise at a random SNR (dB, over the
+    utterance). Items need 'wave'; a changed utterance gets its log-mel and f0 recomputed from the new audio, so the
+    f0 track moves with it."""
+    import torchaudio
+    out = []
+    for item in items:
+        speed = float(rng.choice((0.9, 1.0, 1.1))) if speed_perturb else 1.0
+        snr = rng.uniform(*noise_snr) if noise_snr else None
+        if speed == 1.0 and snr is None:
+            out.append(item)
+            continue
+        wave = torch.from_numpy(np.asarray(item["wave"], dtype=np.float32))
+        if speed != 1.0:  # read as if sampled at speed * 16 kHz, then played at 16 kHz
+            wave = torchaudio.functional.resample(wave, round(100 * speed), 100)
+        if snr is not None:
+            noise = torch.from_numpy(rng.standard_normal(len(wave), dtype=np.float32))
+            wave = wave + noise * (wave.square().mean() / 10 ** (snr / 10)).sqrt()
+        out.append(item | featurize(wave, keep_wave=True))
+    return out
+
+
+def spec_augment(batch, rng, freq_masks=2, max_bins=27, time_masks=5, max_time=0.05):
+    """SpecAugment as in ESPnet's LibriSpeech-100 recipe (without time warping): per utterance, 2 frequency masks of
+    up to 27 mel bins and 5 time masks of up to 5 % of its own length each, filled with its mean log-mel. Only the
+    log-mel inside each utterance changes: never the f0 track, the waveform or the padding."""
+    mel = batch["mel"].clone()
+    for i, n in enumerate(batch["frames"].tolist()):
+        own = mel[i, :n]
+        fill = own.mean()
+        for _ in range(freq_masks):
+            width = rng.integers(0, max_bins + 1)
+            start = rng.integers(0, N_MELS - width + 1)
+            own[:, start:start + width] = fill
+        for _ in range(time_masks):
+            width = rng.integers(0, int(max_time * n) + 1)
+            start = rng.integers(0, n - width + 1)
+            own[start:start + width] = fill
+    return batch | {"mel": mel}
 
 # ----------------------------------------------------------------------------------------------------
 # model
@@ -755,6 +831,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
+        self.keep_weights, self.weights = False, None  # diagnostics: the head-averaged weights, (B, T, S)
 
     def heads(self, x):
         return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # (B, T, D) -> (B, H, T, D/H)
@@ -775,6 +852,13 @@ class Attention(nn.Module):
                     k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
                 cache["k"], cache["v"] = k, v
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and cache is None)
+        if self.keep_weights:  # SDPA does not return its weights: recompute them for the figures
+            scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            if causal and cache is None:
+                scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+            self.weights = scores.softmax(-1).mean(1).detach()
         return self.o(out.transpose(1, 2).flatten(2))
 
 
@@ -952,15 +1036,21 @@ class Echo(nn.Module):
     def forward(self, batch):
         """Teacher-forced loss for a collated batch -> (total loss, cross-entropy, ctc loss or None)."""
         audio, valid = self.encode(batch)
-        tokens = batch["tokens"]
-        logits = self.decoder(tokens[:, :-1], audio, valid)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=PAD)
-        if self.ctc_head is None:
-            return ce, ce, None
-        log_probs = self.ctc_head(audio).float().log_softmax(-1).transpose(0, 1)
-        targets = tokens[:, 1:]  # text ids first, then EOS and PAD, which target_lengths leaves out
-        ctc = F.ctc_loss(log_probs, targets, valid.sum(1), (targets > EOS).sum(1), blank=PAD, zero_infinity=True)
-        return (1 - self.ctc_weight) * ce + self.ctc_weight * ctc, ce, ctc
+        logits = self.decoder(batch["tokens"][:, :-1], audio, valid)
+        return joint_loss(logits, None if self.ctc_head is None else self.ctc_head(audio), batch["tokens"], valid,
+                          self.ctc_weight)
+
+
+def joint_loss(logits, ctc_logits, tokens, valid, ctc_weight):
+    """(1 - w) * cross-entropy of the decoder + w * CTC of the encoder -> (total, cross-entropy, ctc or None).
+    tokens (B, L+1) BOS text EOS PAD..., logits (B, L, V), ctc_logits (B, S, V) or None, valid (B, S)."""
+    targets = tokens[:, 1:]  # text ids first, then EOS and PAD, which the CTC target lengths leave out
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD)
+    if ctc_logits is None:
+        return ce, ce, None
+    log_probs = ctc_logits.float().log_softmax(-1).transpose(0, 1)
+    ctc = F.ctc_loss(log_probs, targets, valid.sum(1), (targets > EOS).sum(1), blank=PAD, zero_infinity=True)
+    return (1 - ctc_weight) * ce + ctc_weight * ctc, ce, ctc
 
 
 def build_model(config, vocab):
@@ -1134,6 +1224,16 @@ def init_distributed(device_flag):
     return torch.distributed.get_rank(), world, device
 
 
+def training_batch(train_set, tokenizer, args, epoch, indices):
+    """One training micro-batch, read, augmented and collated. Its randomness is seeded by the run's seed, the epoch
+    and its first utterance, so any DataLoader worker or torchrun rank builds the same batch."""
+    items, rng = rows(train_set, indices), np.random.default_rng([args.seed, epoch, indices[0]])
+    if args.speed_perturb or args.noise_snr:
+        items = perturb_audio(items, rng, args.speed_perturb, args.noise_snr)
+    batch = collate(items, tokenizer)
+    return spec_augment(batch, rng) if args.specaug else batch
+
+
 def train(args):
     """The training loop. Under torchrun each optimizer step's --grad_accum micro-batches are shared out among the
     processes (DistributedDataParallel averages their gradients); rank 0 alone logs, evaluates and checkpoints."""
@@ -1186,6 +1286,9 @@ def train(args):
         (run_dir / "config.json").write_text(json.dumps({"config": config, "environment": env}, indent=1))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     lengths = train_set["n_frames"]
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    diag_batch = to_device(collate([item | {"text": tokenizer.known(item["text"])}  # a fixed utterance for figures
+                                    for item in rows(data["validation"], [0])], tokenizer), device)
 
     def checkpoint():
         save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
@@ -1193,8 +1296,10 @@ def train(args):
                                     "tokenizer": tokenizer.chars, "code": env["code"],
                                     "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}})
 
-    def log(losses, grad_norm, step_seconds):
+    def log(losses, grad_norm, step_seconds, diagnostics):
         writer.add_scalar("train/loss", losses[0], step)
+        for tag, value in diagnostics.items():
+            writer.add_scalar(tag, value, step)
         if step % 10 == 0 or step == 1:
             writer.add_scalar("train/skipped_nonfinite_steps", nonfinite_steps, step)
             writer.add_scalar("train/cross_entropy", losses[1], step)
@@ -1206,7 +1311,7 @@ def train(args):
             for tag, value in learned_pitch_and_stream_weights(model).items():
                 writer.add_scalar(tag, value, step)
         if step % args.eval_every == 0 or step == args.max_steps:
-            result = evaluate(model, data["validation"], tokenizer, device, args.eval_utts, args.decode_ctc_weight)
+            result = evaluate(model, data["validation"], tokenizer, device, args.eval_utts, args.decode_ctc_weight, args.beam)
             writer.add_scalar("val/loss", result["loss"], step)
             writer.add_scalar("val/token_accuracy_teacher_forced", result["token_accuracy"], step)
             writer.add_scalar("val/wer", result["wer"], step)
@@ -1214,6 +1319,9 @@ def train(args):
             writer.add_text("val/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
             progress.write(f"step {step}: val loss {result['loss']:.3f}  CER {100 * result['cer']:.2f} %  "
                            f"WER {100 * result['wer']:.2f} %")
+            if args.diag_every > 0:
+                for tag, image in figures(model, diag_batch).items():
+                    writer.add_image(f"diagnostics/{tag}", image, step, dataformats="HWC")
             checkpoint()
 
     from tqdm import tqdm
@@ -1223,15 +1331,24 @@ def train(args):
     with deferred_signals() as stop:
         while step < args.max_steps:
             batches = bucket_batches(lengths, args.batch_frames, args.seed, epoch)
-            while batch_index + args.grad_accum <= len(batches) and step < args.max_steps:
+            plan = [batches[start:start + args.grad_accum][rank::world]  # this process's share of each step
+                    for start in range(batch_index, len(batches) - args.grad_accum + 1, args.grad_accum)]
+            loader = iter(torch.utils.data.DataLoader(
+                [micro for share in plan for micro in share], batch_size=None, num_workers=workers,
+                collate_fn=functools.partial(training_batch, train_set, tokenizer, args, epoch),
+                pin_memory=device.type == "cuda"))
+            for mine in plan:
+                if step >= args.max_steps:
+                    break
                 model.train()
                 t0 = time.time()
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, args)
-                mine = batches[batch_index:batch_index + args.grad_accum][rank::world]  # this process's share
                 totals = torch.zeros(4)  # mean loss, cross-entropy, ctc; audio frames
-                for i, micro in enumerate(mine):
-                    batch = to_device(collate(rows(train_set, micro), tokenizer), device)
+                diagnosing = rank == 0 and args.diag_every > 0 and (step + 1) % args.diag_every == 0
+                activations, hooks = record_activations(model) if diagnosing else ({}, [])
+                for i in range(len(mine)):
+                    batch = to_device(next(loader), device)
                     sync = world == 1 or i == len(mine) - 1  # all-reduce gradients once, after the last micro-batch
                     with contextlib.nullcontext() if sync else wrapped.no_sync():
                         with autocast:
@@ -1244,6 +1361,9 @@ def train(args):
                     totals[:3] /= world
                 losses, audio_seconds = totals[:3], audio_seconds + totals[3].item() / 100
                 batch_index += args.grad_accum
+                for hook in hooks:
+                    hook.remove()
+                diagnostics = block_scalars(model, activations) if diagnosing else {}  # before clipping
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 if torch.isfinite(grad_norm) and torch.isfinite(losses).all():
                     optimizer.step()
@@ -1255,7 +1375,7 @@ def train(args):
                 progress.update(1)
                 progress.set_postfix(loss=f"{losses[0]:.3f}")
                 if rank == 0:
-                    log(losses, grad_norm, time.time() - t0)
+                    log(losses, grad_norm, time.time() - t0, diagnostics)
                 if stop:
                     if rank == 0:
                         checkpoint()
@@ -1274,7 +1394,7 @@ def train(args):
                "skipped_utterances": len(skipped), "skipped_nonfinite_steps": nonfinite_steps}
     for split in ("test", "test_unseen"):
         if split in data:
-            result = evaluate(model, data[split], tokenizer, device, ctc_weight=args.decode_ctc_weight)
+            result = evaluate(model, data[split], tokenizer, device, ctc_weight=args.decode_ctc_weight, beam=args.beam)
             results[split] = {k: round(result[k], 4) for k in ("wer", "cer", "rtfx")} | {"utterances": result["n"]}
             writer.add_scalar(f"{split}/wer", result["wer"], step)
             writer.add_scalar(f"{split}/cer", result["cer"], step)
@@ -1282,6 +1402,9 @@ def train(args):
                   f"({result['n']} utterances, decoded, RTFx {result['rtfx']:.0f})")
     if skipped:
         print(f"skipped {len(skipped)} unusable utterances in all")
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+    writer.add_hparams(hparams, {f"hparam/{split}_{metric}": results[split][metric] for split in ("test", "test_unseen")
+                                 if split in results for metric in ("cer", "wer")}, run_name=".", global_step=step)
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     writer.close()
     return results
@@ -1338,42 +1461,57 @@ class CTCPrefixScorer:
 
 
 @torch.no_grad()
-def greedy_decode(model, batch, ctc_weight=0.3, candidates=5, encoded=None):
-    """Autoregressive greedy decoding with a KV cache -> list of token-id lists (EOS and BOS removed).
-    With a CTC head, each step picks among the decoder's top candidates by (1 - w) log p_attention + w * (gain
-    in CTC prefix score), which stops the loops and early ends of a young attention decoder."""
+def decode(model, batch, ctc_weight=0.3, beam=1, candidates=5, encoded=None):
+    """Autoregressive beam search with a KV cache -> list of token-id lists (BOS and EOS removed); beam=1 is greedy.
+    Each hypothesis is extended by its decoder's top candidates, scored (1 - w) log p_attention + w * (gain in CTC
+    prefix score) when there is a CTC head, which stops the loops and early ends of a young attention decoder. The
+    best `beam` extensions of each utterance go on; one that ends (EOS or the length cap) leaves the beam, and the
+    ended hypothesis with the best score per token wins (length normalisation)."""
     model.eval()
     audio, valid = model.encode(batch) if encoded is None else encoded  # evaluate() has encoded it already
+    n, width = len(audio), beam
+    audio, valid = audio.repeat_interleave(width, 0), valid.repeat_interleave(width, 0)  # row = utterance * beam + slot
     caches = [{} for _ in model.decoder.blocks]
-    limit = max_tokens_for(batch["frames"]).to(audio.device)
+    limit = max_tokens_for(batch["frames"]).tolist()
     use_ctc = model.ctc_head is not None and ctc_weight > 0
     if use_ctc:
         ctc = CTCPrefixScorer(model.ctc_head(audio).float().log_softmax(-1), valid)
-    token = torch.full((len(audio), 1), BOS, device=audio.device)
-    done = torch.zeros(len(audio), dtype=torch.bool, device=audio.device)
-    out = []
-    for position in range(int(limit.max())):
+    scores = torch.full((n, width), float("-inf"), device=audio.device)
+    scores[:, 0] = 0.0  # one live hypothesis (BOS) per utterance to begin with
+    token = torch.full((n * width, 1), BOS, device=audio.device)
+    history = torch.zeros(n * width, 0, dtype=torch.long, device=audio.device)
+    ended = [[] for _ in range(n)]  # (score per token, tokens)
+    for position in range(max(limit)):
         log_p = model.decoder(token, audio, valid, caches, offset=position)[:, -1].float().log_softmax(-1)
         log_p[:, [PAD, BOS]] = float("-inf")
+        top = log_p.topk(min(max(candidates, width), log_p.shape[-1]), -1)
+        step = top.values
         if use_ctc:
-            top = log_p.topk(candidates, -1)
             psi, r_n, r_b = ctc.extend(top.indices)
-            gain = torch.where(top.indices == EOS, ctc.final() - ctc.score, psi - ctc.score)
-            index = ((1 - ctc_weight) * top.values + ctc_weight * gain).argmax(-1, keepdim=True)
-            token = top.indices.gather(1, index)
-            ctc.choose(index, top.indices, psi, r_n, r_b)
-        else:
-            token = log_p.argmax(-1, keepdim=True)
-        done |= (token[:, 0] == EOS) | (position >= limit)
-        out.append(torch.where(done, EOS, token[:, 0]))
-        if done.all():
+            step = (1 - ctc_weight) * step + ctc_weight * torch.where(top.indices == EOS, ctc.final() - ctc.score,
+                                                                      psi - ctc.score)
+        best = (scores.view(-1, 1) + step).view(n, -1).topk(width, -1)  # over every slot's candidates
+        parent = (best.indices // top.indices.shape[1] + torch.arange(n, device=audio.device)[:, None] * width).flatten()
+        choice = (best.indices % top.indices.shape[1]).view(-1, 1)
+        token = top.indices[parent].gather(1, choice)
+        history = torch.cat([history[parent], token], 1)
+        at_cap = torch.tensor([position + 1 >= cap for cap in limit], device=audio.device)[:, None]
+        finished = ((token.view(n, width) == EOS) | at_cap) & (best.values > float("-inf"))
+        for i, slot in finished.nonzero().tolist():
+            ended[i].append((best.values[i, slot].item() / (position + 1), history[i * width + slot].tolist()))
+        scores = best.values.masked_fill(finished, float("-inf"))
+        for cache in caches:  # self-attention keys/values follow their hypotheses; cross-attention ones are shared
+            cache["self"]["k"], cache["self"]["v"] = cache["self"]["k"][parent], cache["self"]["v"][parent]
+        if use_ctc:
+            ctc.choose(choice, top.indices[parent], psi[parent], r_n[parent], r_b[parent])
+        if torch.isinf(scores).all():
             break
-    hyps = torch.stack(out, 1).tolist()
+    hyps = [max(options)[1] for options in ended]
     return [seq[:seq.index(EOS)] if EOS in seq else seq for seq in hyps]
 
 
 @torch.no_grad()
-def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, batch_frames=30000):
+def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, beam=1, batch_frames=30000):
     """Decoded WER/CER (jiwer) on the first n_utts utterances, teacher-forced loss and token accuracy."""
     import jiwer
     model.eval()
@@ -1389,8 +1527,7 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bat
         items = rows(dataset, order[start:end])
         start = end
         # references keep every character; the teacher-forced loss can only score the ones the tokenizer knows
-        batch = to_device(collate([it | {"text": "".join(c for c in str(it["text"]) if c in tokenizer.index)}
-                                   for it in items], tokenizer), device)
+        batch = to_device(collate([it | {"text": tokenizer.known(it["text"])} for it in items], tokenizer), device)
         t0 = time.time()
         audio, valid = model.encode(batch)
         decode_seconds += time.time() - t0  # transcription time = encoding + decoding
@@ -1401,7 +1538,7 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bat
         correct += (logits.argmax(-1)[keep] == targets[keep]).sum().item()
         tokens_total += keep.sum().item()
         t0 = time.time()
-        hyps += [tokenizer.decode(h) for h in greedy_decode(model, batch, ctc_weight, encoded=(audio, valid))]
+        hyps += [tokenizer.decode(h) for h in decode(model, batch, ctc_weight, beam, encoded=(audio, valid))]
         decode_seconds += time.time() - t0
         refs += [str(it["text"]) for it in items]
     audio_seconds = sum(lengths) / 100
@@ -1436,13 +1573,166 @@ def transcribe(args):
     texts = {}
     for start in range(0, len(order), 16):
         keys = order[start:start + 16]
-        hyps = greedy_decode(model, to_device(collate([pieces[k] for k in keys]), device), config["decode_ctc_weight"])
+        hyps = decode(model, to_device(collate([pieces[k] for k in keys]), device), config["decode_ctc_weight"], args.beam)
         texts.update({k: tokenizer.decode(h) for k, h in zip(keys, hyps)})
     for path in args.transcribe:
         if (path, 0) in texts:
             parts = [texts[path, i] for i in range(len(texts)) if (path, i) in texts]
             print(f"{path}\t" + " ".join(part for part in parts if part))
     return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# diagnostics: what pitch does inside the model, as TensorBoard scalars and figures (and PNGs, --diagnose)
+
+def named_blocks(model):
+    yield from ((f"encoder.{i}", block) for i, block in enumerate(model.encoder.blocks))
+    yield from ((f"decoder.{i}", block) for i, block in enumerate(model.decoder.blocks))
+
+
+def record_activations(model):
+    """Forward hooks that store each block's mean gate activation and mean |MLP output| in a dict, read-only.
+    Returns (that dict, the hook handles to remove)."""
+    stats, handles = {}, []
+
+    def store(tag):
+        return lambda module, inputs, output: stats.__setitem__(tag, output.detach().float().abs().mean().item())
+    for name, block in named_blocks(model):
+        handles.append(block.mlp.register_forward_hook(store(f"blocks/{name}/mlp_abs_mean")))
+        if block.gate is not None:
+            handles.append(block.gate.register_forward_hook(store(f"blocks/{name}/gate_mean")))
+    return stats, handles
+
+
+def block_scalars(model, activations):
+    """{tag: value} after a backward pass: gate/MLP activation ratio, gate/MLP gradient-norm ratio, and the
+    gradient norm of every attention projection (q, k, v, o of self- and cross-attention) per block."""
+    def norm(module):
+        grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
+        return torch.stack(grads).norm().item() if grads else 0.0
+    out = dict(activations)
+    for name, block in named_blocks(model):
+        if block.gate is not None:
+            out[f"blocks/{name}/gate_over_mlp"] = activations[f"blocks/{name}/gate_mean"] / max(
+                activations[f"blocks/{name}/mlp_abs_mean"], 1e-12)
+            out[f"blocks/{name}/gate_over_mlp_grad_norm"] = norm(block.gate) / max(norm(block.mlp), 1e-12)
+        for kind, attention in (("self", block.attn), ("cross", block.cross)):
+            if attention is not None:
+                out |= {f"grad/{name}.{kind}/{p}": norm(getattr(attention, p)) for p in "qkvo"}
+    return out
+
+
+def render(fig):
+    """A matplotlib figure -> (H, W, 3) uint8 RGB array, figure closed."""
+    import matplotlib.pyplot as plt
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def figures(model, batch):
+    """The diagnostic figures for the first utterance of a collated batch (with tokens), as RGB arrays:
+    pitch vs spectrogram, how rotary positions see each other, standard vs f0 RoPE curves, attention maps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = int(batch["frames"][0])
+    mel, f0, voiced = (batch[key][0, :n].float().cpu().numpy() for key in ("mel", "f0", "voiced"))
+    seconds = np.arange(n) / 100
+    out = {}
+
+    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+    ax.imshow(mel.T, origin="lower", aspect="auto", cmap="magma", extent=(0, n / 100, 0, N_MELS))
+    ax.set(xlabel="seconds", ylabel="mel bin", title="log-mel with the f0 track (white: voiced)")
+    hz = ax.twinx()
+    hz.plot(seconds, np.where(voiced > 0, f0, np.nan), color="white", lw=1.5)
+    hz.plot(seconds, np.where(voiced > 0, np.nan, F0_MIN), color="tab:cyan", lw=3, label="unvoiced")
+    hz.set(ylim=(F0_MIN - 10, F0_MAX), ylabel="f0 (Hz)")
+    hz.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    out["pitch_vs_spectrogram"] = render(fig)
+
+    pitch = model.encoder.pitch
+    frames = (n + 3) // 4
+    log_f0, track_voiced = pitch_track(batch["f0"][:1].cpu(), batch["voiced"][:1].cpu(), batch["frames"][:1].cpu(), frames)
+    with_radii = PitchPrior(2 * len(pitch.freqs), 1, f0_theta=True, radii=True)
+    if pitch.radius_strength is not None:  # the model's first head; else a strong nominal radius
+        with_radii.radius_strength.data.fill_(pitch.radius_strength[0].item())
+    else:
+        with_radii.radius_strength.data.fill_(1.0)
+    variants = {"standard RoPE": PitchPrior(2 * len(pitch.freqs), 1), "f0-modulated": PitchPrior(2 * len(pitch.freqs), 1, f0_theta=True),
+                f"f0 + radii (strength {with_radii.radius_strength.item():.2f})": with_radii}
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4), dpi=100)
+    tables = {}
+    for ax, (label, prior) in zip(axes, variants.items()):
+        prior.freqs = pitch.freqs.cpu()
+        with torch.no_grad():
+            (cos, sin), _ = prior(log_f0, track_voiced, torch.ones_like(track_voiced))
+        cos, sin = cos[0, 0].numpy(), sin[0, 0].numpy()
+        tables[label] = cos, sin
+        # Re sum_k z_t conj(z_s) / K: cosine similarity of the rotary vectors, times r_t r_s with radii
+        similarity = (cos @ cos.T + sin @ sin.T) / cos.shape[-1]
+        image = ax.imshow(similarity, cmap="RdBu_r", vmin=-1.5, vmax=1.5, origin="lower")
+        ax.set(title=label, xlabel="key frame (40 ms)", ylabel="query frame")
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    fig.suptitle("how positions see each other")
+    out["rotary_similarity"] = render(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+    for dim in range(4):
+        style = dict(color=f"C{dim // 2}", ls="-" if dim % 2 == 0 else "--")
+        for label, lw in (("standard RoPE", 2.5), ("f0-modulated", 1.0)):
+            cos, sin = tables[label]
+            ax.plot((cos if dim % 2 == 0 else sin)[:, dim // 2], lw=lw, **style)
+    ax.set(xlabel="encoder frame (40 ms)", ylabel="rotary component",
+           title="first 4 rotary dims: thick standard, thin f0-modulated; solid even, dashed odd")
+    fig.tight_layout()
+    out["rope_curves"] = render(fig)
+
+    attentions = [("encoder", i, block.attn) for i, block in enumerate(model.encoder.blocks)]
+    attentions += [("decoder cross", i, block.cross) for i, block in enumerate(model.decoder.blocks)]
+    was_training = model.training
+    model.eval()
+    for _, _, attention in attentions:
+        attention.keep_weights = True
+    try:
+        with torch.no_grad():
+            model({key: value[:1] for key, value in batch.items()})
+    finally:
+        for _, _, attention in attentions:
+            attention.keep_weights = False
+        model.train(was_training)
+    fig, axes = plt.subplots(1, len(attentions), figsize=(2.2 * len(attentions), 2.8), dpi=100, squeeze=False)
+    for ax, (kind, i, attention) in zip(axes[0], attentions):
+        ax.imshow(attention.weights[0].float().cpu().numpy()[:, :frames], aspect="auto", origin="lower", cmap="viridis")
+        ax.set_title(f"{kind} {i}", fontsize=8)
+        ax.set(xlabel="audio frame", ylabel="token" if kind != "encoder" else "frame")
+        attention.weights = None
+    fig.suptitle("attention, head average")
+    fig.tight_layout()
+    out["attention"] = render(fig)
+    return out
+
+
+def diagnose(args):
+    """--diagnose CKPT AUDIO: the diagnostic figures of a trained model for one audio file, as PNGs in runs/<name>/."""
+    import matplotlib.pyplot as plt
+    device = pick_device(args.device)
+    model, tokenizer, config = load_model(args.diagnose[0], device)
+    try:
+        features = featurize(decode_audio(args.diagnose[1]), "waveform" in config["streams"])
+    except (BadInput, OSError) as e:
+        raise SystemExit(f"echo: {args.diagnose[1]}: {e}") from None
+    batch = to_device(collate([features | {"text": ""}]), device)
+    text = tokenizer.decode(decode(model, batch, config["decode_ctc_weight"], args.beam)[0])
+    batch = to_device(collate([features | {"text": text}], tokenizer), device)  # attention maps over its own transcript
+    out = Path(args.runs_dir) / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    for tag, image in figures(model, batch).items():
+        plt.imsave(out / f"{tag}.png", image)
+        print(out / f"{tag}.png")
+    print(f"transcript: {text}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1485,13 +1775,40 @@ def ablate(args):
     print(table)
 
 
+class TextbookTransformer(nn.Module):
+    """--bench's peer: the encoder-decoder a user would otherwise write from PyTorch's own nn.TransformerEncoderLayer
+    and nn.TransformerDecoderLayer (pre-norm, GELU, no dropout) at Echo's sizes, with Echo's conv stem, CTC head,
+    tied output and losses, and learned absolute positions in place of rotary."""
+
+    def __init__(self, vocab, d_model=192, n_heads=4, enc_layers=6, dec_layers=2, ctc_weight=0.3, max_positions=4096):
+        super().__init__()
+        layer = dict(d_model=d_model, nhead=n_heads, dim_feedforward=4 * d_model, dropout=0.0, activation="gelu",
+                     batch_first=True, norm_first=True)
+        self.stem, self.positions = Stem(N_MELS, d_model), nn.Embedding(max_positions, d_model)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), enc_layers, nn.LayerNorm(d_model),
+                                             enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), dec_layers, nn.LayerNorm(d_model))
+        self.embed, self.ctc_head, self.ctc_weight = nn.Embedding(vocab, d_model), nn.Linear(d_model, vocab), ctc_weight
+
+    def forward(self, batch):
+        x = self.stem(batch["mel"].transpose(1, 2), batch["frames"])
+        valid = torch.arange(x.shape[1], device=x.device) < ((batch["frames"] + 3) // 4)[:, None]
+        audio = self.encoder(x + self.positions.weight[:x.shape[1]], src_key_padding_mask=~valid)
+        tokens = batch["tokens"][:, :-1]
+        causal = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=x.device)
+        text = self.decoder(self.embed(tokens) + self.positions.weight[:tokens.shape[1]], audio, tgt_mask=causal,
+                            tgt_is_causal=True, memory_key_padding_mask=~valid)
+        return joint_loss(text @ self.embed.weight.T, self.ctc_head(audio), batch["tokens"], valid, self.ctc_weight)
+
+
 def time_train_steps(args, batches, variants, vocab, device, warmup=3):
-    """Median train-step seconds and parameter count per variant ({label: config overrides}) on the same
-    batches, round-robin so that every variant sees the same machine load; warm-up steps are not timed."""
+    """Median train-step seconds and parameter count per variant ({label: config overrides, or a model class})
+    on the same batches, round-robin so that every variant sees the same machine load; warm-up steps not timed."""
     models, seconds = {}, {label: [] for label in variants}
     for label, flags in variants.items():
         torch.manual_seed(args.seed)
-        model = build_model(vars(args) | flags, vocab).to(device).train()
+        model = (flags(vocab, args.d_model, args.n_heads, args.enc_layers, args.dec_layers, args.ctc_weight)
+                 if isinstance(flags, type) else build_model(vars(args) | flags, vocab)).to(device).train()
         models[label] = (model, build_optimizer(model, args, device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i, batch in enumerate(batches):
@@ -1526,16 +1843,18 @@ def benchmark(args):
     audio = sum(b["frames"].sum().item() for b in batches[3:]) / 100
     print(f"device: {device} ({environment(device)['gpu']}), {torch.get_num_threads()} threads, --batch_frames "
           f"{args.batch_frames}, 20 timed steps after 3 warm-up, defaults otherwise\n")
-    variants = {"attention: plain RoPE (--no-f0_theta)": ABLATION["baseline"], "attention: f0_theta": ABLATION["f0_theta"],
+    variants = {"peer: nn.TransformerEncoderLayer/DecoderLayer, same sizes": TextbookTransformer,
+                "attention: plain RoPE (--no-f0_theta)": ABLATION["baseline"], "attention: f0_theta": ABLATION["f0_theta"],
                 "attention: f0_theta + radii + pitch_bias + zero_value": ABLATION["all"]}
     variants |= {f"--gate {gate}": {"gate": gate} for gate in ("none", "mlp", "t", "m")}
     variants |= {f"--streams {s}": {"streams": s} for s in ("spectrogram", "spectrogram,pitch", "spectrogram,waveform",
                                                             "spectrogram,pitch,waveform")}
     timings = time_train_steps(args, batches, variants, len(tokenizer), device)
-    base = timings["attention: plain RoPE (--no-f0_theta)"][0]
-    print("| train step | ms | vs plain RoPE | audio-s/s | parameters |\n|---|---|---|---|---|")
+    peer, base = timings[next(iter(variants))][0], timings["attention: plain RoPE (--no-f0_theta)"][0]
+    print("| train step | ms | vs peer | vs plain RoPE | audio-s/s | parameters |\n|---|---|---|---|---|---|")
     for label, (sec, params) in timings.items():
-        print(f"| {label} | {1000 * sec:.0f} | {sec / base:.2f}x | {audio / 20 / sec:.0f} | {params / 1e6:.2f} M |")
+        print(f"| {label} | {1000 * sec:.0f} | {sec / peer:.2f}x | {sec / base:.2f}x | {audio / 20 / sec:.0f} | "
+              f"{params / 1e6:.2f} M |")
     model = build_model(vars(args), len(tokenizer))
     state = {}
     for name in ("adamw", "maxfactor"):
@@ -1569,10 +1888,11 @@ def benchmark(args):
         model, tokenizer, config = load_model(args.ckpt, device)
     else:
         model, config = build_model(vars(args), len(tokenizer)).to(device), vars(args)
-    for weight in (0.0, config["decode_ctc_weight"]):
-        result = evaluate(model, data["validation"], tokenizer, device, 100, weight)
-        print(f"| decoding RTFx, KV cache, {'attention only' if weight == 0 else 'joint CTC/attention'}"
-              f"{'' if args.ckpt else ', untrained'} | {result['rtfx']:.0f} |")
+    for weight, beam in ((0.0, 1), (config["decode_ctc_weight"], 1), (config["decode_ctc_weight"], 4)):
+        result = evaluate(model, data["validation"], tokenizer, device, 100, weight, beam)
+        print(f"| decoding RTFx, KV cache, {'greedy' if beam == 1 else f'beam {beam}'}, "
+              f"{'attention only' if weight == 0 else 'joint CTC/attention'}{'' if args.ckpt else ', untrained'} | "
+              f"{result['rtfx']:.0f} (val CER {100 * result['cer']:.2f} %) |")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1582,7 +1902,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.transcribe:
         sys.exit(transcribe(args))
-    if args.bench:
+    if args.diagnose:
+        diagnose(args)
+    elif args.bench:
         benchmark(args)
     elif args.ablate:
         ablate(args)

@@ -256,7 +256,8 @@ def test_padding_invariance():
     n = int(valid[0].sum())
     assert n == enc_alone.shape[1] == 20
     torch.testing.assert_close(enc_batch[0, :n], enc_alone[0], atol=1e-5, rtol=1e-5)
-    assert echo.greedy_decode(model, batch)[0] == echo.greedy_decode(model, alone)[0]
+    assert echo.decode(model, batch)[0] == echo.decode(model, alone)[0]
+    assert echo.decode(model, batch, beam=3)[0] == echo.decode(model, alone, beam=3)[0]
 
 
 def test_kv_cache_decoding_matches_full_forward():
@@ -268,6 +269,26 @@ def test_kv_cache_decoding_matches_full_forward():
     stepwise = torch.cat([model.decoder(tokens[:, t:t + 1], audio, valid, caches, offset=t)
                           for t in range(tokens.shape[1])], 1)
     torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-5)
+
+
+def test_beam_search_finds_the_best_score_per_token_among_all_hypotheses(monkeypatch):
+    """With a beam as wide as the whole hypothesis space (cap 4 tokens, 2 letters), beam search must return the
+    sequence with the best length-normalised attention score, found here by scoring every sequence."""
+    import itertools
+    monkeypatch.setattr(echo, "max_tokens_for", lambda frames: torch.full_like(frames, 4))
+    model, batch = tiny_model(vocab=5, ctc_weight=0.0), fake_batch(lengths=(60,), text_lengths=(3,), vocab=5)
+    audio, valid = model.encode(batch)
+    candidates = [list(seq) + [echo.EOS] for n in range(4) for seq in itertools.product((3, 4), repeat=n)]
+    candidates += [list(seq) for seq in itertools.product((3, 4), repeat=4)]  # cut by the cap, no EOS
+    best, best_score = None, -math.inf
+    for seq in candidates:
+        tokens = torch.tensor([[echo.BOS] + seq])
+        with torch.no_grad():
+            log_p = model.decoder(tokens[:, :-1], audio, valid).log_softmax(-1)[0]
+        score = log_p.gather(1, tokens[0, 1:, None]).sum().item() / len(seq)
+        if score > best_score:
+            best, best_score = [t for t in seq if t != echo.EOS], score
+    assert echo.decode(model, batch, ctc_weight=0.0, beam=16)[0] == best
 
 
 def test_ctc_prefix_scores_match_enumeration_of_all_alignments():
@@ -307,7 +328,7 @@ def test_evaluation_scores_references_with_characters_outside_the_tokenizer():
 
 def test_greedy_decoding_stops_at_length_cap():
     model, batch = tiny_model(), fake_batch(lengths=(50, 200))
-    hyps = echo.greedy_decode(model, batch)
+    hyps = echo.decode(model, batch)
     caps = echo.max_tokens_for(batch["frames"]).tolist()
     assert all(len(h) <= cap for h, cap in zip(hyps, caps))
 
@@ -553,7 +574,7 @@ def test_bad_f0_tracks_never_give_nan(case):
         batch["f0"], batch["voiced"] = batch["f0"][:, :-2], batch["voiced"][:, :-2]
     loss = model(batch)[0]
     assert torch.isfinite(loss)
-    assert len(echo.greedy_decode(model, batch)) == 2
+    assert len(echo.decode(model, batch)) == 2
 
 
 # ---- gates, streams, MaxFactor (DESIGN.md sections 4 and 5)
@@ -791,6 +812,119 @@ def test_same_seed_gives_identical_first_20_losses(tiny_corpus, tmp_path):
         echo.train(train_args(cache, tmp_path, "--name", name, "--max_steps", "20", "--eval_every", "20", "--eval_utts", "1"))
     a, b = step_losses(tmp_path / "runs" / "a"), step_losses(tmp_path / "runs" / "b")
     assert len(a) == 20 and a == b
+
+
+# ---- diagnostics
+
+def test_diagnostics_write_every_scalar_family_image_and_hparams(tiny_corpus, tmp_path):
+    cache, _ = tiny_corpus
+    echo.train(train_args(cache, tmp_path, "--name", "diag", "--max_steps", "4", "--eval_every", "4", "--eval_utts", "1",
+                          "--diag_every", "2", "--gate", "t", "--radii", "--pitch_bias", "--zero_value",
+                          "--streams", "spectrogram,pitch"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "runs" / "diag"), size_guidance={"images": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for block in ("encoder.0", "encoder.1", "decoder.0"):
+        for name in ("gate_mean", "mlp_abs_mean", "gate_over_mlp", "gate_over_mlp_grad_norm"):
+            assert f"blocks/{block}/{name}" in scalars
+        assert {f"grad/{block}.self/{p}" for p in "qkvo"} <= scalars
+    assert {f"grad/decoder.0.cross/{p}" for p in "qkvo"} <= scalars and "grad/encoder.0.cross/q" not in scalars
+    assert {"pitch/radius_alpha/head0", "pitch/bias_lambda_per_octave/head1", "pitch/zero_value_offset/head0",
+            "streams/c_gate_pitch", "train/grad_norm", "train/lr", "hparam/test_cer", "hparam/test_unseen_wer"} <= scalars
+    images = set(events.Tags()["images"])
+    assert {f"diagnostics/{t}" for t in ("pitch_vs_spectrogram", "rotary_similarity", "rope_curves", "attention")} <= images
+    assert {"config", "environment", "val/samples"} <= {t.split("/text_summary")[0] for t in events.Tags()["tensors"]}
+
+
+@pytest.mark.parametrize("with_f0", [True, False])
+def test_figures_have_the_expected_size_with_and_without_f0(with_f0):
+    model = tiny_model(vocab=20, f0_theta=with_f0).eval()
+    batch = fake_batch(lengths=(160, 120))
+    if not with_f0:
+        batch["f0"].zero_()
+        batch["voiced"].zero_()
+    images = echo.figures(model, batch)
+    sizes = {"pitch_vs_spectrogram": (300, 800), "rotary_similarity": (400, 1200), "rope_curves": (300, 800),
+             "attention": (280, int(2.2 * 100 * 4))}  # 2 encoder + 2 decoder cross-attention panels
+    for tag, shape in sizes.items():
+        assert images[tag].shape == (*shape, 3) and images[tag].dtype == np.uint8 and images[tag].std() > 0
+
+
+def test_diagnostics_never_change_the_training_result(tiny_corpus, tmp_path):
+    cache, _ = tiny_corpus
+    flags = ("--max_steps", "8", "--eval_every", "4", "--eval_utts", "1", "--gate", "m", "--radii")
+    echo.train(train_args(cache, tmp_path, "--name", "on", "--diag_every", "1", *flags))
+    echo.train(train_args(cache, tmp_path, "--name", "off", "--diag_every", "0", *flags))
+    on, off = step_losses(tmp_path / "runs" / "on"), step_losses(tmp_path / "runs" / "off")
+    assert len(on) == 8 and on == off
+
+
+def test_diagnose_writes_pngs_for_a_checkpoint_and_an_audio_file(tmp_path):
+    model = tiny_model(vocab=31, f0_theta=True)
+    ckpt = tmp_path / "ckpt.pt"
+    echo.save_checkpoint(ckpt, {"model": model.state_dict(), "config": CONFIG | {"f0_theta": True}, "tokenizer": CHARS})
+    audio = tmp_path / "tone.wav"
+    import soundfile
+    soundfile.write(audio, harmonic_tone(140, 1.0), echo.SAMPLE_RATE)
+    echo.main(["--diagnose", str(ckpt), str(audio), "--runs_dir", str(tmp_path / "runs"), "--name", "fig"])
+    import matplotlib.pyplot as plt
+    for tag in ("pitch_vs_spectrogram", "rotary_similarity", "rope_curves", "attention"):
+        assert plt.imread(tmp_path / "runs" / "fig" / f"{tag}.png").shape[0] > 100
+
+
+# ---- augmentation
+
+def tone_item(f0=150.0, seconds=1.0):
+    wave = torch.from_numpy(harmonic_tone(f0, seconds))
+    return echo.featurize(wave, keep_wave=True) | {"text": "a tone"}
+
+
+def test_speed_perturbation_scales_f0_and_length_by_the_factor():
+    item, factors = tone_item(), set()
+    for seed in range(12):
+        factor = float(np.random.default_rng(seed).choice((0.9, 1.0, 1.1)))  # the draw perturb_audio makes
+        (out,) = echo.perturb_audio([item], np.random.default_rng(seed), speed_perturb=True)
+        f0 = np.median(out["f0"][out["voiced"]])
+        assert abs(f0 / 150.0 - factor) < 0.02 * factor
+        assert abs(len(item["mel"]) / len(out["mel"]) - factor) < 0.02
+        assert len(out["f0"]) == len(out["voiced"]) == len(out["mel"])
+        factors.add(factor)
+    assert factors == {0.9, 1.0, 1.1}
+
+
+def test_noise_is_added_at_the_requested_snr():
+    item = tone_item()
+    (out,) = echo.perturb_audio([item], np.random.default_rng(0), noise_snr=(10.0, 10.0))
+    clean = np.asarray(item["wave"], dtype=np.float64)
+    noise = np.asarray(out["wave"], dtype=np.float64) - clean
+    assert abs(10 * np.log10(np.mean(clean ** 2) / np.mean(noise ** 2)) - 10.0) < 0.3
+
+
+def test_spec_augment_masks_only_the_log_mel_inside_each_utterance():
+    batch = fake_batch(lengths=(300, 180))
+    out = echo.spec_augment(batch, np.random.default_rng(0))
+    assert torch.equal(out["f0"], batch["f0"]) and torch.equal(out["voiced"], batch["voiced"])
+    assert torch.equal(out["mel"][1, 180:], batch["mel"][1, 180:])  # padding untouched
+    for i, n in enumerate((300, 180)):
+        changed = out["mel"][i, :n] != batch["mel"][i, :n]
+        assert changed.any()
+        masked_frames = changed.all(dim=1).sum()  # a time mask covers every bin of its frames
+        assert masked_frames <= 5 * int(0.05 * n)
+        masked_bins = changed.all(dim=0).sum()  # a frequency mask covers every frame of its bins
+        assert masked_bins <= 2 * 27
+    again = echo.spec_augment(batch, np.random.default_rng(0))
+    assert torch.equal(again["mel"], out["mel"])
+
+
+def test_augmented_training_is_seeded_and_changes_the_batches(tiny_corpus, tmp_path):
+    cache, _ = tiny_corpus
+    flags = ("--max_steps", "6", "--eval_every", "6", "--eval_utts", "1")
+    augment = ("--specaug", "--speed_perturb", "--noise_snr", "10,30")
+    for name, extra in (("a", augment), ("b", augment), ("plain", ())):
+        echo.train(train_args(cache, tmp_path, "--name", name, *flags, *extra))
+    a, b, plain = (step_losses(tmp_path / "runs" / n) for n in ("a", "b", "plain"))
+    assert len(a) == 6 and a == b and a != plain and all(np.isfinite(list(a.values())))
 
 
 @pytest.mark.slow
