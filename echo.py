@@ -10,9 +10,10 @@ training -> decoding and evaluation -> diagnostics -> CLI. Method and hazards: D
 import argparse
 import contextlib
 import csv
-import functools
 import ctypes
+import functools
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -21,10 +22,12 @@ import platform
 import random
 import re
 import signal
+import string
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +66,8 @@ def build_parser():
     a("--corpus_seed", type=int, default=0, help="seed of the embedded corpus (and of a flat folder's split)")
     a("--max_seconds", type=float, default=30.0, help="longer training utterances are skipped (counted); "
       "--transcribe cuts longer audio into pieces of this length and joins their text")
+    a("--streaming", action="store_true", help="read the train split as a stream (hub datasets: no full download "
+      "first) and compute its features on the fly, in the --workers processes, uncached")
     a("--num_proc", type=int, default=2, help="processes for corpus synthesis and feature extraction")
     # augmentation of training batches (on the fly, seeded)
     a("--specaug", action="store_true", help="SpecAugment: 2 frequency masks of <= 27 mel bins and 5 time masks of "
@@ -568,7 +573,8 @@ def feature_code_hash():
 def load_splits(args):
     """Every source goes through Hugging Face datasets: raw audio (decode=False) -> cached features per split.
 
-    Returns {split: Dataset with mel, f0, voiced, text, n_frames} and the count of skipped utterances."""
+    Returns {split: Dataset with mel, f0, voiced, text, n_frames} and the skipped utterances; with --streaming the
+    train split is an IterableDataset that computes the same columns (and 'error') as it is read."""
     import datasets
     from datasets.fingerprint import Hasher
     datasets.disable_progress_bars()
@@ -592,7 +598,8 @@ def load_splits(args):
         if not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
             raise SystemExit(f"echo: cannot reach the Hugging Face hub for dataset {args.dataset!r} (offline?). {offline_hint}")
         try:
-            raw = {split: datasets.load_dataset(args.dataset, args.dataset_config, split=name, cache_dir=hf_cache)
+            raw = {split: datasets.load_dataset(args.dataset, args.dataset_config, split=name, cache_dir=hf_cache,
+                                                streaming=args.streaming and split == "train")
                    for split, name in names.items()}
         except Exception as e:
             raise SystemExit(f"echo: cannot load hub dataset {args.dataset!r} ({type(e).__name__}: "
@@ -605,6 +612,12 @@ def load_splits(args):
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
         keep_wave = "waveform" in args.streams or (split == "train" and bool(args.speed_perturb or args.noise_snr))
         kwargs = {"text_column": text_column, "keep_wave": keep_wave, "max_seconds": args.max_seconds}
+        if split == "train" and args.streaming:  # featurised lazily, where it is read (DataLoader workers); no cache
+            if isinstance(ds, datasets.Dataset):
+                ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
+            out[split] = ds.map(_featurize_example, fn_kwargs=kwargs, remove_columns=ds.column_names,
+                                features=_features(keep_wave))
+            continue
         ds = ds.map(_featurize_example, fn_kwargs=kwargs, remove_columns=ds.column_names, features=_features(keep_wave),
                     new_fingerprint=Hasher.hash((ds._fingerprint, feature_code_hash(), kwargs)),
                     num_proc=args.num_proc if len(ds) >= 100 else None, desc=f"features {split}")
@@ -1224,14 +1237,46 @@ def init_distributed(device_flag):
     return torch.distributed.get_rank(), world, device
 
 
-def training_batch(train_set, tokenizer, args, epoch, indices):
-    """One training micro-batch, read, augmented and collated. Its randomness is seeded by the run's seed, the epoch
-    and its first utterance, so any DataLoader worker or torchrun rank builds the same batch."""
-    items, rng = rows(train_set, indices), np.random.default_rng([args.seed, epoch, indices[0]])
+def training_batch(items, tokenizer, args, key):
+    """One training micro-batch, augmented and collated. Its randomness is seeded by the run's seed and key (epoch and
+    first utterance), so any DataLoader worker or torchrun rank builds the same batch."""
+    rng = np.random.default_rng([args.seed, *key])
     if args.speed_perturb or args.noise_snr:
         items = perturb_audio(items, rng, args.speed_perturb, args.noise_snr)
     batch = collate(items, tokenizer)
     return spec_augment(batch, rng) if args.specaug else batch
+
+
+def cached_batch(train_set, tokenizer, args, epoch, indices):
+    return training_batch(rows(train_set, indices), tokenizer, args, (epoch, indices[0]))
+
+
+class StreamingBatches(torch.utils.data.IterableDataset):
+    """--streaming: training micro-batches straight from the featurising stream of load_splits, shuffled through a
+    buffer and length-bucketed 1,000 utterances at a time. In DataLoader workers each worker reads its own shards.
+    Unusable utterances are skipped; each batch carries how many were skipped since the last one."""
+
+    def __init__(self, stream, tokenizer, args, epoch):
+        super().__init__()
+        self.stream, self.tokenizer, self.args, self.epoch = stream, tokenizer, args, epoch
+
+    def __iter__(self):
+        stream = self.stream.shuffle(seed=self.args.seed, buffer_size=1000)
+        stream.set_epoch(self.epoch)
+        buffer, skipped = [], 0
+        for example in itertools.chain(stream, [None]):
+            if example is not None and (example["error"] or set(example["text"]) - set(self.tokenizer.index)):
+                skipped += 1
+            elif example is not None:
+                buffer.append(example)
+            if len(buffer) == 1000 or (example is None and buffer):
+                for indices in bucket_batches([len(e["mel"]) for e in buffer], self.args.batch_frames, self.args.seed,
+                                              self.epoch):
+                    items = [buffer[i] for i in indices]
+                    key = (self.epoch, zlib.crc32(items[0]["text"].encode()))
+                    yield training_batch(items, self.tokenizer, self.args, key) | {"skipped": skipped}
+                    skipped = 0
+                buffer = []
 
 
 def train(args):
@@ -1251,11 +1296,18 @@ def train(args):
     run_dir = Path(args.runs_dir) / args.name
     ckpt_path = run_dir / "ckpt.pt"
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else "".join(data["train"]["text"]))
-    usable = [i for i, t in enumerate(data["train"]["text"]) if set(t) <= set(tokenizer.chars)]
-    skipped += [f"train utterance {i}: characters outside the tokenizer" for i in
-                sorted(set(range(len(data["train"]))) - set(usable))]
-    train_set = data["train"].select(usable)
+    if args.streaming:  # the stream is not read ahead: letters, apostrophe, space and the held-out text's characters
+        from datasets.distributed import split_dataset_by_node
+        train_text = string.ascii_lowercase + "' " + "".join(data["validation"]["text"])
+        train_set = split_dataset_by_node(data["train"], rank, world)
+    else:
+        train_text = "".join(data["train"]["text"])
+    tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else train_text)
+    if not args.streaming:
+        usable = [i for i, t in enumerate(data["train"]["text"]) if set(t) <= set(tokenizer.chars)]
+        skipped += [f"train utterance {i}: characters outside the tokenizer" for i in
+                    sorted(set(range(len(data["train"]))) - set(usable))]
+        train_set = data["train"].select(usable)
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "transcribe", "ckpt")}
     model = build_model(config, len(tokenizer)).to(device)
     optimizer = build_optimizer(model, args, device)
@@ -1272,9 +1324,9 @@ def train(args):
     n_params = sum(p.numel() for p in model.parameters())
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        print(f"echo {env['code']} | {n_params / 1e6:.2f} M parameters | {len(train_set)} train utterances "
-              f"({sum(train_set['n_frames']) / 360000:.2f} h) | vocab {len(tokenizer)} | {world} x {device} | "
-              f"{env['platform']}")
+        size = "streamed" if args.streaming else f"{len(train_set)} ({sum(train_set['n_frames']) / 360000:.2f} h)"
+        print(f"echo {env['code']} | {n_params / 1e6:.2f} M parameters | train utterances {size} | "
+              f"vocab {len(tokenizer)} | {world} x {device} | {env['platform']}")
         print(f"config: {json.dumps(config)}")
         if skipped:
             print(f"skipped {len(skipped)} unusable utterances, e.g. {skipped[0]}")
@@ -1285,7 +1337,6 @@ def train(args):
         writer.add_scalar("data/skipped_utterances", len(skipped), step)
         (run_dir / "config.json").write_text(json.dumps({"config": config, "environment": env}, indent=1))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    lengths = train_set["n_frames"]
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     diag_batch = to_device(collate([item | {"text": tokenizer.known(item["text"])}  # a fixed utterance for figures
                                     for item in rows(data["validation"], [0])], tokenizer), device)
@@ -1302,6 +1353,8 @@ def train(args):
             writer.add_scalar(tag, value, step)
         if step % 10 == 0 or step == 1:
             writer.add_scalar("train/skipped_nonfinite_steps", nonfinite_steps, step)
+            if args.streaming:
+                writer.add_scalar("data/skipped_in_stream", skipped_in_stream, step)
             writer.add_scalar("train/cross_entropy", losses[1], step)
             writer.add_scalar("train/ctc_loss", losses[2], step)
             writer.add_scalar("train/lr", lr_at(step - 1, args), step)
@@ -1327,71 +1380,86 @@ def train(args):
     from tqdm import tqdm
     progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True,
                     disable=None if rank == 0 else True)  # None: on when writing to a terminal
-    t_start, audio_seconds, nonfinite_steps = time.time(), 0.0, 0
+    def shares():
+        """This process's micro-batches of each optimizer step, from the data position on, epoch after epoch. Under
+        --streaming each process reads its own part of the stream; a resumed run restarts its epoch."""
+        nonlocal epoch, batch_index
+        per_step = args.grad_accum // world
+        while True:
+            if args.streaming:
+                loader = iter(torch.utils.data.DataLoader(StreamingBatches(train_set, tokenizer, args, epoch),
+                                                          batch_size=None, num_workers=workers, pin_memory=pin))
+                plan = iter(lambda: list(itertools.islice(loader, per_step)), [])
+            else:
+                batches = bucket_batches(train_set["n_frames"], args.batch_frames, args.seed, epoch)
+                indices = [batches[start:start + args.grad_accum][rank::world]  # this process's share of each step
+                           for start in range(batch_index, len(batches) - args.grad_accum + 1, args.grad_accum)]
+                loader = iter(torch.utils.data.DataLoader(
+                    [micro for share in indices for micro in share], batch_size=None, num_workers=workers,
+                    collate_fn=functools.partial(cached_batch, train_set, tokenizer, args, epoch), pin_memory=pin))
+                plan = ([next(loader) for _ in share] for share in indices)
+            for share in plan:
+                if len(share) == per_step:
+                    batch_index += args.grad_accum
+                    yield share
+            epoch, batch_index = epoch + 1, 0
+
+    pin = device.type == "cuda"
+    t_start, audio_seconds, nonfinite_steps, skipped_in_stream = time.time(), 0.0, 0, 0
     with deferred_signals() as stop:
-        while step < args.max_steps:
-            batches = bucket_batches(lengths, args.batch_frames, args.seed, epoch)
-            plan = [batches[start:start + args.grad_accum][rank::world]  # this process's share of each step
-                    for start in range(batch_index, len(batches) - args.grad_accum + 1, args.grad_accum)]
-            loader = iter(torch.utils.data.DataLoader(
-                [micro for share in plan for micro in share], batch_size=None, num_workers=workers,
-                collate_fn=functools.partial(training_batch, train_set, tokenizer, args, epoch),
-                pin_memory=device.type == "cuda"))
-            for mine in plan:
-                if step >= args.max_steps:
-                    break
-                model.train()
-                t0 = time.time()
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, args)
-                totals = torch.zeros(4)  # mean loss, cross-entropy, ctc; audio frames
-                diagnosing = rank == 0 and args.diag_every > 0 and (step + 1) % args.diag_every == 0
-                activations, hooks = record_activations(model) if diagnosing else ({}, [])
-                for i in range(len(mine)):
-                    batch = to_device(next(loader), device)
-                    sync = world == 1 or i == len(mine) - 1  # all-reduce gradients once, after the last micro-batch
-                    with contextlib.nullcontext() if sync else wrapped.no_sync():
-                        with autocast:
-                            loss, ce, ctc = forward(batch)
-                        (loss / len(mine)).backward()
-                    totals += torch.tensor([loss.item() / len(mine), ce.item() / len(mine),
-                                            (0.0 if ctc is None else ctc.item()) / len(mine), batch["frames"].sum().item()])
-                if world > 1:
-                    torch.distributed.all_reduce(totals)
-                    totals[:3] /= world
-                losses, audio_seconds = totals[:3], audio_seconds + totals[3].item() / 100
-                batch_index += args.grad_accum
-                for hook in hooks:
-                    hook.remove()
-                diagnostics = block_scalars(model, activations) if diagnosing else {}  # before clipping
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                if torch.isfinite(grad_norm) and torch.isfinite(losses).all():
-                    optimizer.step()
-                else:  # one bad batch must not poison the weights: skip it, count it, go on
-                    nonfinite_steps += 1
-                    progress.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({nonfinite_steps} so far)")
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{losses[0]:.3f}")
+        for mine in shares():
+            if step >= args.max_steps:
+                break
+            model.train()
+            t0 = time.time()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args)
+            totals = torch.zeros(4)  # mean loss, cross-entropy, ctc; audio frames
+            diagnosing = rank == 0 and args.diag_every > 0 and (step + 1) % args.diag_every == 0
+            activations, hooks = record_activations(model) if diagnosing else ({}, [])
+            for i, batch in enumerate(mine):
+                skipped_in_stream += batch.pop("skipped", 0)
+                batch = to_device(batch, device)
+                sync = world == 1 or i == len(mine) - 1  # all-reduce gradients once, after the last micro-batch
+                with contextlib.nullcontext() if sync else wrapped.no_sync():
+                    with autocast:
+                        loss, ce, ctc = forward(batch)
+                    (loss / len(mine)).backward()
+                totals += torch.tensor([loss.item() / len(mine), ce.item() / len(mine),
+                                        (0.0 if ctc is None else ctc.item()) / len(mine), batch["frames"].sum().item()])
+            if world > 1:
+                torch.distributed.all_reduce(totals)
+                totals[:3] /= world
+            losses, audio_seconds = totals[:3], audio_seconds + totals[3].item() / 100
+            for hook in hooks:
+                hook.remove()
+            diagnostics = block_scalars(model, activations) if diagnosing else {}  # before clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if torch.isfinite(grad_norm) and torch.isfinite(losses).all():
+                optimizer.step()
+            else:  # one bad batch must not poison the weights: skip it, count it, go on
+                nonfinite_steps += 1
+                progress.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({nonfinite_steps} so far)")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[0]:.3f}")
+            if rank == 0:
+                log(losses, grad_norm, time.time() - t0, diagnostics)
+            if stop:
                 if rank == 0:
-                    log(losses, grad_norm, time.time() - t0, diagnostics)
-                if stop:
-                    if rank == 0:
-                        checkpoint()
-                        writer.close()
-                        print(f"echo: {signal.Signals(stop[0]).name} at step {step}: checkpoint saved to {ckpt_path}; "
-                              f"continue with --name {args.name} --resume")
-                    raise SystemExit(128 + stop[0])
-            if step < args.max_steps:
-                epoch, batch_index = epoch + 1, 0
+                    checkpoint()
+                    writer.close()
+                    print(f"echo: {signal.Signals(stop[0]).name} at step {step}: checkpoint saved to {ckpt_path}; "
+                          f"continue with --name {args.name} --resume")
+                raise SystemExit(128 + stop[0])
     progress.close()
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank > 0:
         return None
     results = {"train_minutes": round((time.time() - t_start) / 60, 2), "parameters": n_params,
-               "skipped_utterances": len(skipped), "skipped_nonfinite_steps": nonfinite_steps}
+               "skipped_utterances": len(skipped) + skipped_in_stream, "skipped_nonfinite_steps": nonfinite_steps}
     for split in ("test", "test_unseen"):
         if split in data:
             result = evaluate(model, data[split], tokenizer, device, ctc_weight=args.decode_ctc_weight, beam=args.beam)
@@ -1400,8 +1468,8 @@ def train(args):
             writer.add_scalar(f"{split}/cer", result["cer"], step)
             print(f"{split}: CER {100 * result['cer']:.2f} %  WER {100 * result['wer']:.2f} %  "
                   f"({result['n']} utterances, decoded, RTFx {result['rtfx']:.0f})")
-    if skipped:
-        print(f"skipped {len(skipped)} unusable utterances in all")
+    if skipped or skipped_in_stream:
+        print(f"skipped {len(skipped) + skipped_in_stream} unusable utterances in all")
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
     writer.add_hparams(hparams, {f"hparam/{split}_{metric}": results[split][metric] for split in ("test", "test_unseen")
                                  if split in results for metric in ("cer", "wer")}, run_name=".", global_step=step)
@@ -1460,13 +1528,17 @@ class CTCPrefixScorer:
         self.r_n, self.r_b = r_n.gather(2, pick), r_b.gather(2, pick)
 
 
+END_MARGIN = 10.0  # beam search drops an utterance's live hypotheses this far below its best ended one
+
+
 @torch.no_grad()
 def decode(model, batch, ctc_weight=0.3, beam=1, candidates=5, encoded=None):
     """Autoregressive beam search with a KV cache -> list of token-id lists (BOS and EOS removed); beam=1 is greedy.
     Each hypothesis is extended by its decoder's top candidates, scored (1 - w) log p_attention + w * (gain in CTC
     prefix score) when there is a CTC head, which stops the loops and early ends of a young attention decoder. The
     best `beam` extensions of each utterance go on; one that ends (EOS or the length cap) leaves the beam, and the
-    ended hypothesis with the best score per token wins (length normalisation)."""
+    ended hypothesis with the best score per token wins (length normalisation). An utterance stops once all its live
+    hypotheses score END_MARGIN below its best ended one (ESPnet's end detection): scores only fall from there."""
     model.eval()
     audio, valid = model.encode(batch) if encoded is None else encoded  # evaluate() has encoded it already
     n, width = len(audio), beam
@@ -1481,6 +1553,7 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=5, encoded=None):
     token = torch.full((n * width, 1), BOS, device=audio.device)
     history = torch.zeros(n * width, 0, dtype=torch.long, device=audio.device)
     ended = [[] for _ in range(n)]  # (score per token, tokens)
+    best_ended = torch.full((n,), float("-inf"), dtype=torch.float64, device=audio.device)  # total score
     for position in range(max(limit)):
         log_p = model.decoder(token, audio, valid, caches, offset=position)[:, -1].float().log_softmax(-1)
         log_p[:, [PAD, BOS]] = float("-inf")
@@ -1499,7 +1572,9 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=5, encoded=None):
         finished = ((token.view(n, width) == EOS) | at_cap) & (best.values > float("-inf"))
         for i, slot in finished.nonzero().tolist():
             ended[i].append((best.values[i, slot].item() / (position + 1), history[i * width + slot].tolist()))
+        best_ended = torch.maximum(best_ended, best.values.masked_fill(~finished, float("-inf")).amax(1))
         scores = best.values.masked_fill(finished, float("-inf"))
+        scores = scores.masked_fill((scores.amax(1) < best_ended - END_MARGIN)[:, None], float("-inf"))
         for cache in caches:  # self-attention keys/values follow their hypotheses; cross-attention ones are shared
             cache["self"]["k"], cache["self"]["v"] = cache["self"]["k"][parent], cache["self"]["v"][parent]
         if use_ctc:
@@ -1656,13 +1731,11 @@ def figures(model, batch):
     pitch = model.encoder.pitch
     frames = (n + 3) // 4
     log_f0, track_voiced = pitch_track(batch["f0"][:1].cpu(), batch["voiced"][:1].cpu(), batch["frames"][:1].cpu(), frames)
-    with_radii = PitchPrior(2 * len(pitch.freqs), 1, f0_theta=True, radii=True)
-    if pitch.radius_strength is not None:  # the model's first head; else a strong nominal radius
-        with_radii.radius_strength.data.fill_(pitch.radius_strength[0].item())
-    else:
-        with_radii.radius_strength.data.fill_(1.0)
-    variants = {"standard RoPE": PitchPrior(2 * len(pitch.freqs), 1), "f0-modulated": PitchPrior(2 * len(pitch.freqs), 1, f0_theta=True),
-                f"f0 + radii (strength {with_radii.radius_strength.item():.2f})": with_radii}
+    head_dim = 2 * len(pitch.freqs)
+    strength = 1.0 if pitch.radius_strength is None else pitch.radius_strength[0].item()  # else the model's head 0
+    variants = {"standard RoPE": PitchPrior(head_dim, 1), "f0-modulated": PitchPrior(head_dim, 1, f0_theta=True),
+                f"f0 + radii (strength {strength:.2f})": PitchPrior(head_dim, 1, f0_theta=True, radii=True)}
+    list(variants.values())[-1].radius_strength.data.fill_(strength)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), dpi=100)
     tables = {}
     for ax, (label, prior) in zip(axes, variants.items()):

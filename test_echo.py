@@ -207,6 +207,28 @@ def test_local_folder_like_hub_and_bad_files_are_skipped(tmp_path):
         assert word in problems
 
 
+def test_streaming_trains_from_a_local_folder_and_skips_bad_files(tmp_path):
+    """--streaming reads the train split as it goes (features on the fly, in 2 DataLoader workers here): the run
+    reaches its step count and counts the unreadable file it met in the stream."""
+    folder = tmp_path / "data"
+    for split in ("train", "validation", "test"):
+        (folder / split).mkdir(parents=True)
+        rows = ["file_name,transcription"]
+        for i, f0 in enumerate((110, 140, 170, 200, 230, 260)):
+            soundfile.write(folder / split / f"{i}.wav", harmonic_tone(f0, 0.4 + 0.1 * i), echo.SAMPLE_RATE)
+            rows.append(f"{i}.wav,tone number {i}")
+        (folder / split / "bad.wav").write_bytes(b"not audio")
+        rows.append("bad.wav,a broken file")
+        (folder / split / "metadata.csv").write_text("\n".join(rows) + "\n")
+    args = echo.parse_args(["--dataset", str(folder), "--streaming", "--workers", "2", "--cache_dir", str(tmp_path / "cache"),
+                            "--runs_dir", str(tmp_path / "runs"), "--name", "stream", "--d_model", "32", "--n_heads", "2",
+                            "--enc_layers", "1", "--dec_layers", "1", "--batch_frames", "300", "--max_steps", "12",
+                            "--eval_every", "12", "--eval_utts", "2", "--num_proc", "1", "--beam", "1"])
+    results = echo.train(args)
+    assert echo.load_checkpoint(tmp_path / "runs" / "stream" / "ckpt.pt")["step"] == 12
+    assert results["skipped_utterances"] >= 1 + 2  # the stream's bad file (at least once) and the cached splits' two
+
+
 def test_hub_dataset_offline_fails_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, str(HERE / "echo.py"), "--dataset", "librispeech_asr", "--dataset_config",
                           "clean", "--cache_dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
