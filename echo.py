@@ -1965,6 +1965,19 @@ def benchmark(args):
         print(f"| decoding RTFx, KV cache, {'greedy' if beam == 1 else f'beam {beam}'}, "
               f"{'attention only' if weight == 0 else 'joint CTC/attention'}{'' if args.ckpt else ', untrained'} | "
               f"{result['rtfx']:.0f} (val CER {100 * result['cer']:.2f} %) |")
+    batch = to_device(collate([item | {"text": tokenizer.known(item["text"])}
+                               for item in rows(data["validation"], [0])], tokenizer), device)
+    t0 = time.perf_counter()
+    figures(model, batch)
+    print(f"| diagnostics: the 4 figures, at each evaluation | {time.perf_counter() - t0:.2f} s |")
+    model.train()
+    activations, hooks = record_activations(model)
+    model(batch)[0].backward()
+    t0 = time.perf_counter()
+    block_scalars(model, activations)
+    print(f"| diagnostics: per-block scalars, every --diag_every steps | {1000 * (time.perf_counter() - t0):.1f} ms |")
+    for hook in hooks:
+        hook.remove()
 
 
 # ----------------------------------------------------------------------------------------------------
