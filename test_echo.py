@@ -964,6 +964,19 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_co
         assert abs(single[step] - ddp[step]) < 1e-4, step
 
 
+@pytest.mark.slow
+def test_bench_prints_every_row(tiny_corpus, tmp_path, capsys):
+    cache, _ = tiny_corpus
+    echo.benchmark(train_args(cache, tmp_path, "--bench", "--batch_frames", "800", "--beam", "2"))
+    out = capsys.readouterr().out
+    for row in ("peer: nn.TransformerEncoderLayer", "attention: plain RoPE", "f0_theta + radii + pitch_bias + zero_value",
+                "--gate m", "--streams spectrogram,pitch,waveform", "optimizer state, default model: MaxFactor",
+                "padding in length-bucketed batches", "f0: YIN in torch", "f0: librosa.pyin", "greedy, joint CTC",
+                "beam 4, joint CTC", "diagnostics: the 4 figures", "diagnostics: per-block scalars"):
+        assert row in out, row
+    assert "nan" not in out
+
+
 def test_ablation_writes_a_mean_and_spread_table_and_a_chart(tmp_path, monkeypatch):
     seen = []
 
