@@ -241,7 +241,9 @@ def test_hub_dataset_offline_fails_in_one_line(tmp_path):
 def test_invalid_arguments_are_argparse_errors(tmp_path):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     for argv in (["--max_steps", "-1"], ["--ckpt", str(tmp_path / "none.pt"), "--transcribe", "a.wav"],
-                 ["--dataset", str(tmp_path)], ["--resume"], ["--runs_dir", str(tmp_path / "runs"), "--name", "taken"]):
+                 ["--dataset", str(tmp_path)], ["--resume"], ["--runs_dir", str(tmp_path / "runs"), "--name", "taken"],
+                 ["--beam", "0"], ["--noise_snr", "30,10"], ["--noise_snr", "loud"], ["--diag_every", "-5"],
+                 ["--diagnose", str(tmp_path / "none.pt"), "a.wav"]):
         with pytest.raises(SystemExit) as e:
             echo.parse_args(argv)
         assert e.value.code == 2
