@@ -85,7 +85,7 @@ def build_parser():
     a("--decode_ctc_weight", type=float, default=0.3,
       help="weight of CTC prefix scores in decoding (0 = attention only)")
     a("--beam", type=int, default=4, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
-    a("--gate", choices=("none", "mlp", "t", "m"), default="none", help="gate on every block's MLP output: "
+    a("--gate", choices=("none", "mlp", "t", "m"), default="t", help="gate on every block's MLP output: "
       "sigmoid(Wx), a softmax mixture of 4 sigmoid gates (t), or MLP + learned-memory gate (m)")
     a("--gate_memory", type=int, default=64, help="memory slots of --gate m")
     a("--streams", type=streams_flag, default="spectrogram", help="comma list of encoder input streams: "
