@@ -1915,14 +1915,16 @@ def benchmark(args):
     audio = sum(b["frames"].sum().item() for b in batches[3:]) / 100
     print(f"device: {device} ({environment(device)['gpu']}), {torch.get_num_threads()} threads, --batch_frames "
           f"{args.batch_frames}, 20 timed steps after 3 warm-up, defaults otherwise\n")
-    variants = {"peer: nn.TransformerEncoderLayer/DecoderLayer, same sizes": TextbookTransformer,
-                "attention: plain RoPE (--no-f0_theta)": ABLATION["baseline"], "attention: f0_theta": ABLATION["f0_theta"],
-                "attention: f0_theta + radii + pitch_bias + zero_value": ABLATION["all"]}
+    # the attention rows use the peer's block (no gate), so that they compare like with like
+    variants = {"peer: nn.TransformerEncoderLayer/DecoderLayer, same sizes": TextbookTransformer}
+    variants |= {f"attention, --gate none: {label}": ABLATION[key] | {"gate": "none"} for label, key in
+                 (("plain RoPE (--no-f0_theta)", "baseline"), ("f0_theta", "f0_theta"),
+                  ("f0_theta + radii + pitch_bias + zero_value", "all"))}
     variants |= {f"--gate {gate}": {"gate": gate} for gate in ("none", "mlp", "t", "m")}
     variants |= {f"--streams {s}": {"streams": s} for s in ("spectrogram", "spectrogram,pitch", "spectrogram,waveform",
                                                             "spectrogram,pitch,waveform")}
     timings = time_train_steps(args, batches, variants, len(tokenizer), device)
-    peer, base = timings[next(iter(variants))][0], timings["attention: plain RoPE (--no-f0_theta)"][0]
+    peer, base = timings[next(iter(variants))][0], timings["attention, --gate none: plain RoPE (--no-f0_theta)"][0]
     print("| train step | ms | vs peer | vs plain RoPE | audio-s/s | parameters |\n|---|---|---|---|---|---|")
     for label, (sec, params) in timings.items():
         print(f"| {label} | {1000 * sec:.0f} | {sec / peer:.2f}x | {sec / base:.2f}x | {audio / 20 / sec:.0f} | "
@@ -1945,6 +1947,8 @@ def benchmark(args):
     pyin = lambda w: librosa.pyin(w.numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE, hop_length=HOP)  # same 10 ms frames
     pyin(waves[0])  # compile its numba kernels first
     padded = nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the feature workers: one thread each (more threads only add spin-waiting here)
     for label, fn in (("f0: YIN in torch (extract_f0), one utterance at a time", extract_f0),
                       (f"f0: YIN in torch, 20 utterances batched on {device.type}", lambda w: yin_f0(padded)),
                       ("f0: librosa.pyin 65-400 Hz", pyin)):
@@ -1956,6 +1960,7 @@ def benchmark(args):
         if on_gpu:
             torch.cuda.synchronize()
         print(f"| {label} | {(clock() - t0) / audio_s:.4f} {'wall' if on_gpu else 'CPU'}-s per audio-s |")
+    torch.set_num_threads(threads)
     if args.ckpt:
         model, tokenizer, config = load_model(args.ckpt, device)
     else:
