@@ -1900,6 +1900,32 @@ def time_train_steps(args, batches, variants, vocab, device, warmup=3):
             for label in variants}
 
 
+def time_f0(waves, device):
+    """Markdown rows: CPU (or GPU wall) seconds per audio second of extract_f0, of yin_f0 batched on the device and
+    of librosa.pyin at the same 10 ms hop, on one thread as in the feature workers, median of 3 after a warm-up."""
+    import librosa
+    audio_s = sum(len(w) for w in waves) / SAMPLE_RATE
+    padded = nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
+    methods = {"f0: YIN in torch (extract_f0), one utterance at a time": lambda: [extract_f0(w) for w in waves],
+               f"f0: YIN in torch, {len(waves)} utterances batched on {device.type}": lambda: yin_f0(padded),
+               "f0: librosa.pyin 65-400 Hz": lambda: [librosa.pyin(w.numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE,
+                                                                   hop_length=HOP) for w in waves]}
+    threads, rows = torch.get_num_threads(), []
+    torch.set_num_threads(1)  # more threads only add spin-waiting on these small tensors
+    for label, run in methods.items():
+        on_gpu = "batched" in label and device.type == "cuda"  # a GPU's time is wall time, not CPU time
+        clock, seconds = time.perf_counter if on_gpu else time.process_time, []
+        for _ in range(4):  # the first is a warm-up (numba compiles pyin's kernels)
+            t0 = clock()
+            run()
+            if on_gpu:
+                torch.cuda.synchronize()
+            seconds.append(clock() - t0)
+        rows.append(f"| {label} | {np.median(seconds[1:]) / audio_s:.4f} {'wall' if on_gpu else 'CPU'}-s per audio-s |")
+    torch.set_num_threads(threads)
+    return "\n".join(rows)
+
+
 def benchmark(args):
     """Side-by-side speed on this device: train step per attention variant, gate and stream set (same batches,
     round-robin, warm-up excluded), optimizer state, padding of the batches, f0 extraction against librosa.pyin,
@@ -1913,6 +1939,7 @@ def benchmark(args):
     padded = sum(max(frames[i] for i in b) * len(b) for b in all_batches)
     batches = [collate(rows(train_set, b), tokenizer) for b in all_batches[:23]]
     audio = sum(b["frames"].sum().item() for b in batches[3:]) / 100
+    f0_rows = time_f0([torch.from_numpy(np.array(w, dtype=np.float32)) for w in data["validation"][:20]["wave"]], device)
     print(f"device: {device} ({environment(device)['gpu']}), {torch.get_num_threads()} threads, --batch_frames "
           f"{args.batch_frames}, 20 timed steps after 3 warm-up, defaults otherwise\n")
     # the attention rows use the peer's block (no gate), so that they compare like with like
@@ -1941,26 +1968,7 @@ def benchmark(args):
     print(f"| optimizer state, default model: MaxFactor | {state['maxfactor'] / 2**20:.3f} MiB "
           f"({state['maxfactor'] / state['adamw']:.3f} of AdamW) |")
     print(f"| padding in length-bucketed batches | {100 * (1 - sum(frames) / padded):.1f} % |")
-    import librosa
-    waves = [torch.from_numpy(np.array(w, dtype=np.float32)) for w in data["validation"][:20]["wave"]]
-    audio_s = sum(len(w) for w in waves) / SAMPLE_RATE
-    pyin = lambda w: librosa.pyin(w.numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE, hop_length=HOP)  # same 10 ms frames
-    pyin(waves[0])  # compile its numba kernels first
-    padded = nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the feature workers: one thread each (more threads only add spin-waiting here)
-    for label, fn in (("f0: YIN in torch (extract_f0), one utterance at a time", extract_f0),
-                      (f"f0: YIN in torch, 20 utterances batched on {device.type}", lambda w: yin_f0(padded)),
-                      ("f0: librosa.pyin 65-400 Hz", pyin)):
-        on_gpu = "batched" in label and device.type == "cuda"  # a GPU's time is wall time, not CPU time
-        clock = time.perf_counter if on_gpu else time.process_time
-        t0 = clock()
-        for w in waves[:1] if "batched" in label else waves:
-            fn(w)
-        if on_gpu:
-            torch.cuda.synchronize()
-        print(f"| {label} | {(clock() - t0) / audio_s:.4f} {'wall' if on_gpu else 'CPU'}-s per audio-s |")
-    torch.set_num_threads(threads)
+    print(f0_rows)
     if args.ckpt:
         model, tokenizer, config = load_model(args.ckpt, device)
     else:
