@@ -1263,20 +1263,24 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         stream = self.stream.shuffle(seed=self.args.seed, buffer_size=1000)
         stream.set_epoch(self.epoch)
         buffer, skipped = [], 0
-        for example in itertools.chain(stream, [None]):
-            if example is not None and (example["error"] or set(example["text"]) - set(self.tokenizer.index)):
+        for example in stream:
+            if example["error"] or set(example["text"]) - set(self.tokenizer.index):
                 skipped += 1
-            elif example is not None:
-                buffer.append(example)
-            if len(buffer) == 1000 or (example is None and buffer):
-                for indices in bucket_batches([len(e["mel"]) for e in buffer], self.args.batch_frames, self.args.seed,
-                                              self.epoch):
-                    items = [buffer[i] for i in indices]
-                    key = (self.epoch, zlib.crc32(items[0]["text"].encode()))
-                    yield training_batch(items, self.tokenizer, self.args, key) | {"skipped": skipped}
-                    skipped = 0
-                buffer = []
+                continue
+            buffer.append(example)
+            if len(buffer) == 1000:
+                yield from self.cut(buffer, skipped)
+                buffer, skipped = [], 0
+        if buffer:
+            yield from self.cut(buffer, skipped)
 
+    def cut(self, buffer, skipped):
+        """Length-bucketed, collated batches of the buffered utterances; the first carries the skipped count."""
+        for n, indices in enumerate(bucket_batches([len(e["mel"]) for e in buffer], self.args.batch_frames,
+                                                   self.args.seed, self.epoch)):
+            items = [buffer[i] for i in indices]
+            key = (self.epoch, zlib.crc32(items[0]["text"].encode()))
+            yield training_batch(items, self.tokenizer, self.args, key) | {"skipped": skipped if n == 0 else 0}
 
 def train(args):
     """The training loop. Under torchrun each optimizer step's --grad_accum micro-batches are shared out among the
@@ -1543,7 +1547,7 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=5, encoded=None):
     n, width = len(audio), beam
     audio, valid = audio.repeat_interleave(width, 0), valid.repeat_interleave(width, 0)  # row = utterance * beam + slot
     caches = [{} for _ in model.decoder.blocks]
-    limit = max_tokens_for(batch["frames"]).tolist()
+    limit = max_tokens_for(batch["frames"]).to(audio.device)[:, None]  # (n, 1)
     use_ctc = model.ctc_head is not None and ctc_weight > 0
     if use_ctc:
         ctc = CTCPrefixScorer(model.ctc_head(audio).float().log_softmax(-1), valid)
@@ -1553,7 +1557,7 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=5, encoded=None):
     history = torch.zeros(n * width, 0, dtype=torch.long, device=audio.device)
     ended = [[] for _ in range(n)]  # (score per token, tokens)
     best_ended = torch.full((n,), float("-inf"), dtype=torch.float64, device=audio.device)  # total score
-    for position in range(max(limit)):
+    for position in range(int(limit.max())):
         log_p = model.decoder(token, audio, valid, caches, offset=position)[:, -1].float().log_softmax(-1)
         log_p[:, [PAD, BOS]] = float("-inf")
         top = log_p.topk(min(max(candidates, width), log_p.shape[-1]), -1)
@@ -1567,7 +1571,7 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=5, encoded=None):
         choice = (best.indices % top.indices.shape[1]).view(-1, 1)
         token = top.indices[parent].gather(1, choice)
         history = torch.cat([history[parent], token], 1)
-        at_cap = torch.tensor([position + 1 >= cap for cap in limit], device=audio.device)[:, None]
+        at_cap = position + 1 >= limit
         finished = ((token.view(n, width) == EOS) | at_cap) & (best.values > float("-inf"))
         for i, slot in finished.nonzero().tolist():
             ended[i].append((best.values[i, slot].item() / (position + 1), history[i * width + slot].tolist()))
