@@ -112,13 +112,16 @@ def build_parser():
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
     a("--workers", type=int, default=None, help="DataLoader worker processes that read, augment and collate "
-      "batches (default: 4 with CUDA, with pinned memory; 0 on CPU, where they would compete with the model)")
+      "batches (default: 4 with CUDA, with pinned memory; on CPU 1 while audio augmentation recomputes features, "
+      "else 0, as a worker would only compete with the model for the cores)")
     a("--resume", action="store_true", help="continue runs/<name>/ckpt.pt")
     # experiments
     a("--bench", action="store_true", help="print a table of train-step time per attention variant, f0 and "
       "decoding speed on this device, then exit")
-    a("--ablate", action="store_true", help="train baseline / f0_theta / +radii / +pitch_bias / all for each "
-      "seed, write runs/<name>/ablation.md and .png")
+    a("--ablate", nargs="?", const="pitch", choices=("pitch", "augment"), help="train every configuration of an "
+      "ablation for each seed -- pitch: baseline / f0_theta / +radii / +pitch_bias / all; augment: none / specaug / "
+      "speed_perturb / both -- and write runs/<name>/ablation.md and .png; run again, it reads back finished runs "
+      "and resumes interrupted ones")
     a("--seeds", type=int, default=3, help="seeds per configuration for --ablate")
     # diagnostics
     a("--diag_every", type=int, default=100, help="steps between per-block gate/MLP and Q/K/V/O gradient scalars "
@@ -174,7 +177,7 @@ def parse_args(argv=None):
     args.name = args.name or time.strftime("%Y%m%d-%H%M%S")
     if args.diagnose and not os.path.isfile(args.diagnose[0]):
         p.error(f"--diagnose {args.diagnose[0]}: no such checkpoint")
-    if not (args.resume or args.transcribe or args.bench) and (Path(args.runs_dir) / args.name).exists():
+    if not (args.resume or args.transcribe or args.bench or args.ablate) and (Path(args.runs_dir) / args.name).exists():
         p.error(f"{Path(args.runs_dir) / args.name} exists: add --resume to continue that run, or pick another --name")
     args.lr = args.lr or {"adamw": 3e-3, "maxfactor": 1e-2}[args.optimizer]
     return args
@@ -503,33 +506,47 @@ def extract_f0(wave, sample_rate=SAMPLE_RATE):
     return fit_frames(f0, n_frames)[0], fit_frames(voiced.float(), n_frames)[0] > 0
 
 
-def featurize(wave, keep_wave=False):
-    """Waveform -> dict of log-mel (frames, 80), f0 (frames,), voiced (frames,), all the same length, and the
-    waveform itself (float16) for the waveform stream."""
-    mel = log_mel(wave)
-    f0, voiced = extract_f0(wave)
-    n = min(len(mel), len(f0))
-    features = {"mel": mel[:n].half().numpy(), "f0": f0[:n].numpy(), "voiced": voiced[:n].numpy()}
-    return features | ({"wave": wave.half().numpy()} if keep_wave else {})
+def featurize(waves, keep_wave=False, device=torch.device("cpu")):
+    """16 kHz waveforms -> per utterance a dict of log-mel (frames, 80), f0 (frames,), voiced (frames,), all the
+    same length, and the waveform itself (float16) for the waveform stream. On a GPU yin_f0 runs on batches of 32
+    utterances; on a CPU one utterance at a time is faster (a padded batch falls out of the cache)."""
+    group = 32 if device.type == "cuda" else 1
+    out = []
+    for start in range(0, len(waves), group):
+        chunk = waves[start:start + group]
+        f0, voiced = yin_f0(nn.utils.rnn.pad_sequence(chunk, batch_first=True).to(device))
+        for wave, f0_row, voiced_row in zip(chunk, f0.cpu(), voiced.cpu()):
+            mel = log_mel(wave)
+            n = min(len(mel), len(wave) // HOP + 1)  # yin_f0's frame count for this utterance alone
+            out.append({"mel": mel[:n].half().numpy(), "f0": f0_row[:n].numpy(), "voiced": voiced_row[:n].numpy()}
+                       | ({"wave": wave.half().numpy()} if keep_wave else {}))
+    return out
 
 
-def _featurize_example(example, text_column, keep_wave, max_seconds):
-    """datasets .map function: decode, check and featurize one utterance; failures become an error string."""
-    audio = example["audio"]
-    name = audio.get("path") or "<in-memory audio>"
-    try:
-        text = normalize_text(example[text_column] or "")
-        if not text:
-            raise BadInput("empty transcript")
-        wave = decode_audio(audio)
-        if len(wave) > max_seconds * SAMPLE_RATE:  # its transcript would not match a cut, so it is skipped
-            raise BadInput(f"{len(wave) / SAMPLE_RATE:.1f} s is longer than --max_seconds {max_seconds}")
-        features = featurize(wave, keep_wave)
-        return {**features, "text": text, "n_frames": len(features["mel"]), "error": ""}
-    except BadInput as e:
-        empty = {"mel": np.zeros((0, N_MELS), np.float16), "f0": np.zeros(0, np.float32), "voiced": np.zeros(0, bool)}
-        return empty | ({"wave": np.zeros(0, np.float16)} if keep_wave else {}) | {"text": "", "n_frames": 0,
-                                                                                   "error": f"{name}: {e}"}
+def _featurize_examples(batch, text_column, keep_wave, max_seconds, device):
+    """datasets .map function (batched): decode and check each utterance, then featurize the usable ones together.
+    A failure becomes an error string naming the file, with empty features."""
+    waves, texts, errors = [], [], []
+    for audio, text in zip(batch["audio"], batch[text_column]):
+        try:
+            text = normalize_text(text or "")
+            if not text:
+                raise BadInput("empty transcript")
+            wave = decode_audio(audio)
+            if len(wave) > max_seconds * SAMPLE_RATE:  # its transcript would not match a cut, so it is skipped
+                raise BadInput(f"{len(wave) / SAMPLE_RATE:.1f} s is longer than --max_seconds {max_seconds}")
+            waves.append(wave)
+            texts.append(text)
+            errors.append("")
+        except BadInput as e:
+            texts.append("")
+            errors.append(f"{audio.get('path') or '<in-memory audio>'}: {e}")
+    features = iter(featurize(waves, keep_wave, device))
+    empty = {"mel": np.zeros((0, N_MELS), np.float16), "f0": np.zeros(0, np.float32), "voiced": np.zeros(0, bool)}
+    empty |= {"wave": np.zeros(0, np.float16)} if keep_wave else {}
+    rows = [next(features) if not error else empty for error in errors]
+    return {key: [row[key] for row in rows] for key in empty} | {"text": texts, "error": errors,
+                                                                  "n_frames": [len(row["mel"]) for row in rows]}
 
 
 def _features(keep_wave):
@@ -566,7 +583,7 @@ def feature_code_hash():
     """The feature code's own source and constants: part of each split's cache key, so that editing them recomputes
     the features (datasets' fingerprint of the map function does not follow the functions it calls)."""
     import inspect
-    code = [inspect.getsource(f) for f in (decode_audio, log_mel, yin_f0, extract_f0, featurize, _featurize_example)]
+    code = [inspect.getsource(f) for f in (decode_audio, log_mel, yin_f0, featurize, _featurize_examples)]
     return hashlib.sha256(repr((code, SAMPLE_RATE, HOP, N_MELS, F0_MIN, F0_MAX)).encode()).hexdigest()[:16]
 
 
@@ -578,8 +595,8 @@ def load_splits(args):
     import datasets
     from datasets.fingerprint import Hasher
     datasets.disable_progress_bars()
-    threads = torch.get_num_threads()
-    if args.num_proc > 1:  # the forked feature workers inherit this: one thread each, one worker per core
+    threads, device = torch.get_num_threads(), pick_device(args.device)  # on a GPU: f0 batched, in this process
+    if args.num_proc > 1 and device.type == "cpu":  # forked feature workers inherit this: one thread per core each
         torch.set_num_threads(1)
     names = dict(zip(("train", "validation", "test"), args.splits.split(",")))
     hf_cache = os.path.join(args.cache_dir, "hf")
@@ -615,12 +632,13 @@ def load_splits(args):
         if split == "train" and args.streaming:  # featurised lazily, where it is read (DataLoader workers); no cache
             if isinstance(ds, datasets.Dataset):
                 ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
-            out[split] = ds.map(_featurize_example, fn_kwargs=kwargs, remove_columns=ds.column_names,
-                                features=_features(keep_wave))
+            out[split] = ds.map(_featurize_examples, fn_kwargs=kwargs | {"device": torch.device("cpu")}, batched=True,
+                                batch_size=16, remove_columns=ds.column_names, features=_features(keep_wave))
             continue
-        ds = ds.map(_featurize_example, fn_kwargs=kwargs, remove_columns=ds.column_names, features=_features(keep_wave),
+        ds = ds.map(_featurize_examples, fn_kwargs=kwargs | {"device": device}, batched=True, batch_size=16,
+                    remove_columns=ds.column_names, features=_features(keep_wave),
                     new_fingerprint=Hasher.hash((ds._fingerprint, feature_code_hash(), kwargs)),
-                    num_proc=args.num_proc if len(ds) >= 100 else None, desc=f"features {split}")
+                    num_proc=args.num_proc if len(ds) >= 100 and device.type == "cpu" else None, desc=f"features {split}")
         bad = ds.filter(lambda e: e != "", input_columns="error")
         skipped += bad["error"]
         out[split] = ds.filter(lambda e: e == "", input_columns="error").with_format("numpy")
@@ -687,12 +705,11 @@ def perturb_audio(items, rng, speed_perturb=False, noise_snr=None):
     utterance). Items need 'wave'; a changed utterance gets its log-mel and f0 recomputed from the new audio, so the
     f0 track moves with it."""
     import torchaudio
-    out = []
-    for item in items:
+    changed = {}
+    for i, item in enumerate(items):
         speed = float(rng.choice((0.9, 1.0, 1.1))) if speed_perturb else 1.0
         snr = rng.uniform(*noise_snr) if noise_snr else None
         if speed == 1.0 and snr is None:
-            out.append(item)
             continue
         wave = torch.from_numpy(np.asarray(item["wave"], dtype=np.float32))
         if speed != 1.0:  # read as if sampled at speed * 16 kHz, then played at 16 kHz
@@ -700,8 +717,9 @@ def perturb_audio(items, rng, speed_perturb=False, noise_snr=None):
         if snr is not None:
             noise = torch.from_numpy(rng.standard_normal(len(wave), dtype=np.float32))
             wave = wave + noise * (wave.square().mean() / 10 ** (snr / 10)).sqrt()
-        out.append(item | featurize(wave, keep_wave=True))
-    return out
+        changed[i] = wave
+    features = dict(zip(changed, featurize(list(changed.values()), keep_wave=True)))
+    return [item | features.get(i, {}) for i, item in enumerate(items)]
 
 
 def spec_augment(batch, rng, freq_masks=2, max_bins=27, time_masks=5, max_time=0.05):
@@ -1340,7 +1358,8 @@ def train(args):
         writer.add_scalar("data/skipped_utterances", len(skipped), step)
         (run_dir / "config.json").write_text(json.dumps({"config": config, "environment": env}, indent=1))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    audio_augment = bool(args.speed_perturb or args.noise_snr)  # features recomputed per batch: worth a CPU worker
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else int(audio_augment))
     diag_batch = to_device(collate([item | {"text": tokenizer.known(item["text"])}  # a fixed utterance for figures
                                     for item in rows(data["validation"], [0])], tokenizer), device)
 
@@ -1637,16 +1656,18 @@ def transcribe(args):
     """Print '<path>\\t<transcript>' per file in input order; one-line errors on stderr; exit 1 if any failed."""
     device = pick_device(args.device)
     model, tokenizer, config = load_model(args.ckpt, device)
-    pieces, failed = {}, 0  # (path, piece number) -> features; audio longer than --max_seconds is cut in pieces
+    waves, failed = {}, 0  # (path, piece number) -> audio; audio longer than --max_seconds is cut in pieces
     for path in args.transcribe:
         try:
             wave, piece = decode_audio(path), int(args.max_seconds * SAMPLE_RATE)
             for i, start in enumerate(range(0, len(wave), piece)):
                 if i == 0 or len(wave) - start >= 4 * HOP:
-                    pieces[path, i] = featurize(wave[start:start + piece], "waveform" in config["streams"]) | {"text": ""}
+                    waves[path, i] = wave[start:start + piece]
         except (BadInput, OSError) as e:
             print(f"echo: {path}: {e}", file=sys.stderr)
             failed += 1
+    features = featurize(list(waves.values()), "waveform" in config["streams"], device)
+    pieces = {key: piece | {"text": ""} for key, piece in zip(waves, features)}
     order = sorted(pieces, key=lambda key: len(pieces[key]["mel"]))
     texts = {}
     for start in range(0, len(order), 16):
@@ -1797,7 +1818,7 @@ def diagnose(args):
     device = pick_device(args.device)
     model, tokenizer, config = load_model(args.diagnose[0], device)
     try:
-        features = featurize(decode_audio(args.diagnose[1]), "waveform" in config["streams"])
+        features = featurize([decode_audio(args.diagnose[1])], "waveform" in config["streams"])[0]
     except (BadInput, OSError) as e:
         raise SystemExit(f"echo: {args.diagnose[1]}: {e}") from None
     batch = to_device(collate([features | {"text": ""}]), device)
@@ -1814,24 +1835,43 @@ def diagnose(args):
 # ----------------------------------------------------------------------------------------------------
 # experiments: ablation and benchmark
 
-ABLATION = {"baseline": dict(f0_theta=False), "f0_theta": dict(f0_theta=True),
-            "+radii": dict(f0_theta=True, radii=True), "+pitch_bias": dict(f0_theta=True, pitch_bias=True),
-            "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
+ABLATIONS = {
+    "pitch": {"baseline": dict(f0_theta=False), "f0_theta": dict(f0_theta=True),
+              "+radii": dict(f0_theta=True, radii=True), "+pitch_bias": dict(f0_theta=True, pitch_bias=True),
+              "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)},
+    "augment": {"none": dict(specaug=False, speed_perturb=False), "specaug": dict(specaug=True, speed_perturb=False),
+                "speed_perturb": dict(specaug=False, speed_perturb=True),
+                "specaug+speed_perturb": dict(specaug=True, speed_perturb=True)}}
 
 
 def mean_std(values):
     return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
 
 
+def ablation_run(run):
+    """Results of one ablation run: trained, resumed from its checkpoint if it was interrupted, or read back if it
+    finished. A different run already in its folder is an error, never overwritten."""
+    run_dir = Path(run.runs_dir) / run.name
+    if (run_dir / "config.json").exists():
+        ignore = ("name", "ablate", "seeds", "resume", "transcribe", "ckpt")
+        earlier = json.loads((run_dir / "config.json").read_text())["config"]
+        if any(earlier.get(k) != v for k, v in vars(run).items() if k not in ignore):
+            raise SystemExit(f"echo: {run_dir} holds a run with another config: pick another --name")
+        if (run_dir / "results.json").exists():
+            return json.loads((run_dir / "results.json").read_text())
+    return train(argparse.Namespace(**vars(run) | {"resume": (run_dir / "ckpt.pt").exists()}))
+
+
 def ablate(args):
-    """Train every ABLATION configuration for args.seeds seeds; decoded test CER/WER as mean ± std."""
+    """Train every configuration of ABLATIONS[args.ablate] for args.seeds seeds; decoded test and test_unseen CER/WER
+    as mean ± std."""
     out = Path(args.runs_dir) / args.name
     out.mkdir(parents=True, exist_ok=True)
     t0, results = time.time(), {}
-    for label, flags in ABLATION.items():
+    for label, flags in ABLATIONS[args.ablate].items():
         for seed in range(args.seeds):
             run = argparse.Namespace(**(vars(args) | flags | {"seed": seed, "name": f"{args.name}/{label}-seed{seed}"}))
-            results.setdefault(label, []).append(train(run))
+            results.setdefault(label, []).append(ablation_run(run))
     rows = ["| configuration | test CER % | test WER % | test_unseen CER % | test_unseen WER % |", "|---|---|---|---|---|"]
     for label, runs in results.items():
         rows.append(f"| {label} | " + " | ".join(mean_std([r[split][metric] for r in runs])
@@ -1842,10 +1882,14 @@ def ablate(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    cer = [[100 * r["test"]["cer"] for r in runs] for runs in results.values()]
-    ax.bar(list(results), [np.mean(c) for c in cer], yerr=[np.std(c) for c in cer], capsize=4, color="tab:blue")
-    ax.set_ylabel("test CER % (decoded)")
-    ax.set_title(f"Echo ablation, {args.seeds} seeds")
+    for k, split in enumerate(("test", "test_unseen")):
+        cer = [[100 * r[split]["cer"] for r in runs] for runs in results.values()]
+        ax.bar(np.arange(len(results)) + 0.4 * k - 0.2, [np.mean(c) for c in cer], 0.4, yerr=[np.std(c) for c in cer],
+               capsize=3, label=split)
+    ax.set_xticks(range(len(results)), list(results))
+    ax.set_ylabel("CER % (decoded)")
+    ax.legend()
+    ax.set_title(f"Echo {args.ablate} ablation, {args.seeds} seeds, mean ± std")
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=120)
     print(table)
@@ -1948,7 +1992,7 @@ def benchmark(args):
           f"{args.batch_frames}, 20 timed steps after 3 warm-up, defaults otherwise\n")
     # the attention rows use the peer's block (no gate), so that they compare like with like
     variants = {"peer: nn.TransformerEncoderLayer/DecoderLayer, same sizes": TextbookTransformer}
-    variants |= {f"attention, --gate none: {label}": ABLATION[key] | {"gate": "none"} for label, key in
+    variants |= {f"attention, --gate none: {label}": ABLATIONS["pitch"][key] | {"gate": "none"} for label, key in
                  (("plain RoPE (--no-f0_theta)", "baseline"), ("f0_theta", "f0_theta"),
                   ("f0_theta + radii + pitch_bias + zero_value", "all"))}
     variants |= {f"--gate {gate}": {"gate": gate} for gate in ("none", "mlp", "t", "m")}

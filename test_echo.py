@@ -1,4 +1,5 @@
 """Tests for echo.py. Fast by default; `-m slow` selects the long ones (CI runs both)."""
+import json
 import math
 import os
 import subprocess
@@ -151,6 +152,37 @@ def test_yin_batched_equals_each_alone():
         n = alone_f0.shape[1]
         assert torch.equal(voiced[i, :n], alone_voiced[0, :n]) and voiced[i, :n].float().mean() > 0.9
         torch.testing.assert_close(f0[i, :n], alone_f0[0, :n], rtol=1e-4, atol=1e-3)
+
+
+def test_batched_feature_map_keeps_each_utterance_and_names_each_bad_file(tmp_path):
+    """The .map function featurizes a batch's usable utterances together and gives each bad one an error naming
+    its file, without shifting the others' features."""
+    tones = [harmonic_tone(130, 0.6), harmonic_tone(210, 0.9)]
+    for i, tone in enumerate(tones):
+        soundfile.write(tmp_path / f"good{i}.wav", tone, echo.SAMPLE_RATE)
+    (tmp_path / "broken.wav").write_bytes(b"not audio")
+    batch = {"audio": [{"path": str(tmp_path / name), "bytes": None} for name in ("good0.wav", "broken.wav",
+                                                                                   "good1.wav", "good0.wav")],
+             "text": ["One tone.", "broken", "two tone", ""]}
+    out = echo._featurize_examples(batch, "text", keep_wave=False, max_seconds=30.0, device=torch.device("cpu"))
+    assert out["error"][0] == out["error"][2] == ""
+    assert out["error"][1].startswith(str(tmp_path / "broken.wav") + ": cannot read audio")
+    assert out["error"][3] == str(tmp_path / "good0.wav") + ": empty transcript"
+    assert out["text"] == ["one tone", "", "two tone", ""] and out["n_frames"][1] == out["n_frames"][3] == 0
+    for row, tone in ((0, tones[0]), (2, tones[1])):
+        alone = echo.featurize([echo.decode_audio(str(tmp_path / f"good{row // 2}.wav"))])[0]
+        assert out["n_frames"][row] == len(alone["mel"]) == len(tone) // echo.HOP + 1
+        for key in ("mel", "f0", "voiced"):
+            np.testing.assert_array_equal(out[key][row], alone[key])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_features_on_gpu_match_the_cpu():
+    waves = [torch.from_numpy(harmonic_tone(f0, seconds)) for f0, seconds in ((110, 0.5), (180, 1.3), (260, 0.8))]
+    for gpu, cpu in zip(echo.featurize(waves, device=torch.device("cuda")), echo.featurize(waves)):
+        assert np.mean(gpu["voiced"] == cpu["voiced"]) > 0.98
+        both = gpu["voiced"] & cpu["voiced"]
+        np.testing.assert_allclose(gpu["f0"][both], cpu["f0"][both], rtol=1e-3)
 
 
 def test_feature_cache_key_follows_the_feature_code(monkeypatch):
@@ -901,7 +933,7 @@ def test_diagnose_writes_pngs_for_a_checkpoint_and_an_audio_file(tmp_path):
 
 def tone_item(f0=150.0, seconds=1.0):
     wave = torch.from_numpy(harmonic_tone(f0, seconds))
-    return echo.featurize(wave, keep_wave=True) | {"text": "a tone"}
+    return echo.featurize([wave], keep_wave=True)[0] | {"text": "a tone"}
 
 
 def test_speed_perturbation_scales_f0_and_length_by_the_factor():
@@ -987,9 +1019,38 @@ def test_ablation_writes_a_mean_and_spread_table_and_a_chart(tmp_path, monkeypat
         cer = 0.1 + 0.01 * run.seed + 0.05 * run.radii
         return {split: {"cer": cer, "wer": 2 * cer} for split in ("test", "test_unseen")}
     monkeypatch.setattr(echo, "train", fake_train)
-    args = echo.parse_args(["--runs_dir", str(tmp_path), "--name", "abl", "--seeds", "2"])
+    args = echo.parse_args(["--runs_dir", str(tmp_path), "--name", "abl", "--seeds", "2", "--ablate"])
     echo.ablate(args)
     assert len(seen) == 10 and ("abl/baseline-seed1", 1, False, False, False, False) in seen
     table = (tmp_path / "abl" / "ablation.md").read_text()
     assert "| baseline | 10.50 ± 0.50 | 21.00 ± 1.00 |" in table and "| +radii | 15.50 ± 0.50 |" in table
     assert (tmp_path / "abl" / "ablation.png").stat().st_size > 1000
+
+
+def test_augment_ablation_reads_back_finished_runs_and_refuses_other_configs(tmp_path, monkeypatch):
+    """Run again, an ablation reads back its finished runs and trains only the unfinished one; a run with another
+    config in its folder stops it instead of being overwritten."""
+    trained = []
+
+    def fake_train(run):
+        trained.append(run.name)
+        run_dir = tmp_path / run.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = {k: v for k, v in vars(run).items() if k not in ("resume", "transcribe", "ckpt")}
+        (run_dir / "config.json").write_text(json.dumps({"config": config}))
+        cer = 0.2 if run.speed_perturb else 0.1
+        results = {split: {"cer": cer, "wer": 2 * cer} for split in ("test", "test_unseen")}
+        (run_dir / "results.json").write_text(json.dumps(results))
+        return results
+    monkeypatch.setattr(echo, "train", fake_train)
+    args = echo.parse_args(["--runs_dir", str(tmp_path), "--name", "aug", "--seeds", "1", "--ablate", "augment"])
+    echo.ablate(args)
+    assert trained == ["aug/none-seed0", "aug/specaug-seed0", "aug/speed_perturb-seed0", "aug/specaug+speed_perturb-seed0"]
+    assert "| speed_perturb | 20.00 ± 0.00 |" in (tmp_path / "aug" / "ablation.md").read_text()
+    (tmp_path / "aug" / "specaug-seed0" / "results.json").unlink()  # interrupted
+    trained.clear()
+    echo.ablate(args)
+    assert trained == ["aug/specaug-seed0"]
+    with pytest.raises(SystemExit, match="none-seed0 holds a run with another config"):
+        echo.ablate(echo.parse_args(["--runs_dir", str(tmp_path), "--name", "aug", "--seeds", "1", "--ablate",
+                                     "augment", "--max_steps", "10"]))
