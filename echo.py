@@ -112,8 +112,7 @@ def build_parser():
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
     a("--workers", type=int, default=None, help="DataLoader worker processes that read, augment and collate "
-      "batches (default: 4 with CUDA, with pinned memory; on CPU 1 while audio augmentation recomputes features, "
-      "else 0, as a worker would only compete with the model for the cores)")
+      "batches (default: 4 with CUDA, with pinned memory; 0 on CPU, where they would compete with the model)")
     a("--resume", action="store_true", help="continue runs/<name>/ckpt.pt")
     # experiments
     a("--bench", action="store_true", help="print a table of train-step time per attention variant, f0 and "
@@ -1358,8 +1357,7 @@ def train(args):
         writer.add_scalar("data/skipped_utterances", len(skipped), step)
         (run_dir / "config.json").write_text(json.dumps({"config": config, "environment": env}, indent=1))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    audio_augment = bool(args.speed_perturb or args.noise_snr)  # features recomputed per batch: worth a CPU worker
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else int(audio_augment))
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     diag_batch = to_device(collate([item | {"text": tokenizer.known(item["text"])}  # a fixed utterance for figures
                                     for item in rows(data["validation"], [0])], tokenizer), device)
 
