@@ -543,9 +543,9 @@ def _featurize_examples(batch, text_column, keep_wave, max_seconds, device):
     features = iter(featurize(waves, keep_wave, device))
     empty = {"mel": np.zeros((0, N_MELS), np.float16), "f0": np.zeros(0, np.float32), "voiced": np.zeros(0, bool)}
     empty |= {"wave": np.zeros(0, np.float16)} if keep_wave else {}
-    rows = [next(features) if not error else empty for error in errors]
-    return {key: [row[key] for row in rows] for key in empty} | {"text": texts, "error": errors,
-                                                                  "n_frames": [len(row["mel"]) for row in rows]}
+    utterances = [next(features) if not error else empty for error in errors]
+    return {key: [u[key] for u in utterances] for key in empty} | {"text": texts, "error": errors,
+                                                                    "n_frames": [len(u["mel"]) for u in utterances]}
 
 
 def _features(keep_wave):
