@@ -1,137 +1,95 @@
 """Echo: pitch-aware speech recognition in one file.
 
 An encoder-decoder transformer (log-mel in, characters out) whose encoder attention can know about the
-speaker's pitch (f0). Read top to bottom: config -> data and features -> model -> optimizer ->
-training -> decoding and evaluation -> diagnostics -> CLI. Method and hazards: DESIGN.md.
+speaker's pitch (f0). Read top to bottom: config -> data and features -> model -> optimizer -> decoding and
+evaluation -> diagnostics -> training -> experiments -> CLI. The README states the method; test_echo.py proves it.
 
     python echo.py                      # build the embedded corpus, train, decode the test split
     python echo.py --transcribe a.wav --ckpt runs/<name>/ckpt.pt
 """
-import argparse
-import contextlib
-import csv
-import ctypes
-import functools
-import hashlib
-import itertools
-import json
-import math
-import multiprocessing
-import os
-import platform
-import random
-import re
-import signal
-import string
-import subprocess
-import sys
-import threading
-import time
-import zlib
+import argparse, contextlib, csv, ctypes, dataclasses, functools, hashlib, inspect, io, itertools, json, math
+import multiprocessing, os, platform, random, re, signal, socket, string, subprocess, sys, threading, time, zlib
 from pathlib import Path
 
+import datasets
+import espeakng_loader
+import jiwer
+import librosa
+import matplotlib
 import numpy as np
+import soundfile
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchaudio
+from datasets.distributed import split_dataset_by_node
+from datasets.fingerprint import Hasher
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
-SAMPLE_RATE = 16000
-HOP = 160  # 10 ms frames: frame k of the log-mel and of the f0 track is centred at k * 10 ms
-N_MELS = 80
-PAD, BOS, EOS = 0, 1, 2  # PAD doubles as the CTC blank
-SPLITS = ("train", "validation", "test", "test_unseen")
-CORPUS_VERSION = 2  # bump when the corpus recipe changes, so caches are rebuilt
-CODE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]  # the code this process runs
+matplotlib.use("Agg")  # figures are rendered to arrays and files, never to a screen
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 
 # ----------------------------------------------------------------------------------------------------
-# config
+# config: every tunable constant, the model's dimensions, the flags
 
-def build_parser():
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    a = p.add_argument
-    a("--name", default=None, help="run name: logs and checkpoint go to runs/<name>/ (default: a timestamp)")
-    a("--runs_dir", default="runs", help="parent folder of all runs")
-    a("--seed", type=int, default=0, help="seed for initialisation and data order")
-    # data
-    a("--dataset", default="embedded", help="'embedded' (synthetic eSpeak corpus), a local folder of audio "
-      "+ metadata.csv (file_name,transcription), or a hub id such as librispeech_asr or google/fleurs")
-    a("--dataset_config", default=None, help="hub dataset config, e.g. clean (LibriSpeech) or en_us (FLEURS)")
-    a("--splits", default="train,validation,test", help="train,validation,test split names of the dataset")
-    a("--cache_dir", default=os.path.expanduser("~/.cache/echo"), help="corpus and feature cache")
-    a("--corpus_size", type=int, default=4000, help="train+validation+test utterances of the embedded corpus "
-      "(test_unseen adds 5 %%)")
-    a("--corpus_seed", type=int, default=0, help="seed of the embedded corpus (and of a flat folder's split)")
-    a("--max_seconds", type=float, default=30.0, help="longer training utterances are skipped (counted); "
-      "--transcribe cuts longer audio into pieces of this length and joins their text")
-    a("--streaming", action="store_true", help="read the train split as a stream (hub datasets: no full download "
-      "first) and compute its features on the fly, in the --workers processes, uncached")
-    a("--num_proc", type=int, default=2, help="processes for corpus synthesis and feature extraction")
-    # augmentation of training batches (on the fly, seeded)
-    a("--specaug", action="store_true", help="SpecAugment: 2 frequency masks of <= 27 mel bins and 5 time masks of "
-      "<= 5 %% of the utterance each")
-    a("--speed_perturb", action="store_true", help="resample each utterance's audio by 0.9, 1.0 or 1.1 "
-      "(tempo and pitch) before its features")
-    a("--noise_snr", type=snr_range, default=None, metavar="LOW,HIGH", help="add white noise at a random SNR "
-      "in [LOW, HIGH] dB")
-    # model
-    a("--d_model", type=int, default=192, help="model width")
-    a("--n_heads", type=int, default=4, help="attention heads")
-    a("--enc_layers", type=int, default=6, help="encoder blocks")
-    a("--dec_layers", type=int, default=2, help="decoder blocks")
-    a("--ctc_weight", type=float, default=0.3, help="weight of the auxiliary CTC loss on the encoder (0 = off)")
-    a("--decode_ctc_weight", type=float, default=0.3,
-      help="weight of CTC prefix scores in decoding (0 = attention only)")
-    a("--beam", type=int, default=4, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
-    a("--gate", choices=("none", "mlp", "t", "m"), default="t", help="gate on every block's MLP output: "
-      "sigmoid(Wx), a softmax mixture of 4 sigmoid gates (t), or MLP + learned-memory gate (m)")
-    a("--gate_memory", type=int, default=64, help="memory slots of --gate m")
-    a("--streams", type=streams_flag, default="spectrogram", help="comma list of encoder input streams: "
-      "spectrogram (always), pitch, waveform; several are fused by the c_gate")
-    # pitch-aware encoder attention (DESIGN.md section 3)
-    a("--f0_theta", action=argparse.BooleanOptionalAction, default=True,
-      help="rotary phase advances with pitch-warped time (f0 / 220 Hz per frame); --no-f0_theta = plain RoPE")
-    a("--radii", action="store_true", help="rotary magnitude r from the utterance's log-f0 z-score, r in [1/2, 2]")
-    a("--pitch_bias", action="store_true", help="attention logit bias -lambda_h * |octaves between voiced frames|")
-    a("--zero_value", action="store_true", help="learnable per-head logit offset for unvoiced/silent keys")
-    a("--rope_freqs", choices=("standard", "mel"), default="standard", help="rotary frequency table")
-    # training
-    a("--max_steps", type=int, default=1200, help="optimizer steps")
-    a("--batch_frames", type=int, default=8000, help="padded 10 ms frames per batch (length-bucketed)")
-    a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--optimizer", choices=("adamw", "maxfactor"), default="adamw", help="AdamW or MaxFactor (factored, "
-      "sign updates, O(rows + cols) state per matrix)")
-    a("--lr", type=float, default=None, help="peak learning rate (default 3e-3 for AdamW, 1e-2 for MaxFactor)")
-    a("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to lr/10")
-    a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
-    a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
-    a("--eval_every", type=int, default=300, help="steps between validation decoding and checkpoints")
-    a("--eval_utts", type=int, default=100, help="validation utterances decoded at each evaluation")
-    a("--device", default="auto", help="auto, cpu or cuda")
-    a("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
-    a("--workers", type=int, default=None, help="DataLoader worker processes that read, augment and collate "
-      "batches (default: 4 with CUDA, with pinned memory; 0 on CPU, where they would compete with the model)")
-    a("--resume", action="store_true", help="continue runs/<name>/ckpt.pt")
-    # experiments
-    a("--bench", action="store_true", help="print a table of train-step time per attention variant, f0 and "
-      "decoding speed on this device, then exit")
-    a("--ablate", nargs="?", const="pitch", choices=("pitch", "augment"), help="train every configuration of an "
-      "ablation for each seed -- pitch: baseline / f0_theta / +radii / +pitch_bias / all; augment: none / specaug / "
-      "speed_perturb / both -- and write runs/<name>/ablation.md and .png; run again, it reads back finished runs "
-      "and resumes interrupted ones")
-    a("--seeds", type=int, default=3, help="seeds per configuration for --ablate")
-    # diagnostics
-    a("--diag_every", type=int, default=100, help="steps between per-block gate/MLP and Q/K/V/O gradient scalars "
-      "(figures come with each evaluation); 0 = off")
-    a("--diagnose", nargs=2, metavar=("CKPT", "AUDIO"), help="write the diagnostic figures of a checkpoint for one "
-      "audio file as PNGs to runs/<name>/, then exit")
-    # transcription
-    a("--transcribe", nargs="+", metavar="AUDIO", help="print '<path>\\t<transcript>' for each file and exit")
-    a("--ckpt", default=None, help="checkpoint for --transcribe")
-    return p
+SAMPLE_RATE = 16000  # Hz of all audio inside Echo; files at other rates are resampled when read
+HOP = 160  # 10 ms frames: frame k of the log-mel and of the f0 track is centred at k * 10 ms
+N_MELS = 80  # log-mel bins over 0-8 kHz, as Whisper
+PAD, BOS, EOS = 0, 1, 2  # special token ids; PAD doubles as the CTC blank
+SPLITS = ("train", "validation", "test", "test_unseen")  # test_unseen: voices never heard in training
+CORPUS_VERSION = 2  # bump when the corpus recipe changes, so that cached corpora are rebuilt
+SILENCE_PEAK = 1e-4  # a waveform whose peak is below this (-80 dBFS) is silent
+F0_MIN, F0_MAX = 60.0, 500.0  # Hz searched by the pitch tracker; the embedded voices span about 60-330 Hz
+YIN_DIP, YIN_VOICED = 0.15, 0.5  # YIN's threshold for the period's dip, and the dip depth below which a frame is voiced
+SILENCE_DB = -45.0  # frames this far below the utterance's loudest are unvoiced, whatever YIN says
+F0_REF = 220.0  # Hz at which the pitch-warped rotary advances exactly one position per frame
+SPEED_RANGE = (0.25, 3.0)  # clamp of f0 / F0_REF (55-660 Hz): with max step 1 rad/frame no step exceeds pi
+RADIUS_MAX = 2.0  # variable radii stay in [1 / RADIUS_MAX, RADIUS_MAX]
+RADIUS_INIT = 0.1  # initial per-head radius strength: radii start near 1, so --radii starts as plain rotary
+PITCH_BIAS_INIT = -2.0  # initial per-head pitch-bias parameter: softplus(-2) = 0.13 logit per octave, a gentle start
+ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-9  # the transformer recipe (Vaswani et al.): faster-adapting second moments
+BUCKET_WINDOW = 1000  # utterances shuffled, then sorted by length together: batches with little padding, random order
+EVAL_BATCH_FRAMES = 30000  # padded 10 ms frames per decoding batch (evaluation and --transcribe)
+SPECAUG = dict(freq_masks=2, max_bins=27, time_masks=5, max_time=0.05)  # ESPnet's LibriSpeech-100 SpecAugment
+SPEED_FACTORS = (0.9, 1.0, 1.1)  # Kaldi's speed perturbation factors (tempo and pitch together)
+CANDIDATES = 5  # tokens each hypothesis is extended by per decoding step, before the beam keeps the best
+END_MARGIN = 10.0  # beam search drops an utterance's live hypotheses this far below its best ended one
+MAX_CHARS_PER_SECOND = 30  # decoding length cap (speech rarely exceeds 20 characters per second), plus 10
+SOURCE = Path(__file__).read_bytes()  # the exact code this process runs: saved with every run and checkpoint
+CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
 
+@dataclasses.dataclass
+class ModelConfig:
+    """Everything that shapes the model (whisper's ModelDimensions). Built from the flags, stored in every checkpoint
+    as a plain dict, so that a checkpoint rebuilds its model without argparse; the flags take their defaults from it."""
+    vocab: int  # characters of the tokenizer + PAD, BOS, EOS
+    d_model: int = 192  # model width
+    n_heads: int = 4  # attention heads
+    enc_layers: int = 6  # encoder blocks
+    dec_layers: int = 2  # decoder blocks
+    ctc_weight: float = 0.3  # weight of the auxiliary CTC loss on the encoder (0 = no CTC head)
+    gate: str = "t"  # gate on every block's MLP output: none, mlp, t or m
+    gate_memory: int = 64  # memory slots of gate m
+    streams: str = "spectrogram"  # comma list of encoder input streams
+    f0_theta: bool = True  # rotary phase advances with pitch-warped time
+    radii: bool = False  # rotary radius from the utterance's log-f0 z-score
+    pitch_bias: bool = False  # attention logit bias from the pitch distance of two frames
+    zero_value: bool = False  # learnable logit offset for unvoiced/silent keys
+    rope_freqs: str = "standard"  # rotary frequency table: standard or mel
+
+    @classmethod
+    def from_args(cls, args, vocab):
+        return cls(vocab, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "vocab"})
+
+ABLATIONS = {
+    "pitch": {"baseline": dict(f0_theta=False), "f0_theta": dict(f0_theta=True),
+              "+radii": dict(f0_theta=True, radii=True), "+pitch_bias": dict(f0_theta=True, pitch_bias=True),
+              "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)},
+    "augment": {"none": dict(specaug=False, speed_perturb=False), "specaug": dict(specaug=True, speed_perturb=False),
+                "speed_perturb": dict(specaug=False, speed_perturb=True),
+                "specaug+speed_perturb": dict(specaug=True, speed_perturb=True)}}
 
 def streams_flag(value):
     names = value.split(",")
@@ -139,7 +97,6 @@ def streams_flag(value):
     if unknown or "spectrogram" not in names or len(set(names)) < len(names):
         raise argparse.ArgumentTypeError(f"{value!r}: want spectrogram[,pitch][,waveform], each once")
     return value
-
 
 def snr_range(value):
     try:
@@ -150,11 +107,81 @@ def snr_range(value):
         raise argparse.ArgumentTypeError(f"{value!r}: LOW is above HIGH")
     return low, high
 
+def build_parser():
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    a, m = p.add_argument, ModelConfig
+    a("--name", default=None, help="run name: logs and checkpoint go to runs/<name>/ (default: a timestamp)")
+    a("--runs_dir", default="runs", help="parent folder of all runs")
+    a("--seed", type=int, default=0, help="seed for initialisation and data order")
+    a("--dataset", default="embedded", help="'embedded' (synthetic eSpeak corpus), a local folder of audio + "
+      "metadata.csv (file_name,transcription), or a hub id such as librispeech_asr or google/fleurs")
+    a("--dataset_config", default=None, help="hub dataset config, e.g. clean (LibriSpeech) or en_us (FLEURS)")
+    a("--splits", default="train,validation,test", help="train,validation,test split names of the dataset")
+    a("--cache_dir", default=os.path.expanduser("~/.cache/echo"), help="corpus and feature cache")
+    a("--corpus_size", type=int, default=4000, help="train+validation+test utterances of the embedded corpus "
+      "(test_unseen adds 5 %%)")
+    a("--corpus_seed", type=int, default=0, help="seed of the embedded corpus (and of a flat folder's split)")
+    a("--max_seconds", type=float, default=30.0, help="longer training utterances are skipped (counted); "
+      "--transcribe cuts longer audio into pieces of this length")
+    a("--streaming", action="store_true", help="read the train split as a stream, featurised on the fly in the "
+      "--workers processes (hub datasets: no full download first)")
+    a("--num_proc", type=int, default=2, help="processes for corpus synthesis and feature extraction")
+    a("--specaug", action="store_true", help="SpecAugment: 2 frequency masks <= 27 bins, 5 time masks <= 5 %% each")
+    a("--speed_perturb", action="store_true", help="resample each utterance by 0.9, 1.0 or 1.1 (tempo and pitch)")
+    a("--noise_snr", type=snr_range, default=None, metavar="LOW,HIGH", help="white noise at a random SNR in dB")
+    a("--d_model", type=int, default=m.d_model, help="model width")
+    a("--n_heads", type=int, default=m.n_heads, help="attention heads")
+    a("--enc_layers", type=int, default=m.enc_layers, help="encoder blocks")
+    a("--dec_layers", type=int, default=m.dec_layers, help="decoder blocks")
+    a("--ctc_weight", type=float, default=m.ctc_weight, help="weight of the auxiliary CTC loss on the encoder (0 = off)")
+    a("--decode_ctc_weight", type=float, default=0.3, help="weight of CTC prefix scores in decoding (0 = attention only)")
+    a("--beam", type=int, default=4, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
+    a("--gate", choices=("none", "mlp", "t", "m"), default=m.gate, help="gate on every block's MLP output: "
+      "sigmoid(Wx), a softmax mixture of 4 sigmoid gates (t), or MLP + learned-memory gate (m)")
+    a("--gate_memory", type=int, default=m.gate_memory, help="memory slots of --gate m")
+    a("--streams", type=streams_flag, default=m.streams, help="comma list of encoder input streams: spectrogram "
+      "(always), pitch, waveform; several are fused by the c_gate")
+    a("--f0_theta", action=argparse.BooleanOptionalAction, default=m.f0_theta, help="rotary phase advances with "
+      "pitch-warped time (f0 / 220 Hz per frame); --no-f0_theta = plain RoPE")
+    a("--radii", action="store_true", help="rotary magnitude r from the utterance's log-f0 z-score, r in [1/2, 2]")
+    a("--pitch_bias", action="store_true", help="attention logit bias -lambda_h * |octaves between voiced frames|")
+    a("--zero_value", action="store_true", help="learnable per-head logit offset for unvoiced/silent keys")
+    a("--rope_freqs", choices=("standard", "mel"), default=m.rope_freqs, help="rotary frequency table")
+    a("--max_steps", type=int, default=1200, help="optimizer steps")
+    a("--batch_frames", type=int, default=8000, help="padded 10 ms frames per batch (length-bucketed)")
+    a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--optimizer", choices=("adamw", "maxfactor"), default="adamw", help="AdamW or MaxFactor (factored state)")
+    a("--lr", type=float, default=None, help="peak learning rate (default 3e-3 for AdamW, 1e-2 for MaxFactor)")
+    a("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to lr/10")
+    a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
+    a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    a("--eval_every", type=int, default=300, help="steps between validation decoding and checkpoints")
+    a("--eval_utts", type=int, default=100, help="validation utterances decoded at each evaluation")
+    a("--log_every", type=int, default=50, help="steps between progress lines when stdout is not a terminal")
+    a("--device", default="auto", help="auto, cpu or cuda")
+    a("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
+    a("--workers", type=int, default=None, help="DataLoader processes that read, augment and collate batches "
+      "(default: 4 with CUDA, into pinned memory; 0 on CPU, where they would compete with the model)")
+    a("--resume", action="store_true", help="continue runs/<name>/ckpt.pt")
+    a("--bench", action="store_true", help="print the speed of train steps, f0 and decoding on this device, then exit")
+    a("--ablate", nargs="?", const="pitch", choices=tuple(ABLATIONS), help="train each configuration of an ablation "
+      "(see ABLATIONS) for each seed, write runs/<name>/ablation.md and .png; run again, it resumes")
+    a("--seeds", type=int, default=3, help="seeds per configuration for --ablate")
+    a("--diag_every", type=int, default=100, help="steps between per-block gate/MLP and Q/K/V/O gradient scalars "
+      "(figures come with each evaluation); 0 = off")
+    a("--diagnose", nargs=2, metavar=("CKPT", "AUDIO"), help="write a checkpoint's diagnostic figures for one audio "
+      "file to runs/<name>/ as PNGs, then exit")
+    a("--transcribe", nargs="+", metavar="AUDIO", help="print '<path>\\t<transcript>' for each file and exit")
+    a("--ckpt", default=None, help="checkpoint for --transcribe")
+    return p
 
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    for flag in ("max_steps", "batch_frames", "grad_accum", "eval_every", "corpus_size", "d_model", "n_heads", "beam"):
+    for flag in ("max_steps", "batch_frames", "grad_accum", "eval_every", "corpus_size", "d_model", "n_heads", "beam",
+                 "log_every"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.diag_every < 0:
@@ -166,34 +193,35 @@ def parse_args(argv=None):
         p.error(f"--d_model {args.d_model} must be divisible by 2 * --n_heads")
     if args.transcribe and not args.ckpt:
         p.error("--transcribe needs --ckpt")
-    if args.ckpt and not os.path.isfile(args.ckpt):
-        p.error(f"--ckpt {args.ckpt}: no such file")
+    for path in (args.ckpt, args.diagnose and args.diagnose[0]):
+        if path and not os.path.isfile(path):
+            p.error(f"{path}: no such checkpoint")
     if args.resume and not args.name:
         p.error("--resume needs --name of the run to continue")
-    folder = args.dataset != "embedded" and os.path.isdir(args.dataset)
-    if folder and not list(Path(args.dataset).rglob("metadata.csv")):
+    if args.dataset != "embedded" and os.path.isdir(args.dataset) and not list(Path(args.dataset).rglob("metadata.csv")):
         p.error(f"--dataset {args.dataset}: folder has no metadata.csv (file_name,transcription)")
     args.name = args.name or time.strftime("%Y%m%d-%H%M%S")
-    if args.diagnose and not os.path.isfile(args.diagnose[0]):
-        p.error(f"--diagnose {args.diagnose[0]}: no such checkpoint")
     if not (args.resume or args.transcribe or args.bench or args.ablate) and (Path(args.runs_dir) / args.name).exists():
         p.error(f"{Path(args.runs_dir) / args.name} exists: add --resume to continue that run, or pick another --name")
     args.lr = args.lr or {"adamw": 3e-3, "maxfactor": 1e-2}[args.optimizer]
     return args
 
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
 
 # ----------------------------------------------------------------------------------------------------
-# data and features
+# data: text and tokenizer
 
 class BadInput(Exception):
     """An utterance that cannot be used; the message names the problem (callers add the file)."""
-
 
 def normalize_text(text):
     """One normalisation for training targets and for WER/CER: lower case, letters, digits, apostrophes."""
     text = re.sub(r"[^a-z0-9' ]+", " ", text.lower())
     return " ".join(text.split())
-
 
 class Tokenizer:
     """Characters of the training text; ids 0..2 are PAD (and CTC blank), BOS, EOS."""
@@ -219,122 +247,109 @@ class Tokenizer:
         return "".join(c for c in str(text) if c in self.index)
 
 
-# The embedded corpus: seeded sentences from these word classes, spoken by eSpeak NG voices.
-NOUNS = """
-apple table river mountain garden window candle basket bottle bridge castle cloud desert doctor dragon
-engine farmer feather forest friend guitar hammer harbor helmet island jacket kettle kitchen ladder
-lantern letter library lion meadow mirror monkey needle ocean orange painter pencil pepper pillow pilot
-planet pocket potato puzzle rabbit rocket saddle sailor school shadow shepherd silver singer soldier
-spider station stone storm student sugar summer sunset teacher temple tiger tower traveler tunnel
-turtle valley village violin wagon wallet winter wizard wolf yard anchor arrow autumn badge balloon
-banana barrel beach bell bench berry blanket boat book boot bowl box bread brick brother brush bucket
-butter button cabin cable cake camel camera canvas captain carpet carrot cart cat cellar chain chair
-cheese cherry chicken child chimney circle city clock coat coffee coin collar comet compass cook
-copper corner cottage cotton cousin cow crab crown cup curtain cushion daisy dancer daughter deer
-diamond dinner dog doll dolphin donkey door dove drum duck eagle earth elephant elbow emerald fabric
-falcon fence field finger fire fish flag flame flower flute fog fountain fox frog fruit galaxy gate
-giant ginger glass glove goat gold goose grape grass hat hawk heart hedge hill honey horse hotel house
-iron ivory jar jewel journal judge jungle key king kite knife knight lake lamp leaf lemon lily lizard
-lock machine magnet map marble market meal melon merchant metal minute moon morning moth mouse museum
-nest net night noodle north nurse oak olive onion owl palace panda paper parrot peach pearl pebble
-piano picture pig pine pirate plate pond poet pony prince princess pumpkin queen quilt radio rain
-raven ribbon ring road robin robot roof rope rose ruby sand scarf sea seed sheep shell ship shoe
-shovel sister sky snake snow sock sofa song spoon spring squirrel star statue stove stream street
-sun swan sword tea tent thread throne thunder ticket toad tomato tooth torch town toy train tree
-truck trumpet tulip umbrella uncle vase vessel wall water wave whale wheel whistle wind wing wire
-zebra acorn almond alley attic avenue bakery ballet bamboo banner barn beacon beetle bicycle biscuit
-blossom bonnet bracelet branch breeze buffalo bundle cactus canal canyon carnival cathedral cave
-chapel chess circus cliff cobbler comb crystal cupboard dagger dentist diary dune factory feast ferry
-fiddle flagpole forge fossil furnace gallery garage glacier goblet gravel grocer gull hammock harp
-hazel hermit hive horizon iceberg igloo inkwell jasmine jelly kayak kennel lagoon lamb lighthouse
-locket lobster mailbox mango maple mask mast meteor mill minnow mitten moat mole mustard napkin
-oasis orchard otter oyster paddle pancake parcel pasture pavement pelican penguin pepperoni pheasant
-pickle pier pigeon pitcher plum porch postcard pottery puddle pudding quarry raft ranch reef
-rhubarb riddle saucer scroll shrine sleigh slipper snail spinach sponge stable stairway stool
-sunflower swamp tapestry teapot thimble tractor trolley trophy trunk turnip vault velvet vine
-volcano walnut wardrobe waterfall weasel wheat willow workshop yacht
-"""
-ADJECTIVES = """
-bright quiet ancient gentle clever brave tiny huge golden silent heavy narrow distant eager fierce
-frozen hollow humble lazy lucky mighty noble polite proud rapid rusty shiny simple smooth sleepy
-sturdy sudden sweet tender tidy timid wild wise wooden young angry bitter blue bold broken busy calm
-careful cheerful chilly clean cold crooked curious damp dark deep dusty early empty famous fancy fast
-fat fresh friendly funny fuzzy giant glad good grand gray green happy hard hidden high honest hot
-hungry icy jolly kind large late light little lonely long loud lovely low mad magic merry modern
-muddy narrow neat new nice odd old orange pale perfect pink plain pleasant poor pretty purple rare
-red rich ripe rough round royal sad safe salty scary secret sharp short shy silly slow small soft
-sour spicy square steep sticky strange strong sunny tall tame thick thin tired tough ugly warm
-weak wet white windy yellow zealous amber brisk candid dainty dreary elegant faint feeble fragile
-frantic gloomy graceful grumpy handsome harsh hasty hearty jagged keen lavish lively marvelous
-massive meek mellow misty nimble peaceful plump quaint radiant restless rugged scarlet serene
-shabby sleek slender snug solemn sparkling splendid spotted stern stormy swift tangled thorny
-tranquil vivid wandering weary wicked witty wobbly
-"""
-VERBS = """
-found carried painted opened closed watched followed lifted pushed pulled cleaned fixed borrowed
-chased visited washed dropped kicked grabbed touched packed wrapped counted filled emptied measured
-planted picked cooked baked boiled tasted sold bought built broke caught chose drew drove fed forgot
-hid held kept knew left lost made met noticed ordered owned passed praised protected raised reached
-repaired returned saved searched shared showed signed stole studied taught tested threw tied traded
-trusted turned used wanted warned wore admired answered approved attacked awarded balanced blessed
-boxed brushed buried called carved chased cheered collected copied covered crossed crushed decorated
-delivered described destroyed discovered dragged dried earned entered explored fetched folded gathered
-greeted guarded guided hugged hunted ignored imagined invited joined judged labeled launched liked
-loaded locked loved marked mended missed moved named nursed obeyed observed offered painted parked
-placed played polished poured printed promised punished questioned rescued rolled rushed sailed
-scattered scratched sewed shook signaled sketched smelled spotted squeezed stacked stirred stopped
-stretched stuffed supported surprised swapped tamed thanked tickled towed trained trapped troubled
-unlocked unpacked visited waved weighed welcomed whipped wiped worried wrecked examined abandoned
-adopted announced arranged borrowed captured celebrated chopped climbed compared concealed crafted
-defended drained escorted feared flattened framed glued hammered harvested heated hoisted inspected
-juggled knitted lowered melted nailed peeled pinched plucked pressed quilted rattled recorded
-released rinsed sanded scrubbed sharpened shoveled shuffled spilled sprinkled steered strained
-swallowed tapped tossed traced trimmed twisted unfolded varnished wrestled
-"""
-ADVERBS = """
-quickly slowly quietly loudly gently carefully happily sadly bravely calmly eagerly easily fiercely
-gladly honestly kindly lazily neatly politely proudly rarely safely silently softly sternly swiftly
-warmly wisely yesterday today tonight again early later nearly often always never seldom suddenly
-boldly briskly cheerfully clumsily curiously gracefully hastily loosely merrily nervously patiently
-promptly quaintly rapidly roughly shyly smoothly solemnly tenderly tightly urgently vaguely wildly
-"""
-NAMES = """
-alice bob carol david emma frank grace henry irene jack karen leo maria nathan olivia peter quinn
-rachel sam tina victor wendy xavier yusuf zoe aaron bella chloe daniel ethan fiona george hannah
-isaac julia kevin laura martin nina oscar paula ruby simon thomas ursula vera walter
-"""
+# ----------------------------------------------------------------------------------------------------
+# data: the embedded corpus, seeded sentences from these word classes spoken by eSpeak NG voices
+
+NOUNS = sorted(set("""
+apple table river mountain garden window candle basket bottle bridge castle cloud desert doctor dragon engine farmer
+feather forest friend guitar hammer harbor helmet island jacket kettle kitchen ladder lantern letter library lion
+meadow mirror monkey needle ocean orange painter pencil pepper pillow pilot planet pocket potato puzzle rabbit rocket
+saddle sailor school shadow shepherd silver singer soldier spider station stone storm student sugar summer sunset
+teacher temple tiger tower traveler tunnel turtle valley village violin wagon wallet winter wizard wolf yard anchor
+arrow autumn badge balloon banana barrel beach bell bench berry blanket boat book boot bowl box bread brick brother
+brush bucket butter button cabin cable cake camel camera canvas captain carpet carrot cart cat cellar chain chair
+cheese cherry chicken child chimney circle city clock coat coffee coin collar comet compass cook copper corner cottage
+cotton cousin cow crab crown cup curtain cushion daisy dancer daughter deer diamond dinner dog doll dolphin donkey
+door dove drum duck eagle earth elephant elbow emerald fabric falcon fence field finger fire fish flag flame flower
+flute fog fountain fox frog fruit galaxy gate giant ginger glass glove goat gold goose grape grass hat hawk heart
+hedge hill honey horse hotel house iron ivory jar jewel journal judge jungle key king kite knife knight lake lamp leaf
+lemon lily lizard lock machine magnet map marble market meal melon merchant metal minute moon morning moth mouse
+museum nest net night noodle north nurse oak olive onion owl palace panda paper parrot peach pearl pebble piano
+picture pig pine pirate plate pond poet pony prince princess pumpkin queen quilt radio rain raven ribbon ring road
+robin robot roof rope rose ruby sand scarf sea seed sheep shell ship shoe shovel sister sky snake snow sock sofa song
+spoon spring squirrel star statue stove stream street sun swan sword tea tent thread throne thunder ticket toad tomato
+tooth torch town toy train tree truck trumpet tulip umbrella uncle vase vessel wall water wave whale wheel whistle
+wind wing wire zebra acorn almond alley attic avenue bakery ballet bamboo banner barn beacon beetle bicycle biscuit
+blossom bonnet bracelet branch breeze buffalo bundle cactus canal canyon carnival cathedral cave chapel chess circus
+cliff cobbler comb crystal cupboard dagger dentist diary dune factory feast ferry fiddle flagpole forge fossil furnace
+gallery garage glacier goblet gravel grocer gull hammock harp hazel hermit hive horizon iceberg igloo inkwell jasmine
+jelly kayak kennel lagoon lamb lighthouse locket lobster mailbox mango maple mask mast meteor mill minnow mitten moat
+mole mustard napkin oasis orchard otter oyster paddle pancake parcel pasture pavement pelican penguin pepperoni
+pheasant pickle pier pigeon pitcher plum porch postcard pottery puddle pudding quarry raft ranch reef rhubarb riddle
+saucer scroll shrine sleigh slipper snail spinach sponge stable stairway stool sunflower swamp tapestry teapot thimble
+tractor trolley trophy trunk turnip vault velvet vine volcano walnut wardrobe waterfall weasel wheat willow workshop
+yacht
+""".split()))
+ADJECTIVES = sorted(set("""
+bright quiet ancient gentle clever brave tiny huge golden silent heavy narrow distant eager fierce frozen hollow
+humble lazy lucky mighty noble polite proud rapid rusty shiny simple smooth sleepy sturdy sudden sweet tender tidy
+timid wild wise wooden young angry bitter blue bold broken busy calm careful cheerful chilly clean cold crooked
+curious damp dark deep dusty early empty famous fancy fast fat fresh friendly funny fuzzy giant glad good grand gray
+green happy hard hidden high honest hot hungry icy jolly kind large late light little lonely long loud lovely low mad
+magic merry modern muddy narrow neat new nice odd old orange pale perfect pink plain pleasant poor pretty purple rare
+red rich ripe rough round royal sad safe salty scary secret sharp short shy silly slow small soft sour spicy square
+steep sticky strange strong sunny tall tame thick thin tired tough ugly warm weak wet white windy yellow zealous amber
+brisk candid dainty dreary elegant faint feeble fragile frantic gloomy graceful grumpy handsome harsh hasty hearty
+jagged keen lavish lively marvelous massive meek mellow misty nimble peaceful plump quaint radiant restless rugged
+scarlet serene shabby sleek slender snug solemn sparkling splendid spotted stern stormy swift tangled thorny tranquil
+vivid wandering weary wicked witty wobbly
+""".split()))
+VERBS = sorted(set("""
+found carried painted opened closed watched followed lifted pushed pulled cleaned fixed borrowed chased visited washed
+dropped kicked grabbed touched packed wrapped counted filled emptied measured planted picked cooked baked boiled
+tasted sold bought built broke caught chose drew drove fed forgot hid held kept knew left lost made met noticed
+ordered owned passed praised protected raised reached repaired returned saved searched shared showed signed stole
+studied taught tested threw tied traded trusted turned used wanted warned wore admired answered approved attacked
+awarded balanced blessed boxed brushed buried called carved chased cheered collected copied covered crossed crushed
+decorated delivered described destroyed discovered dragged dried earned entered explored fetched folded gathered
+greeted guarded guided hugged hunted ignored imagined invited joined judged labeled launched liked loaded locked loved
+marked mended missed moved named nursed obeyed observed offered painted parked placed played polished poured printed
+promised punished questioned rescued rolled rushed sailed scattered scratched sewed shook signaled sketched smelled
+spotted squeezed stacked stirred stopped stretched stuffed supported surprised swapped tamed thanked tickled towed
+trained trapped troubled unlocked unpacked visited waved weighed welcomed whipped wiped worried wrecked examined
+abandoned adopted announced arranged borrowed captured celebrated chopped climbed compared concealed crafted defended
+drained escorted feared flattened framed glued hammered harvested heated hoisted inspected juggled knitted lowered
+melted nailed peeled pinched plucked pressed quilted rattled recorded released rinsed sanded scrubbed sharpened
+shoveled shuffled spilled sprinkled steered strained swallowed tapped tossed traced trimmed twisted unfolded varnished
+wrestled
+""".split()))
+ADVERBS = sorted(set("""
+quickly slowly quietly loudly gently carefully happily sadly bravely calmly eagerly easily fiercely gladly honestly
+kindly lazily neatly politely proudly rarely safely silently softly sternly swiftly warmly wisely yesterday today
+tonight again early later nearly often always never seldom suddenly boldly briskly cheerfully clumsily curiously
+gracefully hastily loosely merrily nervously patiently promptly quaintly rapidly roughly shyly smoothly solemnly
+tenderly tightly urgently vaguely wildly
+""".split()))
+NAMES = sorted(set("""
+alice bob carol david emma frank grace henry irene jack karen leo maria nathan olivia peter quinn rachel sam tina
+victor wendy xavier yusuf zoe aaron bella chloe daniel ethan fiona george hannah isaac julia kevin laura martin nina
+oscar paula ruby simon thomas ursula vera walter
+""".split()))
 PREPOSITIONS = "near behind under above beside inside outside across beyond toward past around below".split()
 DETERMINERS = "the a every some one my our their this that his her".split()
-
-
-def words(block):
-    return sorted(set(block.split()))
-
 
 def make_sentence(rng):
     """One sentence from a small grammar (5-10 words); every template ends in a noun phrase."""
     def noun_phrase():
         det = rng.choice(DETERMINERS)
-        phrase = [rng.choice(words(ADJECTIVES)), rng.choice(words(NOUNS))] if rng.random() < 0.6 else [rng.choice(words(NOUNS))]
+        phrase = [rng.choice(ADJECTIVES), rng.choice(NOUNS)] if rng.random() < 0.6 else [rng.choice(NOUNS)]
         if det == "a" and phrase[0][0] in "aeiou":
             det = "an"
         return [det] + phrase
-    subject = [rng.choice(words(NAMES))] if rng.random() < 0.4 else noun_phrase()
-    sentence = subject + [rng.choice(words(VERBS))] + noun_phrase()
+    subject = [rng.choice(NAMES)] if rng.random() < 0.4 else noun_phrase()
+    sentence = subject + [rng.choice(VERBS)] + noun_phrase()
     tail = rng.random()
     if tail < 0.35:
         sentence += [rng.choice(PREPOSITIONS)] + noun_phrase()
     elif tail < 0.6:
-        sentence += [rng.choice(words(ADVERBS))]
+        sentence += [rng.choice(ADVERBS)]
     return " ".join(sentence)
-
 
 SEEN_ACCENTS = ["en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan"]
 SEEN_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4", "klatt", "klatt2"]
 # test_unseen: accents, variants, pitch and rate that never occur in training
 UNSEEN_ACCENTS = ["en-029", "en-us-nyc"]
 UNSEEN_VARIANTS = ["m7", "f5", "klatt3"]
-
 
 def corpus_plan(size, seed):
     """Deterministic list of utterances: split, text and voice settings. Sentences never repeat."""
@@ -359,13 +374,9 @@ def corpus_plan(size, seed):
                              pitch=pitch, range=rng.randint(20, 80), rate=rate))
     return plan
 
-
 def synthesize_chunk(job):
     """Speak a list of utterances in a fresh process: eSpeak's jitter state is deterministic only from
     process start, so each chunk is always spoken by a new process in the same order."""
-    import espeakng_loader
-    import soundfile
-    import torchaudio
     root, items = job
     torch.set_num_threads(1)  # one process per core
     lib = ctypes.CDLL(espeakng_loader.get_library_path())
@@ -390,7 +401,6 @@ def synthesize_chunk(job):
         wave = resample(torch.from_numpy(np.concatenate(chunks).astype(np.float32) / 32768)).numpy()
         soundfile.write(os.path.join(root, item["file_name"]), wave, SAMPLE_RATE, subtype="PCM_16")
 
-
 def build_corpus(cache_dir, size, seed, num_proc=2):
     """Synthesise the embedded corpus once into cache_dir/corpus-<size>-<seed>/<split>/ (audio + metadata.csv)."""
     root = os.path.join(cache_dir, f"corpus-v{CORPUS_VERSION}-{size}-{seed}")
@@ -405,21 +415,21 @@ def build_corpus(cache_dir, size, seed, num_proc=2):
         pool.map(synthesize_chunk, jobs, chunksize=1)
     for split in SPLITS:
         with open(os.path.join(root, split, "metadata.csv"), "w", newline="") as f:
-            rows = [{**r, "file_name": os.path.basename(r["file_name"])} for r in plan if r["split"] == split]
-            writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "split"], extrasaction="ignore")
+            items = [{**r, "file_name": os.path.basename(r["file_name"])} for r in plan if r["split"] == split]
+            writer = csv.DictWriter(f, fieldnames=[k for k in items[0] if k != "split"], extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(items)
     size_mb = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) / 2**20
     Path(root, "done").write_text(json.dumps({"seconds": round(time.time() - t0, 1), "megabytes": round(size_mb, 1)}))
     print(f"embedded corpus: {len(plan)} utterances in {time.time() - t0:.0f} s, {size_mb:.0f} MB at {root}")
     return root
 
 
+# ----------------------------------------------------------------------------------------------------
+# data: audio and features (log-mel and f0, aligned 1:1)
+
 def decode_audio(audio):
     """A datasets Audio(decode=False) value ({'bytes', 'path'}) or a path -> mono float32 at 16 kHz."""
-    import io
-    import soundfile
-    import torchaudio
     source = audio if isinstance(audio, str) else (io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"])
     try:
         wave, rate = soundfile.read(source, dtype="float32", always_2d=True)
@@ -430,7 +440,7 @@ def decode_audio(audio):
         raise BadInput("audio has zero samples")
     if not np.isfinite(wave).all():
         raise BadInput("audio contains NaN or Inf samples")
-    if np.abs(wave).max() < 1e-4:
+    if np.abs(wave).max() < SILENCE_PEAK:
         raise BadInput("silent audio (peak below -80 dBFS)")
     wave = torch.from_numpy(np.ascontiguousarray(wave))
     if rate != SAMPLE_RATE:
@@ -439,32 +449,25 @@ def decode_audio(audio):
         raise BadInput(f"audio too short ({wave.numel() / SAMPLE_RATE * 1000:.0f} ms)")
     return wave
 
-
-_MEL = {}
-
+@functools.cache
+def mel_filterbank():
+    return torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=400, hop_length=HOP, n_mels=N_MELS, f_min=0.0,
+                                                f_max=8000.0, power=2.0)
 
 def log_mel(wave):
     """(samples,) float32 at 16 kHz -> (frames, 80) log-mel, 25 ms window, 10 ms hop, 0-8 kHz, Whisper scaling."""
-    import torchaudio
-    if "mel" not in _MEL:
-        _MEL["mel"] = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=400, hop_length=HOP, n_mels=N_MELS,
-                                                           f_min=0.0, f_max=8000.0, power=2.0)
-    mel = _MEL["mel"](wave).clamp(min=1e-10).log10()
+    mel = mel_filterbank()(wave).clamp(min=1e-10).log10()
     mel = torch.maximum(mel, mel.max() - 8.0)
     return ((mel + 4.0) / 4.0).T.contiguous()
 
-
-F0_MIN, F0_MAX = 60.0, 500.0  # search range of the pitch tracker; the embedded voices span about 60-330 Hz
-
-
-def yin_f0(waves, window=512, dip=0.15, voicing=0.5, silence_db=-45.0):
+def yin_f0(waves, window=512):
     """Batched YIN pitch tracker (de Cheveigne & Kawahara 2002) in torch, so it runs on any device.
 
     waves (batch, samples) float32 at 16 kHz -> f0 in Hz and voiced, each (batch, samples // 160 + 1); frame k
     is centred at k*10 ms. The difference function d(tau) = E_0 + E_tau - 2 r(tau) comes from one FFT per frame;
-    the period is the first dip of the cumulative-mean-normalised d' below `dip` (else its global minimum),
-    refined by a parabola. A frame is voiced when d' there is below `voicing` and the frame is within
-    `silence_db` of the utterance's loudest frame. Unvoiced frames have f0 = 0."""
+    the period is the first dip of the cumulative-mean-normalised d' below YIN_DIP (else its global minimum),
+    refined by a parabola. A frame is voiced when d' there is below YIN_VOICED and the frame is within
+    SILENCE_DB of the utterance's loudest frame. Unvoiced frames have f0 = 0."""
     lag_min, lag_max = int(SAMPLE_RATE / F0_MAX), math.ceil(SAMPLE_RATE / F0_MIN)
     span = window + lag_max + 2
     n_frames = waves.shape[-1] // HOP + 1
@@ -479,31 +482,32 @@ def yin_f0(waves, window=512, dip=0.15, voicing=0.5, silence_db=-45.0):
     cmnd = diff[..., 1:] * lags[1:] / diff[..., 1:].cumsum(-1).clamp(min=1e-12)  # d'(tau) for tau = 1 .. lag_max+1
     inner = cmnd[..., 1:-1]  # tau = 2 .. lag_max: each has both neighbours
     in_range = lags[2:-1] >= lag_min
-    is_dip = (inner <= cmnd[..., :-2]) & (inner < cmnd[..., 2:]) & in_range & (inner < dip)
+    is_dip = (inner <= cmnd[..., :-2]) & (inner < cmnd[..., 2:]) & in_range & (inner < YIN_DIP)
     fallback = inner.masked_fill(~in_range, float("inf")).argmin(-1)
     best = torch.where(is_dip.any(-1), is_dip.int().argmax(-1), fallback).unsqueeze(-1) + 1  # index into cmnd
     left, centre, right = cmnd.gather(-1, best - 1), cmnd.gather(-1, best), cmnd.gather(-1, best + 1)
     shift = (0.5 * (left - right) / (left - 2 * centre + right).clamp(min=1e-12)).clamp(-1, 1)
     period = (best + 1 + shift).squeeze(-1)  # lag of cmnd index i is i + 1
     level = frames[..., :window].square().mean(-1)
-    loud = 10 * torch.log10(level / level.amax(-1, keepdim=True).clamp(min=1e-20) + 1e-20) > silence_db
-    voiced = (centre.squeeze(-1) < voicing) & loud
+    loud = 10 * torch.log10(level / level.amax(-1, keepdim=True).clamp(min=1e-20) + 1e-20) > SILENCE_DB
+    voiced = (centre.squeeze(-1) < YIN_VOICED) & loud
     return torch.where(voiced, SAMPLE_RATE / period, torch.zeros_like(period)), voiced
 
+def fit_frames(x, n):
+    """Cut or zero-pad the last axis to n: how a track a few frames off the log-mel is aligned to it."""
+    return x[..., :n] if x.shape[-1] >= n else F.pad(x, (0, n - x.shape[-1]))
 
 def extract_f0(wave, sample_rate=SAMPLE_RATE):
     """f0 in Hz and a voicing flag per 10 ms frame (frame k centred at k*10 ms), aligned 1:1 with log_mel.
 
     (samples,) array or tensor at any rate -> two (samples * 16000 // rate // 160 + 1,) tensors. YIN in torch
     (yin_f0): as accurate as Praat and pyin on speech and over 30x cheaper than librosa.pyin (README)."""
-    import torchaudio
     wave = torch.as_tensor(np.asarray(wave, dtype=np.float32)).reshape(-1)
     n_frames = len(wave) * SAMPLE_RATE // sample_rate // HOP + 1
     if sample_rate != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, sample_rate, SAMPLE_RATE)
     f0, voiced = yin_f0(wave[None])  # resampling may add a frame: cut or pad to the count at the input rate
     return fit_frames(f0, n_frames)[0], fit_frames(voiced.float(), n_frames)[0] > 0
-
 
 def featurize(waves, keep_wave=False, device=torch.device("cpu")):
     """16 kHz waveforms -> per utterance a dict of log-mel (frames, 80), f0 (frames,), voiced (frames,), all the
@@ -521,6 +525,16 @@ def featurize(waves, keep_wave=False, device=torch.device("cpu")):
                        | ({"wave": wave.half().numpy()} if keep_wave else {}))
     return out
 
+def feature_code_hash():
+    """The feature code's own source and constants: part of each split's cache key, so that editing them recomputes
+    the features (datasets' fingerprint of the map function does not follow the functions it calls)."""
+    code = [inspect.getsource(f) for f in (decode_audio, log_mel, yin_f0, featurize, _featurize_examples)]
+    constants = (SAMPLE_RATE, HOP, N_MELS, F0_MIN, F0_MAX, YIN_DIP, YIN_VOICED, SILENCE_DB, SILENCE_PEAK)
+    return hashlib.sha256(repr((code, constants)).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# data: loading (every source through Hugging Face datasets, features cached by .map)
 
 def _featurize_examples(batch, text_column, keep_wave, max_seconds, device):
     """datasets .map function (batched): decode and check each utterance, then featurize the usable ones together.
@@ -547,9 +561,7 @@ def _featurize_examples(batch, text_column, keep_wave, max_seconds, device):
     return {key: [u[key] for u in utterances] for key in empty} | {"text": texts, "error": errors,
                                                                     "n_frames": [len(u["mel"]) for u in utterances]}
 
-
-def _features(keep_wave):
-    import datasets
+def feature_columns(keep_wave):
     columns = {"mel": datasets.Array2D((None, N_MELS), "float16"), "f0": datasets.Sequence(datasets.Value("float32")),
                "voiced": datasets.Sequence(datasets.Value("bool"))}
     if keep_wave:
@@ -557,69 +569,53 @@ def _features(keep_wave):
     return datasets.Features(columns | {"text": datasets.Value("string"), "n_frames": datasets.Value("int32"),
                                         "error": datasets.Value("string")})
 
-
 def local_folder(folder, hf_cache):
     """A folder of audio files + metadata.csv (file_name,transcription,...) -> Dataset with an 'audio' column
     of file paths, the same Audio(decode=False) type a hub dataset has."""
-    import datasets
     ds = datasets.load_dataset("csv", data_files=os.path.join(folder, "metadata.csv"), split="train", cache_dir=hf_cache,
                                keep_default_na=False)
     if "file_name" not in ds.column_names:
         raise SystemExit(f"echo: {folder}/metadata.csv: no file_name column")
     return ds.map(lambda f: {"audio": os.path.join(folder, f)}, input_columns="file_name")
 
-
-def hub_reachable(timeout=3.0):
-    import socket
+def raw_splits(args, hf_cache):
+    """{split: Dataset of audio + transcript} from the embedded corpus, a local folder (split subfolders, or one flat
+    folder split 90/5/5) or the hub (a one-line error offline, after a 3 s reachability check, not 26 s of retries)."""
+    names = dict(zip(("train", "validation", "test"), args.splits.split(",")))
+    if args.dataset == "embedded" or os.path.isdir(args.dataset):
+        root = (build_corpus(args.cache_dir, args.corpus_size, args.corpus_seed, args.num_proc)
+                if args.dataset == "embedded" else args.dataset)
+        folders = {split: os.path.join(root, names.get(split, split)) for split in SPLITS}
+        raw = {split: local_folder(folder, hf_cache) for split, folder in folders.items()
+               if os.path.exists(os.path.join(folder, "metadata.csv"))}
+        if "train" not in raw and os.path.exists(os.path.join(root, "metadata.csv")):
+            held = local_folder(root, hf_cache).train_test_split(test_size=0.1, seed=args.corpus_seed)
+            halves = held["test"].train_test_split(test_size=0.5, seed=args.corpus_seed)
+            raw = {"train": held["train"], "validation": halves["train"], "test": halves["test"]}
+        return raw
+    hint = "Use a local folder instead: --dataset path/to/folder with audio files and metadata.csv (file_name,transcription)"
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
+        if not os.environ.get("HF_HUB_OFFLINE"):
+            socket.create_connection(("huggingface.co", 443), timeout=3.0).close()
     except OSError:
-        return False
-
-
-def feature_code_hash():
-    """The feature code's own source and constants: part of each split's cache key, so that editing them recomputes
-    the features (datasets' fingerprint of the map function does not follow the functions it calls)."""
-    import inspect
-    code = [inspect.getsource(f) for f in (decode_audio, log_mel, yin_f0, featurize, _featurize_examples)]
-    return hashlib.sha256(repr((code, SAMPLE_RATE, HOP, N_MELS, F0_MIN, F0_MAX)).encode()).hexdigest()[:16]
-
+        raise SystemExit(f"echo: cannot reach the Hugging Face hub for dataset {args.dataset!r} (offline?). {hint}") from None
+    try:
+        return {split: datasets.load_dataset(args.dataset, args.dataset_config, split=name, cache_dir=hf_cache,
+                                             streaming=args.streaming and split == "train") for split, name in names.items()}
+    except Exception as e:
+        raise SystemExit(f"echo: cannot load hub dataset {args.dataset!r} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}). {hint}") from None
 
 def load_splits(args):
     """Every source goes through Hugging Face datasets: raw audio (decode=False) -> cached features per split.
 
     Returns {split: Dataset with mel, f0, voiced, text, n_frames} and the skipped utterances; with --streaming the
     train split is an IterableDataset that computes the same columns (and 'error') as it is read."""
-    import datasets
-    from datasets.fingerprint import Hasher
     datasets.disable_progress_bars()
     threads, device = torch.get_num_threads(), pick_device(args.device)  # on a GPU: f0 batched, in this process
     if args.num_proc > 1 and device.type == "cpu":  # forked feature workers inherit this: one thread per core each
         torch.set_num_threads(1)
-    names = dict(zip(("train", "validation", "test"), args.splits.split(",")))
-    hf_cache = os.path.join(args.cache_dir, "hf")
-    if args.dataset == "embedded" or os.path.isdir(args.dataset):
-        root = (build_corpus(args.cache_dir, args.corpus_size, args.corpus_seed, args.num_proc)
-                if args.dataset == "embedded" else args.dataset)
-        raw = {split: local_folder(os.path.join(root, names.get(split, split)), hf_cache) for split in SPLITS
-               if os.path.exists(os.path.join(root, names.get(split, split), "metadata.csv"))}
-        if "train" not in raw and os.path.exists(os.path.join(root, "metadata.csv")):  # one flat folder: hold out 10 %
-            held = local_folder(root, hf_cache).train_test_split(test_size=0.1, seed=args.corpus_seed)
-            halves = held["test"].train_test_split(test_size=0.5, seed=args.corpus_seed)
-            raw = {"train": held["train"], "validation": halves["train"], "test": halves["test"]}
-    else:
-        offline_hint = ("Use a local folder instead: --dataset path/to/folder with audio files and metadata.csv "
-                        "(file_name,transcription)")
-        if not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
-            raise SystemExit(f"echo: cannot reach the Hugging Face hub for dataset {args.dataset!r} (offline?). {offline_hint}")
-        try:
-            raw = {split: datasets.load_dataset(args.dataset, args.dataset_config, split=name, cache_dir=hf_cache,
-                                                streaming=args.streaming and split == "train")
-                   for split, name in names.items()}
-        except Exception as e:
-            raise SystemExit(f"echo: cannot load hub dataset {args.dataset!r} ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:120]}). {offline_hint}") from None
+    raw = raw_splits(args, os.path.join(args.cache_dir, "hf"))
     if "train" not in raw:
         raise SystemExit(f"echo: {args.dataset}: no train split (expected <folder>/train/metadata.csv or <folder>/metadata.csv)")
     out, skipped = {}, []
@@ -628,85 +624,81 @@ def load_splits(args):
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
         keep_wave = "waveform" in args.streams or (split == "train" and bool(args.speed_perturb or args.noise_snr))
         kwargs = {"text_column": text_column, "keep_wave": keep_wave, "max_seconds": args.max_seconds}
+        common = dict(batched=True, batch_size=16, remove_columns=ds.column_names, features=feature_columns(keep_wave))
         if split == "train" and args.streaming:  # featurised lazily, where it is read (DataLoader workers); no cache
             if isinstance(ds, datasets.Dataset):
                 ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
-            out[split] = ds.map(_featurize_examples, fn_kwargs=kwargs | {"device": torch.device("cpu")}, batched=True,
-                                batch_size=16, remove_columns=ds.column_names, features=_features(keep_wave))
+            out[split] = ds.map(_featurize_examples, fn_kwargs=kwargs | {"device": torch.device("cpu")}, **common)
             continue
-        ds = ds.map(_featurize_examples, fn_kwargs=kwargs | {"device": device}, batched=True, batch_size=16,
-                    remove_columns=ds.column_names, features=_features(keep_wave),
+        ds = ds.map(_featurize_examples, fn_kwargs=kwargs | {"device": device}, **common, desc=f"features {split}",
                     new_fingerprint=Hasher.hash((ds._fingerprint, feature_code_hash(), kwargs)),
-                    num_proc=args.num_proc if len(ds) >= 100 and device.type == "cpu" else None, desc=f"features {split}")
-        bad = ds.filter(lambda e: e != "", input_columns="error")
-        skipped += bad["error"]
+                    num_proc=args.num_proc if len(ds) >= 100 and device.type == "cpu" else None)
+        skipped += ds.filter(lambda e: e != "", input_columns="error")["error"]
         out[split] = ds.filter(lambda e: e == "", input_columns="error").with_format("numpy")
     torch.set_num_threads(threads)
     return out, skipped
 
 
-def bucket_batches(lengths, batch_frames, seed, epoch):
-    """Length-bucketed batches: shuffle, sort inside windows of 1000, cut where the padded size would exceed
-    batch_frames, shuffle the batches. Deterministic in (seed, epoch), so a resumed run sees the same order."""
-    rng = random.Random(seed * 100003 + epoch)
+# ----------------------------------------------------------------------------------------------------
+# data: batches and augmentation
+
+def length_batches(lengths, batch_frames, rng=None):
+    """Batches of indices whose padded size (longest x count) stays within batch_frames. With rng (random.Random,
+    training): shuffle, sort inside windows of BUCKET_WINDOW, cut, shuffle the batches; deterministic in the rng's
+    seed, so a resumed run sees the same order. Without (evaluation, transcription): all sorted by length, then cut."""
     order = list(range(len(lengths)))
-    rng.shuffle(order)
+    if rng is not None:
+        rng.shuffle(order)
+    window = BUCKET_WINDOW if rng is not None else max(1, len(order))
     batches = []
-    for start in range(0, len(order), 1000):
+    for start in range(0, len(order), window):
         batch, longest = [], 0
-        for i in sorted(order[start:start + 1000], key=lambda i: lengths[i]):
+        for i in sorted(order[start:start + window], key=lambda i: lengths[i]):
             if batch and max(longest, lengths[i]) * (len(batch) + 1) > batch_frames:
                 batches.append(batch)
                 batch, longest = [], 0
             batch.append(i)
             longest = max(longest, lengths[i])
         batches.append(batch)
-    rng.shuffle(batches)
+    if rng is not None:
+        rng.shuffle(batches)
     return batches
 
+def epoch_rng(seed, epoch):
+    """The data-order rng of one epoch of a run."""
+    return random.Random(seed * 100003 + epoch)
 
 def rows(dataset, indices):
     """Rows of a numpy-formatted Dataset as dicts, fetched in one slice per column."""
     columns = dataset[list(indices)]
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
-
 def collate(items, tokenizer=None):
-    """Feature dicts -> padded batch. mel (B, T, 80) zero-padded, f0/voiced (B, T), frames (B,);
-    with a tokenizer also tokens (B, L+1): BOS text EOS, PAD-filled."""
+    """Feature dicts -> padded batch. mel (B, T, 80) zero-padded, f0/voiced (B, T), frames (B,), wave (B, samples)
+    when the items have it; with a tokenizer also tokens (B, L+1): BOS text EOS, PAD-filled."""
     frames = torch.tensor([len(it["mel"]) for it in items])
-    mel = torch.zeros(len(items), int(frames.max()), N_MELS)
-    f0 = torch.zeros(len(items), int(frames.max()))
-    voiced = torch.zeros(len(items), int(frames.max()), dtype=torch.bool)
-    for i, it in enumerate(items):
-        n = len(it["mel"])
-        mel[i, :n] = torch.from_numpy(np.array(it["mel"], dtype=np.float32))
-        f0[i, :n] = torch.from_numpy(np.array(it["f0"], dtype=np.float32))
-        voiced[i, :n] = torch.from_numpy(np.array(it["voiced"], dtype=bool))
-    batch = {"mel": mel, "f0": f0, "voiced": voiced, "frames": frames, "text": [str(it["text"]) for it in items]}
+    pad = lambda key, dtype: nn.utils.rnn.pad_sequence([torch.from_numpy(np.array(it[key], dtype=dtype)) for it in items],
+                                                       batch_first=True)
+    batch = {"mel": pad("mel", np.float32), "f0": pad("f0", np.float32), "voiced": pad("voiced", bool), "frames": frames,
+             "text": [str(it["text"]) for it in items]}
     if "wave" in items[0]:
-        batch["wave"] = torch.zeros(len(items), max(len(it["wave"]) for it in items))
-        for i, it in enumerate(items):
-            batch["wave"][i, :len(it["wave"])] = torch.from_numpy(np.array(it["wave"], dtype=np.float32))
+        batch["wave"] = pad("wave", np.float32)
     if tokenizer is not None:
-        ids = [[BOS] + tokenizer.encode(t) + [EOS] for t in batch["text"]]
-        tokens = torch.full((len(ids), max(map(len, ids))), PAD)
-        for i, seq in enumerate(ids):
-            tokens[i, :len(seq)] = torch.tensor(seq)
-        batch["tokens"] = tokens
+        ids = [torch.tensor([BOS] + tokenizer.encode(t) + [EOS]) for t in batch["text"]]
+        batch["tokens"] = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=PAD)
     return batch
 
-
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 def perturb_audio(items, rng, speed_perturb=False, noise_snr=None):
-    """Training audio augmentation, on the fly and seeded by rng: speed perturbation (factor 0.9, 1.0 or 1.1 by
+    """Training audio augmentation, on the fly and seeded by rng: speed perturbation (a factor of SPEED_FACTORS by
     resampling, Kaldi-style: tempo and pitch move together) and white noise at a random SNR (dB, over the
     utterance). Items need 'wave'; a changed utterance gets its log-mel and f0 recomputed from the new audio, so the
     f0 track moves with it."""
-    import torchaudio
     changed = {}
     for i, item in enumerate(items):
-        speed = float(rng.choice((0.9, 1.0, 1.1))) if speed_perturb else 1.0
+        speed = float(rng.choice(SPEED_FACTORS)) if speed_perturb else 1.0
         snr = rng.uniform(*noise_snr) if noise_snr else None
         if speed == 1.0 and snr is None:
             continue
@@ -720,8 +712,8 @@ def perturb_audio(items, rng, speed_perturb=False, noise_snr=None):
     features = dict(zip(changed, featurize(list(changed.values()), keep_wave=True)))
     return [item | features.get(i, {}) for i, item in enumerate(items)]
 
-
-def spec_augment(batch, rng, freq_masks=2, max_bins=27, time_masks=5, max_time=0.05):
+def spec_augment(batch, rng, freq_masks=SPECAUG["freq_masks"], max_bins=SPECAUG["max_bins"],
+                 time_masks=SPECAUG["time_masks"], max_time=SPECAUG["max_time"]):
     """SpecAugment as in ESPnet's LibriSpeech-100 recipe (without time warping): per utterance, 2 frequency masks of
     up to 27 mel bins and 5 time masks of up to 5 % of its own length each, filled with its mean log-mel. Only the
     log-mel inside each utterance changes: never the f0 track, the waveform or the padding."""
@@ -739,6 +731,49 @@ def spec_augment(batch, rng, freq_masks=2, max_bins=27, time_masks=5, max_time=0
             own[start:start + width] = fill
     return batch | {"mel": mel}
 
+def training_batch(items, tokenizer, args, key):
+    """One training micro-batch, augmented and collated. Its randomness is seeded by the run's seed and key (epoch and
+    first utterance), so any DataLoader worker or torchrun rank builds the same batch."""
+    rng = np.random.default_rng([args.seed, *key])
+    if args.speed_perturb or args.noise_snr:
+        items = perturb_audio(items, rng, args.speed_perturb, args.noise_snr)
+    batch = collate(items, tokenizer)
+    return spec_augment(batch, rng) if args.specaug else batch
+
+def cached_batch(train_set, tokenizer, args, epoch, indices):
+    return training_batch(rows(train_set, indices), tokenizer, args, (epoch, indices[0]))
+
+class StreamingBatches(torch.utils.data.IterableDataset):
+    """--streaming: training micro-batches straight from the featurising stream of load_splits, shuffled through a
+    buffer and length-bucketed BUCKET_WINDOW utterances at a time. In DataLoader workers each worker reads its own
+    shards. Unusable utterances are skipped; each batch carries how many were skipped since the last one."""
+
+    def __init__(self, stream, tokenizer, args, epoch):
+        super().__init__()
+        self.stream, self.tokenizer, self.args, self.epoch = stream, tokenizer, args, epoch
+
+    def __iter__(self):
+        stream = self.stream.shuffle(seed=self.args.seed, buffer_size=BUCKET_WINDOW)
+        stream.set_epoch(self.epoch)
+        buffer, skipped = [], 0
+        for example in stream:
+            if example["error"] or set(example["text"]) - set(self.tokenizer.index):
+                skipped += 1
+                continue
+            buffer.append(example)
+            if len(buffer) == BUCKET_WINDOW:
+                yield from self.cut(buffer, skipped)
+                buffer, skipped = [], 0
+        if buffer:
+            yield from self.cut(buffer, skipped)
+
+    def cut(self, buffer, skipped):
+        """Length-bucketed, collated batches of the buffered utterances; the first carries the skipped count."""
+        rng = epoch_rng(self.args.seed, self.epoch)
+        for n, indices in enumerate(length_batches([len(e["mel"]) for e in buffer], self.args.batch_frames, rng)):
+            items = [buffer[i] for i in indices]
+            key = (self.epoch, zlib.crc32(items[0]["text"].encode()))
+            yield training_batch(items, self.tokenizer, self.args, key) | {"skipped": skipped if n == 0 else 0}
 # ----------------------------------------------------------------------------------------------------
 # model
 
@@ -751,12 +786,6 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
-
-F0_REF = 220.0  # Hz at which the pitch-warped rotary advances exactly one position per frame
-SPEED_RANGE = (0.25, 3.0)  # clamp of f0 / F0_REF (55-660 Hz): with max step 1 rad/frame no step exceeds pi
-RADIUS_MAX = 2.0  # variable radii stay in [1 / RADIUS_MAX, RADIUS_MAX]
-
-
 def rope_freqs(head_dim, kind="standard", theta=10000.0):
     """Rotary angular steps per position, one per channel pair, highest first: (head_dim/2,) float64.
     standard: theta^(-2k/d), top step 1 rad. mel: mel-spaced (as between 20 Hz and 8 kHz) with the top step
@@ -768,13 +797,11 @@ def rope_freqs(head_dim, kind="standard", theta=10000.0):
     hz = 700 * (10 ** (torch.linspace(mel_high, mel_low, len(k), dtype=torch.float64) / 2595) - 1)
     return hz / 8000.0 * 0.99 * math.pi / SPEED_RANGE[1]
 
-
 def rotary(positions, freqs):
     """positions (B, T), possibly fractional -> e^(i angle): (B, 1, T, head_dim/2) complex64.
     Angles in float64: pitch-warped positions grow without bound and only their differences matter."""
     angle = positions.double()[..., None] * freqs.to(positions.device)
     return torch.polar(torch.ones_like(angle), angle).to(torch.complex64)[:, None]
-
 
 def apply_rotary(x, table):
     """Multiply each consecutive channel pair of x (B, H, T, head_dim), read as a complex number, by the complex
@@ -782,7 +809,6 @@ def apply_rotary(x, table):
     (one complex kernel, several times faster than cos/sin arithmetic on the pairs)."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * table).flatten(-2).type_as(x)
-
 
 def pitch_track(f0, voiced, frames, n_out):
     """Per-10 ms f0 (B, T') and voicing -> per encoder frame (B, n_out): mean log2 f0 of the voiced 10 ms
@@ -799,7 +825,6 @@ def pitch_track(f0, voiced, frames, n_out):
     voiced = count >= 2
     return torch.where(voiced, log_f0, 0.0), voiced
 
-
 class PitchPrior(nn.Module):
     """What encoder self-attention knows about pitch, computed once per batch and shared by every block:
     the rotary table (pitch-warped phase, variable radius) and the attention mask (padding, pitch-similarity
@@ -811,8 +836,8 @@ class PitchPrior(nn.Module):
         self.f0_theta = f0_theta
         self.register_buffer("freqs", rope_freqs(head_dim, freqs), persistent=False)
         assert float(self.freqs.max()) * SPEED_RANGE[1] <= math.pi, "a rotary step above pi aliases"
-        self.radius_strength = nn.Parameter(torch.full((n_heads,), 0.1)) if radii else None
-        self.pitch_bias = nn.Parameter(torch.full((n_heads,), -2.0)) if pitch_bias else None  # softplus: 0.13/octave
+        self.radius_strength = nn.Parameter(torch.full((n_heads,), RADIUS_INIT)) if radii else None
+        self.pitch_bias = nn.Parameter(torch.full((n_heads,), PITCH_BIAS_INIT)) if pitch_bias else None
         self.zero_value = nn.Parameter(torch.zeros(n_heads)) if zero_value else None
 
     def speed(self, log_f0, voiced):
@@ -852,7 +877,6 @@ class PitchPrior(nn.Module):
             bias = bias + self.zero_value[None, :, None, None] * (~voiced & valid)[:, None, None, :]
         return table, bias.masked_fill(~mask, float("-inf"))
 
-
 class Attention(nn.Module):
     """Multi-head attention through scaled_dot_product_attention. Self-attention when context is None."""
 
@@ -890,7 +914,6 @@ class Attention(nn.Module):
             self.weights = scores.softmax(-1).mean(1).detach()
         return self.o(out.transpose(1, 2).flatten(2))
 
-
 class MLP(nn.Module):
     def __init__(self, d_model):
         super().__init__()
@@ -898,7 +921,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down(F.gelu(self.up(x)))
-
 
 class Gate(nn.Module):
     """A scalar gate per position on a block's MLP output: (B, T, D) -> (B, T, 1) in (0, 1).
@@ -925,7 +947,6 @@ class Gate(nn.Module):
         read = torch.softmax(x @ self.memory_keys.T / math.sqrt(x.shape[-1]), -1) @ self.memory_values
         return 0.5 * (torch.sigmoid(self.proj(x)) + torch.sigmoid(read))
 
-
 class Block(nn.Module):
     """Pre-norm residual block: self-attention, optional cross-attention, MLP scaled by an optional Gate."""
 
@@ -945,7 +966,6 @@ class Block(nn.Module):
         h = self.mlp_norm(x)
         return x + (self.mlp(h) if self.gate is None else self.gate(h) * self.mlp(h))
 
-
 class Stem(nn.Module):
     """A stream's conv front-end: (B, C, T) at 100 frames/s -> (B, ceil(T/4), D) at 25 frames/s. The padding is
     zeroed after every conv, so an utterance sees the same zero border alone or inside a batch."""
@@ -962,12 +982,6 @@ class Stem(nn.Module):
             frames = (frames + conv.stride[0] - 1) // conv.stride[0]
             x = x * (torch.arange(x.shape[-1], device=x.device) < frames[:, None])[:, None]
         return x.transpose(1, 2)
-
-
-def fit_frames(x, n):
-    """Cut or zero-pad the last axis to n: how a stream a few frames off the log-mel is aligned to it."""
-    return x[..., :n] if x.shape[-1] >= n else F.pad(x, (0, n - x.shape[-1]))
-
 
 class Streams(nn.Module):
     """Feature streams -> encoder input (B, T/4, D). spectrogram: the log-mel. pitch: log2(f0 / 220 Hz) and
@@ -997,7 +1011,6 @@ class Streams(nn.Module):
         self.weights = weights.detach().flatten(0, 1).mean(0)
         return sum(weights[..., i:i + 1] * stream for i, stream in enumerate(streams))
 
-
 def pitch_input(f0, voiced, n):
     """(B, T') f0 and voicing -> (B, 2, n): log2(f0 / 220 Hz) on voiced frames (0 elsewhere) and the voicing flag."""
     f0 = fit_frames(f0, n)
@@ -1005,17 +1018,18 @@ def pitch_input(f0, voiced, n):
     octaves = (f0.nan_to_num(F0_REF).clamp(min=1.0) / F0_REF).log2()
     return torch.stack([torch.where(voiced, octaves, 0.0), voiced.float()], 1)
 
-
 class Encoder(nn.Module):
-    """log-mel (B, T, 80) + f0 track -> (B, ceil(T/4), D): conv stem (stride 4, 40 ms frames), then transformer
+    """Feature streams + f0 track -> (B, ceil(T/4), D): conv stems (stride 4, 40 ms frames), then transformer
     blocks whose self-attention takes its rotary and mask from the PitchPrior."""
 
-    def __init__(self, d_model, n_heads, n_layers, streams=("spectrogram",), gate="none", gate_memory=64, **pitch):
+    def __init__(self, c):
         super().__init__()
-        self.streams = Streams(streams, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, gate=gate, gate_memory=gate_memory) for _ in range(n_layers))
-        self.norm = RMSNorm(d_model)
-        self.pitch = PitchPrior(d_model // n_heads, n_heads, **pitch)
+        self.streams = Streams(tuple(c.streams.split(",")), c.d_model)
+        self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, gate=c.gate, gate_memory=c.gate_memory)
+                                    for _ in range(c.enc_layers))
+        self.norm = RMSNorm(c.d_model)
+        self.pitch = PitchPrior(c.d_model // c.n_heads, c.n_heads, c.f0_theta, c.radii, c.pitch_bias, c.zero_value,
+                                c.rope_freqs)
 
     def forward(self, batch):
         x, frames = self.streams(batch), batch["frames"]
@@ -1025,19 +1039,18 @@ class Encoder(nn.Module):
             x = block(x, table=table, mask=mask)
         return self.norm(x), valid
 
-
 class Decoder(nn.Module):
     """tokens (B, L) + audio (B, S, D) -> logits (B, L, vocab): causal RoPE self-attention over token
     positions, cross-attention without rotary (tokens and frames share no position axis), tied output."""
 
-    def __init__(self, vocab, d_model, n_heads, n_layers, gate="none", gate_memory=64):
+    def __init__(self, c):
         super().__init__()
-        self.embed = nn.Embedding(vocab, d_model)
+        self.embed = nn.Embedding(c.vocab, c.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)  # small init keeps the first loss near ln(vocab)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, cross=True, gate=gate, gate_memory=gate_memory)
-                                    for _ in range(n_layers))
-        self.norm = RMSNorm(d_model)
-        self.register_buffer("freqs", rope_freqs(d_model // n_heads), persistent=False)
+        self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, cross=True, gate=c.gate, gate_memory=c.gate_memory)
+                                    for _ in range(c.dec_layers))
+        self.norm = RMSNorm(c.d_model)
+        self.register_buffer("freqs", rope_freqs(c.d_model // c.n_heads), persistent=False)
 
     def forward(self, tokens, audio, audio_valid, caches=None, offset=0):
         x = self.embed(tokens)
@@ -1049,15 +1062,14 @@ class Decoder(nn.Module):
                       cache=None if caches is None else caches[i])
         return self.norm(x) @ self.embed.weight.T
 
-
 class Echo(nn.Module):
-    def __init__(self, vocab, d_model=192, n_heads=4, enc_layers=6, dec_layers=2, ctc_weight=0.3, gate="none",
-                 gate_memory=64, streams=("spectrogram",), **pitch):
+    """The encoder-decoder with an auxiliary CTC head on the encoder, built from a ModelConfig."""
+
+    def __init__(self, config):
         super().__init__()
-        self.encoder = Encoder(d_model, n_heads, enc_layers, streams, gate, gate_memory, **pitch)
-        self.decoder = Decoder(vocab, d_model, n_heads, dec_layers, gate, gate_memory)
-        self.ctc_head = nn.Linear(d_model, vocab) if ctc_weight > 0 else None
-        self.ctc_weight = ctc_weight
+        self.config = config
+        self.encoder, self.decoder = Encoder(config), Decoder(config)
+        self.ctc_head = nn.Linear(config.d_model, config.vocab) if config.ctc_weight > 0 else None
 
     def encode(self, batch):
         return self.encoder(batch)
@@ -1067,8 +1079,7 @@ class Echo(nn.Module):
         audio, valid = self.encode(batch)
         logits = self.decoder(batch["tokens"][:, :-1], audio, valid)
         return joint_loss(logits, None if self.ctc_head is None else self.ctc_head(audio), batch["tokens"], valid,
-                          self.ctc_weight)
-
+                          self.config.ctc_weight)
 
 def joint_loss(logits, ctc_logits, tokens, valid, ctc_weight):
     """(1 - w) * cross-entropy of the decoder + w * CTC of the encoder -> (total, cross-entropy, ctc or None).
@@ -1081,19 +1092,16 @@ def joint_loss(logits, ctc_logits, tokens, valid, ctc_weight):
     ctc = F.ctc_loss(log_probs, targets, valid.sum(1), (targets > EOS).sum(1), blank=PAD, zero_infinity=True)
     return (1 - ctc_weight) * ce + ctc_weight * ctc, ce, ctc
 
-
-def build_model(config, vocab):
-    return Echo(vocab, config["d_model"], config["n_heads"], config["enc_layers"], config["dec_layers"],
-                config["ctc_weight"], config["gate"], config["gate_memory"], tuple(config["streams"].split(",")),
-                f0_theta=config["f0_theta"], radii=config["radii"],
-                pitch_bias=config["pitch_bias"], zero_value=config["zero_value"], freqs=config["rope_freqs"])
+def build_model(config):
+    """A ModelConfig (or its dict, as checkpoints store it) -> Echo."""
+    return Echo(ModelConfig(**config) if isinstance(config, dict) else config)
 
 
 # ----------------------------------------------------------------------------------------------------
 # optimizer
 
 class MaxFactor(torch.optim.Optimizer):
-    """Adafactor-family optimizer without momentum (DESIGN.md section 5). Per parameter and per-parameter step t:
+    """Adafactor-family optimizer without momentum . Per parameter and per-parameter step t:
     EMA weight b_t = clamp(t^-0.8, 0.001, 0.999); relative step a_t = max(eps2, RMS(theta)) * min(lr, 1/sqrt(t));
     decoupled weight decay; second moments factored for >= 2-D tensors (a row and a column EMA of G^2, viewed as
     rows x cols, V = R (x) C / max(R)) and plain for vectors; U = G / sqrt(V) scaled to infinity-norm 1; the step is
@@ -1135,7 +1143,6 @@ class MaxFactor(torch.optim.Optimizer):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_((update.sign() * scale * alpha).view_as(p).to(p.dtype), alpha=-1.0)
 
-
 def build_optimizer(model, args, device):
     """AdamW or MaxFactor; weight decay on matrices only."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -1143,8 +1150,7 @@ def build_optimizer(model, args, device):
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if args.optimizer == "maxfactor":
         return MaxFactor(groups, lr=args.lr)
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-9, fused=device.type == "cuda")
-
+    return torch.optim.AdamW(groups, lr=args.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, fused=device.type == "cuda")
 
 def optimizer_state_bytes(optimizer):
     return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
@@ -1152,359 +1158,11 @@ def optimizer_state_bytes(optimizer):
 
 
 # ----------------------------------------------------------------------------------------------------
-# training
-
-def lr_at(step, args):
-    """Linear warmup, then cosine decay to a tenth of the peak."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = min(1.0, (step - args.warmup) / max(1, args.max_steps - args.warmup))
-    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-
-
-def code_version():
-    """Git commit (if any) and a hash of this file as imported, stored with every run and checkpoint."""
-    try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        git = ""
-    return f"{git or 'no-git'}+{CODE_HASH}"
-
-
-def environment(device):
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    return {"code": code_version(), "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu}
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, fsync, keep the previous checkpoint as .prev, then rename: a crash at any
-    moment leaves a complete checkpoint on disk."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        os.replace(path, path.with_name(path.name + ".prev"))
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"echo: {path}: unreadable checkpoint ({type(e).__name__}); the previous one, if any, "
-                         f"is {path}.prev") from None
-
-
-def learned_pitch_and_stream_weights(model):
-    """{tag: value}: the per-head pitch parameters as the attention uses them, the mean c_gate weight per stream."""
-    pitch, streams = model.encoder.pitch, model.encoder.streams
-    per_head = {"radius_alpha": None if pitch.radius_strength is None else
-                0.5 * math.log(RADIUS_MAX) * torch.tanh(pitch.radius_strength),
-                "bias_lambda_per_octave": None if pitch.pitch_bias is None else F.softplus(pitch.pitch_bias),
-                "zero_value_offset": pitch.zero_value}
-    out = {f"pitch/{name}/head{h}": v for name, values in per_head.items() if values is not None
-           for h, v in enumerate(values.tolist())}
-    if streams.weights is not None:
-        out |= {f"streams/c_gate_{name}": w for name, w in zip(streams.names, streams.weights.tolist())}
-    return out
-
-
-@contextlib.contextmanager
-def deferred_signals():
-    """Inside, SIGINT and SIGTERM only append to the yielded list: training finishes its step, saves, exits."""
-    received = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def init_distributed(device_flag):
-    """Under torchrun, join the process group (NCCL on GPU, gloo on CPU) -> (rank, world size, device)."""
-    world, device = int(os.environ.get("WORLD_SIZE", "1")), pick_device(device_flag)
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), world, device
-
-
-def training_batch(items, tokenizer, args, key):
-    """One training micro-batch, augmented and collated. Its randomness is seeded by the run's seed and key (epoch and
-    first utterance), so any DataLoader worker or torchrun rank builds the same batch."""
-    rng = np.random.default_rng([args.seed, *key])
-    if args.speed_perturb or args.noise_snr:
-        items = perturb_audio(items, rng, args.speed_perturb, args.noise_snr)
-    batch = collate(items, tokenizer)
-    return spec_augment(batch, rng) if args.specaug else batch
-
-
-def cached_batch(train_set, tokenizer, args, epoch, indices):
-    return training_batch(rows(train_set, indices), tokenizer, args, (epoch, indices[0]))
-
-
-class StreamingBatches(torch.utils.data.IterableDataset):
-    """--streaming: training micro-batches straight from the featurising stream of load_splits, shuffled through a
-    buffer and length-bucketed 1,000 utterances at a time. In DataLoader workers each worker reads its own shards.
-    Unusable utterances are skipped; each batch carries how many were skipped since the last one."""
-
-    def __init__(self, stream, tokenizer, args, epoch):
-        super().__init__()
-        self.stream, self.tokenizer, self.args, self.epoch = stream, tokenizer, args, epoch
-
-    def __iter__(self):
-        stream = self.stream.shuffle(seed=self.args.seed, buffer_size=1000)
-        stream.set_epoch(self.epoch)
-        buffer, skipped = [], 0
-        for example in stream:
-            if example["error"] or set(example["text"]) - set(self.tokenizer.index):
-                skipped += 1
-                continue
-            buffer.append(example)
-            if len(buffer) == 1000:
-                yield from self.cut(buffer, skipped)
-                buffer, skipped = [], 0
-        if buffer:
-            yield from self.cut(buffer, skipped)
-
-    def cut(self, buffer, skipped):
-        """Length-bucketed, collated batches of the buffered utterances; the first carries the skipped count."""
-        for n, indices in enumerate(bucket_batches([len(e["mel"]) for e in buffer], self.args.batch_frames,
-                                                   self.args.seed, self.epoch)):
-            items = [buffer[i] for i in indices]
-            key = (self.epoch, zlib.crc32(items[0]["text"].encode()))
-            yield training_batch(items, self.tokenizer, self.args, key) | {"skipped": skipped if n == 0 else 0}
-
-def train(args):
-    """The training loop. Under torchrun each optimizer step's --grad_accum micro-batches are shared out among the
-    processes (DistributedDataParallel averages their gradients); rank 0 alone logs, evaluates and checkpoints."""
-    rank, world, device = init_distributed(args.device)
-    if args.grad_accum % world:
-        raise SystemExit(f"echo: --grad_accum {args.grad_accum} must be a multiple of the {world} processes")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if rank > 0:
-        torch.distributed.barrier()  # rank 0 builds the corpus and the feature cache first
-    data, skipped = load_splits(args)
-    if rank == 0 and world > 1:
-        torch.distributed.barrier()
-    run_dir = Path(args.runs_dir) / args.name
-    ckpt_path = run_dir / "ckpt.pt"
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
-    if args.streaming:  # the stream is not read ahead: letters, apostrophe, space and the held-out text's characters
-        from datasets.distributed import split_dataset_by_node
-        train_text = string.ascii_lowercase + "' " + "".join(data["validation"]["text"])
-        train_set = split_dataset_by_node(data["train"], rank, world)
-    else:
-        train_text = "".join(data["train"]["text"])
-    tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else train_text)
-    if not args.streaming:
-        usable = [i for i, t in enumerate(data["train"]["text"]) if set(t) <= set(tokenizer.chars)]
-        skipped += [f"train utterance {i}: characters outside the tokenizer" for i in
-                    sorted(set(range(len(data["train"]))) - set(usable))]
-        train_set = data["train"].select(usable)
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "transcribe", "ckpt")}
-    model = build_model(config, len(tokenizer)).to(device)
-    optimizer = build_optimizer(model, args, device)
-    step, epoch, batch_index = 0, 0, 0
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, epoch, batch_index = ckpt["step"], ckpt["epoch"], ckpt["batch_index"]
-        random.setstate(ckpt["rng"]["python"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    forward = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
-    env = environment(device) | {"processes": world}
-    n_params = sum(p.numel() for p in model.parameters())
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        size = "streamed" if args.streaming else f"{len(train_set)} ({sum(train_set['n_frames']) / 360000:.2f} h)"
-        print(f"echo {env['code']} | {n_params / 1e6:.2f} M parameters | train utterances {size} | "
-              f"vocab {len(tokenizer)} | {world} x {device} | {env['platform']}")
-        print(f"config: {json.dumps(config)}")
-        if skipped:
-            print(f"skipped {len(skipped)} unusable utterances, e.g. {skipped[0]}")
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(run_dir, purge_step=step + 1 if ckpt else None)  # drop what came after the checkpoint
-        writer.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```", step)
-        writer.add_text("environment", f"```\n{json.dumps(env, indent=1)}\n```", step)
-        writer.add_scalar("data/skipped_utterances", len(skipped), step)
-        (run_dir / "config.json").write_text(json.dumps({"config": config, "environment": env}, indent=1))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    diag_batch = to_device(collate([item | {"text": tokenizer.known(item["text"])}  # a fixed utterance for figures
-                                    for item in rows(data["validation"], [0])], tokenizer), device)
-
-    def checkpoint():
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                    "epoch": epoch, "batch_index": batch_index, "config": config,
-                                    "tokenizer": tokenizer.chars, "code": env["code"],
-                                    "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}})
-
-    def log(losses, grad_norm, step_seconds, diagnostics):
-        writer.add_scalar("train/loss", losses[0], step)
-        for tag, value in diagnostics.items():
-            writer.add_scalar(tag, value, step)
-        if step % 10 == 0 or step == 1:
-            writer.add_scalar("train/skipped_nonfinite_steps", nonfinite_steps, step)
-            if args.streaming:
-                writer.add_scalar("data/skipped_in_stream", skipped_in_stream, step)
-            writer.add_scalar("train/cross_entropy", losses[1], step)
-            writer.add_scalar("train/ctc_loss", losses[2], step)
-            writer.add_scalar("train/lr", lr_at(step - 1, args), step)
-            writer.add_scalar("train/grad_norm", grad_norm, step)
-            writer.add_scalar("train/step_seconds", step_seconds, step)
-            writer.add_scalar("train/audio_seconds_per_second", audio_seconds / (time.time() - t_start), step)
-            for tag, value in learned_pitch_and_stream_weights(model).items():
-                writer.add_scalar(tag, value, step)
-        if step % args.eval_every == 0 or step == args.max_steps:
-            result = evaluate(model, data["validation"], tokenizer, device, args.eval_utts, args.decode_ctc_weight, args.beam)
-            writer.add_scalar("val/loss", result["loss"], step)
-            writer.add_scalar("val/token_accuracy_teacher_forced", result["token_accuracy"], step)
-            writer.add_scalar("val/wer", result["wer"], step)
-            writer.add_scalar("val/cer", result["cer"], step)
-            writer.add_text("val/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
-            progress.write(f"step {step}: val loss {result['loss']:.3f}  CER {100 * result['cer']:.2f} %  "
-                           f"WER {100 * result['wer']:.2f} %")
-            if args.diag_every > 0:
-                for tag, image in figures(model, diag_batch).items():
-                    writer.add_image(f"diagnostics/{tag}", image, step, dataformats="HWC")
-            checkpoint()
-
-    from tqdm import tqdm
-    progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True,
-                    disable=None if rank == 0 else True)  # None: on when writing to a terminal
-    def shares():
-        """This process's micro-batches of each optimizer step, from the data position on, epoch after epoch. Under
-        --streaming each process reads its own part of the stream; a resumed run restarts its epoch."""
-        nonlocal epoch, batch_index
-        per_step = args.grad_accum // world
-        while True:
-            if args.streaming:
-                loader = iter(torch.utils.data.DataLoader(StreamingBatches(train_set, tokenizer, args, epoch),
-                                                          batch_size=None, num_workers=workers, pin_memory=pin))
-                plan = iter(lambda: list(itertools.islice(loader, per_step)), [])
-            else:
-                batches = bucket_batches(train_set["n_frames"], args.batch_frames, args.seed, epoch)
-                indices = [batches[start:start + args.grad_accum][rank::world]  # this process's share of each step
-                           for start in range(batch_index, len(batches) - args.grad_accum + 1, args.grad_accum)]
-                loader = iter(torch.utils.data.DataLoader(
-                    [micro for share in indices for micro in share], batch_size=None, num_workers=workers,
-                    collate_fn=functools.partial(cached_batch, train_set, tokenizer, args, epoch), pin_memory=pin))
-                plan = ([next(loader) for _ in share] for share in indices)
-            for share in plan:
-                if len(share) == per_step:
-                    batch_index += args.grad_accum
-                    yield share
-            epoch, batch_index = epoch + 1, 0
-
-    pin = device.type == "cuda"
-    t_start, audio_seconds, nonfinite_steps, skipped_in_stream = time.time(), 0.0, 0, 0
-    with deferred_signals() as stop:
-        for mine in shares():
-            if step >= args.max_steps:
-                break
-            model.train()
-            t0 = time.time()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, args)
-            totals = torch.zeros(4)  # mean loss, cross-entropy, ctc; audio frames
-            diagnosing = rank == 0 and args.diag_every > 0 and (step + 1) % args.diag_every == 0
-            activations, hooks = record_activations(model) if diagnosing else ({}, [])
-            for i, batch in enumerate(mine):
-                skipped_in_stream += batch.pop("skipped", 0)
-                batch = to_device(batch, device)
-                sync = world == 1 or i == len(mine) - 1  # all-reduce gradients once, after the last micro-batch
-                with contextlib.nullcontext() if sync else wrapped.no_sync():
-                    with autocast:
-                        loss, ce, ctc = forward(batch)
-                    (loss / len(mine)).backward()
-                totals += torch.tensor([loss.item() / len(mine), ce.item() / len(mine),
-                                        (0.0 if ctc is None else ctc.item()) / len(mine), batch["frames"].sum().item()])
-            if world > 1:
-                torch.distributed.all_reduce(totals)
-                totals[:3] /= world
-            losses, audio_seconds = totals[:3], audio_seconds + totals[3].item() / 100
-            for hook in hooks:
-                hook.remove()
-            diagnostics = block_scalars(model, activations) if diagnosing else {}  # before clipping
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            if torch.isfinite(grad_norm) and torch.isfinite(losses).all():
-                optimizer.step()
-            else:  # one bad batch must not poison the weights: skip it, count it, go on
-                nonfinite_steps += 1
-                progress.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({nonfinite_steps} so far)")
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{losses[0]:.3f}")
-            if rank == 0:
-                log(losses, grad_norm, time.time() - t0, diagnostics)
-            if stop:
-                if rank == 0:
-                    checkpoint()
-                    writer.close()
-                    print(f"echo: {signal.Signals(stop[0]).name} at step {step}: checkpoint saved to {ckpt_path}; "
-                          f"continue with --name {args.name} --resume")
-                raise SystemExit(128 + stop[0])
-    progress.close()
-    if world > 1:
-        torch.distributed.destroy_process_group()
-    if rank > 0:
-        return None
-    results = {"train_minutes": round((time.time() - t_start) / 60, 2), "parameters": n_params,
-               "skipped_utterances": len(skipped) + skipped_in_stream, "skipped_nonfinite_steps": nonfinite_steps}
-    for split in ("test", "test_unseen"):
-        if split in data:
-            result = evaluate(model, data[split], tokenizer, device, ctc_weight=args.decode_ctc_weight, beam=args.beam)
-            results[split] = {k: round(result[k], 4) for k in ("wer", "cer", "rtfx")} | {"utterances": result["n"]}
-            writer.add_scalar(f"{split}/wer", result["wer"], step)
-            writer.add_scalar(f"{split}/cer", result["cer"], step)
-            print(f"{split}: CER {100 * result['cer']:.2f} %  WER {100 * result['wer']:.2f} %  "
-                  f"({result['n']} utterances, decoded, RTFx {result['rtfx']:.0f})")
-    if skipped or skipped_in_stream:
-        print(f"skipped {len(skipped) + skipped_in_stream} unusable utterances in all")
-    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
-    writer.add_hparams(hparams, {f"hparam/{split}_{metric}": results[split][metric] for split in ("test", "test_unseen")
-                                 if split in results for metric in ("cer", "wer")}, run_name=".", global_step=step)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
-    writer.close()
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------
 # decoding and evaluation
 
 def max_tokens_for(frames):
-    """Length cap for decoding: 30 characters per second of audio (speech rarely exceeds 20) plus 10."""
-    return (frames.float() / 100 * 30).long() + 10
-
+    """Length cap for decoding: MAX_CHARS_PER_SECOND characters per second of audio plus 10."""
+    return (frames.float() / 100 * MAX_CHARS_PER_SECOND).long() + 10
 
 class CTCPrefixScorer:
     """CTC prefix scores for one growing hypothesis per utterance (joint CTC/attention decoding, Watanabe et al.
@@ -1547,12 +1205,8 @@ class CTCPrefixScorer:
         pick = index[:, None, :].expand(-1, r_n.shape[1], -1)
         self.r_n, self.r_b = r_n.gather(2, pick), r_b.gather(2, pick)
 
-
-END_MARGIN = 10.0  # beam search drops an utterance's live hypotheses this far below its best ended one
-
-
 @torch.no_grad()
-def decode(model, batch, ctc_weight=0.3, beam=1, candidates=5, encoded=None):
+def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=None):
     """Autoregressive beam search with a KV cache -> list of token-id lists (BOS and EOS removed); beam=1 is greedy.
     Each hypothesis is extended by its decoder's top candidates, scored (1 - w) log p_attention + w * (gain in CTC
     prefix score) when there is a CTC head, which stops the loops and early ends of a young attention decoder. The
@@ -1604,23 +1258,15 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=5, encoded=None):
     hyps = [max(options)[1] for options in ended]
     return [seq[:seq.index(EOS)] if EOS in seq else seq for seq in hyps]
 
-
 @torch.no_grad()
-def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, beam=1, batch_frames=30000):
+def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, beam=1):
     """Decoded WER/CER (jiwer) on the first n_utts utterances, teacher-forced loss and token accuracy."""
-    import jiwer
     model.eval()
     n = len(dataset) if n_utts is None else min(n_utts, len(dataset))
     lengths = dataset.select(range(n))["n_frames"]
-    order = sorted(range(n), key=lambda i: lengths[i])
     refs, hyps, loss_sum, correct, tokens_total, decode_seconds = [], [], 0.0, 0, 0, 0.0
-    start = 0
-    while start < n:
-        end = start + 1
-        while end < n and lengths[order[end]] * (end - start + 1) <= batch_frames:
-            end += 1
-        items = rows(dataset, order[start:end])
-        start = end
+    for indices in length_batches(lengths, EVAL_BATCH_FRAMES):
+        items = rows(dataset, indices)
         # references keep every character; the teacher-forced loss can only score the ones the tokenizer knows
         batch = to_device(collate([it | {"text": tokenizer.known(it["text"])} for it in items], tokenizer), device)
         t0 = time.time()
@@ -1636,19 +1282,16 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bea
         hyps += [tokenizer.decode(h) for h in decode(model, batch, ctc_weight, beam, encoded=(audio, valid))]
         decode_seconds += time.time() - t0
         refs += [str(it["text"]) for it in items]
-    audio_seconds = sum(lengths) / 100
     return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "loss": loss_sum / max(1, tokens_total),
             "token_accuracy": correct / max(1, tokens_total), "samples": list(zip(refs, hyps)), "n": len(refs),
-            "rtfx": audio_seconds / max(decode_seconds, 1e-9)}
-
+            "rtfx": sum(lengths) / 100 / max(decode_seconds, 1e-9)}
 
 def load_model(path, device):
+    """A checkpoint -> (model in eval mode, tokenizer, the run's flags as a dict)."""
     ckpt = load_checkpoint(path)
-    tokenizer = Tokenizer(ckpt["tokenizer"])
-    model = build_model(ckpt["config"], len(tokenizer))
+    model = build_model(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), tokenizer, ckpt["config"]
-
+    return model.to(device).eval(), Tokenizer(ckpt["tokenizer"]), ckpt["config"]
 
 def transcribe(args):
     """Print '<path>\\t<transcript>' per file in input order; one-line errors on stderr; exit 1 if any failed."""
@@ -1664,28 +1307,22 @@ def transcribe(args):
         except (BadInput, OSError) as e:
             print(f"echo: {path}: {e}", file=sys.stderr)
             failed += 1
-    features = featurize(list(waves.values()), "waveform" in config["streams"], device)
-    pieces = {key: piece | {"text": ""} for key, piece in zip(waves, features)}
-    order = sorted(pieces, key=lambda key: len(pieces[key]["mel"]))
+    keys = list(waves)
+    pieces = [piece | {"text": ""} for piece in featurize(list(waves.values()), "waveform" in model.config.streams, device)]
     texts = {}
-    for start in range(0, len(order), 16):
-        keys = order[start:start + 16]
-        hyps = decode(model, to_device(collate([pieces[k] for k in keys]), device), config["decode_ctc_weight"], args.beam)
-        texts.update({k: tokenizer.decode(h) for k, h in zip(keys, hyps)})
+    for indices in length_batches([len(piece["mel"]) for piece in pieces], EVAL_BATCH_FRAMES):
+        hyps = decode(model, to_device(collate([pieces[i] for i in indices]), device), config["decode_ctc_weight"], args.beam)
+        texts |= {keys[i]: tokenizer.decode(h) for i, h in zip(indices, hyps)}
     for path in args.transcribe:
         if (path, 0) in texts:
-            parts = [texts[path, i] for i in range(len(texts)) if (path, i) in texts]
-            print(f"{path}\t" + " ".join(part for part in parts if part))
+            print(f"{path}\t" + " ".join(texts[key] for key in keys if key[0] == path and texts[key]))
     return 1 if failed else 0
-
-
 # ----------------------------------------------------------------------------------------------------
 # diagnostics: what pitch does inside the model, as TensorBoard scalars and figures (and PNGs, --diagnose)
 
 def named_blocks(model):
     yield from ((f"encoder.{i}", block) for i, block in enumerate(model.encoder.blocks))
     yield from ((f"decoder.{i}", block) for i, block in enumerate(model.decoder.blocks))
-
 
 def record_activations(model):
     """Forward hooks that store each block's mean gate activation and mean |MLP output| in a dict, read-only.
@@ -1699,7 +1336,6 @@ def record_activations(model):
         if block.gate is not None:
             handles.append(block.gate.register_forward_hook(store(f"blocks/{name}/gate_mean")))
     return stats, handles
-
 
 def block_scalars(model, activations):
     """{tag: value} after a backward pass: gate/MLP activation ratio, gate/MLP gradient-norm ratio, and the
@@ -1718,43 +1354,32 @@ def block_scalars(model, activations):
                 out |= {f"grad/{name}.{kind}/{p}": norm(getattr(attention, p)) for p in "qkvo"}
     return out
 
-
 def render(fig):
     """A matplotlib figure -> (H, W, 3) uint8 RGB array, figure closed."""
-    import matplotlib.pyplot as plt
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
     return image
 
-
-def figures(model, batch):
-    """The diagnostic figures for the first utterance of a collated batch (with tokens), as RGB arrays:
-    pitch vs spectrogram, how rotary positions see each other, standard vs f0 RoPE curves, attention maps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    n = int(batch["frames"][0])
-    mel, f0, voiced = (batch[key][0, :n].float().cpu().numpy() for key in ("mel", "f0", "voiced"))
-    seconds = np.arange(n) / 100
-    out = {}
-
+def pitch_figure(mel, f0, voiced):
+    """The log-mel (frames, 80) with the f0 track and the unvoiced frames on one time axis."""
+    n = len(mel)
     fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
     ax.imshow(mel.T, origin="lower", aspect="auto", cmap="magma", extent=(0, n / 100, 0, N_MELS))
     ax.set(xlabel="seconds", ylabel="mel bin", title="log-mel with the f0 track (white: voiced)")
     hz = ax.twinx()
-    hz.plot(seconds, np.where(voiced > 0, f0, np.nan), color="white", lw=1.5)
-    hz.plot(seconds, np.where(voiced > 0, np.nan, F0_MIN), color="tab:cyan", lw=3, label="unvoiced")
+    hz.plot(np.arange(n) / 100, np.where(voiced > 0, f0, np.nan), color="white", lw=1.5)
+    hz.plot(np.arange(n) / 100, np.where(voiced > 0, np.nan, F0_MIN), color="tab:cyan", lw=3, label="unvoiced")
     hz.set(ylim=(F0_MIN - 10, F0_MAX), ylabel="f0 (Hz)")
     hz.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
-    out["pitch_vs_spectrogram"] = render(fig)
+    return render(fig)
 
-    pitch = model.encoder.pitch
-    frames = (n + 3) // 4
-    log_f0, track_voiced = pitch_track(batch["f0"][:1].cpu(), batch["voiced"][:1].cpu(), batch["frames"][:1].cpu(), frames)
+def rotary_figures(pitch, log_f0, voiced):
+    """How encoder positions see each other under standard RoPE, f0-modulated RoPE and f0 + radii (the model's
+    head-0 radius strength, or 1), and the first 4 rotary dimensions of the first two: two RGB arrays."""
+    strength = 1.0 if pitch.radius_strength is None else pitch.radius_strength[0].item()
     head_dim = 2 * len(pitch.freqs)
-    strength = 1.0 if pitch.radius_strength is None else pitch.radius_strength[0].item()  # else the model's head 0
     variants = {"standard RoPE": PitchPrior(head_dim, 1), "f0-modulated": PitchPrior(head_dim, 1, f0_theta=True),
                 f"f0 + radii (strength {strength:.2f})": PitchPrior(head_dim, 1, f0_theta=True, radii=True)}
     list(variants.values())[-1].radius_strength.data.fill_(strength)
@@ -1763,28 +1388,25 @@ def figures(model, batch):
     for ax, (label, prior) in zip(axes, variants.items()):
         prior.freqs = pitch.freqs.cpu()
         with torch.no_grad():
-            table, _ = prior(log_f0, track_voiced, torch.ones_like(track_voiced))
-        cos, sin = table[0, 0].real.numpy(), table[0, 0].imag.numpy()
-        tables[label] = cos, sin
+            table = prior(log_f0, voiced, torch.ones_like(voiced))[0][0, 0]
+        tables[label] = cos, sin = table.real.numpy(), table.imag.numpy()
         # Re sum_k z_t conj(z_s) / K: cosine similarity of the rotary vectors, times r_t r_s with radii
-        similarity = (cos @ cos.T + sin @ sin.T) / cos.shape[-1]
-        image = ax.imshow(similarity, cmap="RdBu_r", vmin=-1.5, vmax=1.5, origin="lower")
+        image = ax.imshow((cos @ cos.T + sin @ sin.T) / cos.shape[-1], cmap="RdBu_r", vmin=-1.5, vmax=1.5, origin="lower")
         ax.set(title=label, xlabel="key frame (40 ms)", ylabel="query frame")
     fig.colorbar(image, ax=axes, shrink=0.8)
     fig.suptitle("how positions see each other")
-    out["rotary_similarity"] = render(fig)
-
+    similarity = render(fig)
     fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
     for dim in range(4):
-        style = dict(color=f"C{dim // 2}", ls="-" if dim % 2 == 0 else "--")
         for label, lw in (("standard RoPE", 2.5), ("f0-modulated", 1.0)):
-            cos, sin = tables[label]
-            ax.plot((cos if dim % 2 == 0 else sin)[:, dim // 2], lw=lw, **style)
+            ax.plot(tables[label][dim % 2][:, dim // 2], lw=lw, color=f"C{dim // 2}", ls="-" if dim % 2 == 0 else "--")
     ax.set(xlabel="encoder frame (40 ms)", ylabel="rotary component",
            title="first 4 rotary dims: thick standard, thin f0-modulated; solid even, dashed odd")
     fig.tight_layout()
-    out["rope_curves"] = render(fig)
+    return similarity, render(fig)
 
+def attention_figure(model, batch, frames):
+    """Head-averaged encoder self-attention and decoder cross-attention of every layer for the first utterance."""
     attentions = [("encoder", i, block.attn) for i, block in enumerate(model.encoder.blocks)]
     attentions += [("decoder cross", i, block.cross) for i, block in enumerate(model.decoder.blocks)]
     was_training = model.training
@@ -1806,17 +1428,24 @@ def figures(model, batch):
         attention.weights = None
     fig.suptitle("attention, head average")
     fig.tight_layout()
-    out["attention"] = render(fig)
-    return out
+    return render(fig)
 
+def figures(model, batch):
+    """The diagnostic figures for the first utterance of a collated batch (with tokens), as RGB arrays:
+    pitch vs spectrogram, how rotary positions see each other, standard vs f0 RoPE curves, attention maps."""
+    n, frames = int(batch["frames"][0]), (int(batch["frames"][0]) + 3) // 4
+    mel, f0, voiced = (batch[key][0, :n].float().cpu().numpy() for key in ("mel", "f0", "voiced"))
+    track = pitch_track(batch["f0"][:1].cpu(), batch["voiced"][:1].cpu(), batch["frames"][:1].cpu(), frames)
+    similarity, curves = rotary_figures(model.encoder.pitch, *track)
+    return {"pitch_vs_spectrogram": pitch_figure(mel, f0, voiced), "rotary_similarity": similarity,
+            "rope_curves": curves, "attention": attention_figure(model, batch, frames)}
 
 def diagnose(args):
     """--diagnose CKPT AUDIO: the diagnostic figures of a trained model for one audio file, as PNGs in runs/<name>/."""
-    import matplotlib.pyplot as plt
     device = pick_device(args.device)
     model, tokenizer, config = load_model(args.diagnose[0], device)
     try:
-        features = featurize([decode_audio(args.diagnose[1])], "waveform" in config["streams"])[0]
+        features = featurize([decode_audio(args.diagnose[1])], "waveform" in model.config.streams)[0]
     except (BadInput, OSError) as e:
         raise SystemExit(f"echo: {args.diagnose[1]}: {e}") from None
     batch = to_device(collate([features | {"text": ""}]), device)
@@ -1831,20 +1460,304 @@ def diagnose(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# training
+
+def lr_at(step, args):
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.max_steps - args.warmup))
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+def environment(device, world):
+    """Code version (git commit, if any, + hash of this file), software and hardware, kept with every run."""
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        git = ""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    return {"code": f"{git or 'no-git'}+{CODE_HASH}", "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
+            "processes": world}
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, fsync, keep the previous checkpoint as .prev, then rename: a crash at any
+    moment leaves a complete checkpoint on disk."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, path.with_name(path.name + ".prev"))
+    os.replace(tmp, path)
+
+def training_state(model, optimizer, position, config, tokenizer, env):
+    """What a training checkpoint holds: the model and its ModelConfig, the optimizer, the data position (step, epoch,
+    batch_index), the run's flags, the tokenizer, the code version and source, the RNG states."""
+    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "optimizer": optimizer.state_dict(), **dict(zip(("step", "epoch", "batch_index"), position)),
+            "config": config, "tokenizer": tokenizer.chars, "code": env["code"], "source": SOURCE.decode(),
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
+
+def restore(ckpt, model, optimizer):
+    """Load a training checkpoint's model, optimizer and RNG states -> its data position (step, epoch, batch_index)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    random.setstate(ckpt["rng"]["python"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["step"], ckpt["epoch"], ckpt["batch_index"]
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"echo: {path}: unreadable checkpoint ({type(e).__name__}); the previous one, if any, "
+                         f"is {path}.prev") from None
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Inside, SIGINT and SIGTERM only append to the yielded list: training finishes its step, saves, exits."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+def init_distributed(device_flag):
+    """Under torchrun, join the process group (NCCL on GPU, gloo on CPU) -> (rank, world size, device)."""
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), pick_device(device_flag)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+def training_data(args, rank, world, ckpt):
+    """-> the featurised splits, this process's train set, the tokenizer (the checkpoint's when resuming) and the
+    skipped utterances. Rank 0 builds the corpus and the feature cache while the others wait."""
+    if rank > 0:
+        torch.distributed.barrier()
+    data, skipped = load_splits(args)
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
+    if args.streaming:  # the stream is not read ahead: letters, apostrophe, space and the held-out text's characters
+        tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else string.ascii_lowercase + "' " + "".join(data["validation"]["text"]))
+        return data, split_dataset_by_node(data["train"], rank, world), tokenizer, skipped
+    tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else "".join(data["train"]["text"]))
+    usable = [i for i, t in enumerate(data["train"]["text"]) if set(t) <= set(tokenizer.chars)]
+    skipped += [f"train utterance {i}: characters outside the tokenizer" for i in
+                sorted(set(range(len(data["train"]))) - set(usable))]
+    return data, data["train"].select(usable), tokenizer, skipped
+
+def training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index, device):
+    """This process's micro-batches of each optimizer step, from the data position (epoch, batch_index) on, epoch
+    after epoch: yields (epoch, batch_index after the step, micro-batches). Cached splits: each step takes the next
+    --grad_accum length-bucketed batches of the epoch's seeded order, shared out among the processes. --streaming:
+    each process reads its own part of the stream, and a resumed run restarts its epoch."""
+    per_step, pin = args.grad_accum // world, device.type == "cuda"
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    while True:
+        if args.streaming:
+            loader = iter(torch.utils.data.DataLoader(StreamingBatches(train_set, tokenizer, args, epoch),
+                                                      batch_size=None, num_workers=workers, pin_memory=pin))
+            steps = iter(lambda: list(itertools.islice(loader, per_step)), [])
+        else:
+            batches = length_batches(train_set["n_frames"], args.batch_frames, epoch_rng(args.seed, epoch))
+            shares = [batches[start:start + args.grad_accum][rank::world]  # this process's share of each step
+                      for start in range(batch_index, len(batches) - args.grad_accum + 1, args.grad_accum)]
+            loader = iter(torch.utils.data.DataLoader(
+                [micro for share in shares for micro in share], batch_size=None, num_workers=workers,
+                collate_fn=functools.partial(cached_batch, train_set, tokenizer, args, epoch), pin_memory=pin))
+            steps = ([next(loader) for _ in share] for share in shares)
+        for micro_batches in steps:
+            if len(micro_batches) == per_step:
+                batch_index += args.grad_accum
+                yield epoch, batch_index, micro_batches
+        epoch, batch_index = epoch + 1, 0
+
+def open_run(run_dir, config, env, model, train_set, tokenizer, skipped, step):
+    """Rank 0's start of a run: the header lines, runs/<name>/ with config.json and the exact echo.py that runs,
+    and the TensorBoard writer (a resumed run drops what was logged after its checkpoint)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    size = "streamed" if config["streaming"] else f"{len(train_set)} ({sum(train_set['n_frames']) / 360000:.2f} h)"
+    print(f"echo {env['code']} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters | train "
+          f"utterances {size} | vocab {len(tokenizer)} | {env['processes']} x {env['device']} | {env['platform']}")
+    print(f"config: {json.dumps(config)}")
+    if skipped:
+        print(f"skipped {len(skipped)} unusable utterances, e.g. {skipped[0]}")
+    (run_dir / "config.json").write_text(json.dumps({"config": config, "environment": env}, indent=1))
+    (run_dir / "echo.py").write_bytes(SOURCE)
+    writer = SummaryWriter(run_dir, purge_step=step + 1 if step else None)
+    writer.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```", step)
+    writer.add_text("environment", f"```\n{json.dumps(env, indent=1)}\n```", step)
+    writer.add_scalar("data/skipped_utterances", len(skipped), step)
+    return writer
+
+def learned_pitch_and_stream_weights(model):
+    """{tag: value}: the per-head pitch parameters as the attention uses them, the mean c_gate weight per stream."""
+    pitch, streams = model.encoder.pitch, model.encoder.streams
+    per_head = {"radius_alpha": None if pitch.radius_strength is None else
+                0.5 * math.log(RADIUS_MAX) * torch.tanh(pitch.radius_strength),
+                "bias_lambda_per_octave": None if pitch.pitch_bias is None else F.softplus(pitch.pitch_bias),
+                "zero_value_offset": pitch.zero_value}
+    out = {f"pitch/{name}/head{h}": v for name, values in per_head.items() if values is not None
+           for h, v in enumerate(values.tolist())}
+    if streams.weights is not None:
+        out |= {f"streams/c_gate_{name}": w for name, w in zip(streams.names, streams.weights.tolist())}
+    return out
+
+def log_step(writer, step, args, model, losses, grad_norm, step_seconds, diagnostics, stats):
+    """TensorBoard scalars of one optimizer step (the loss every step, the rest every 10), and, when stdout is not
+    a terminal (batch jobs, nohup, CI), a plain progress line every --log_every steps."""
+    writer.add_scalar("train/loss", losses[0], step)
+    for tag, value in diagnostics.items():
+        writer.add_scalar(tag, value, step)
+    elapsed = time.time() - stats["start"]
+    if step % 10 == 0 or step == 1:
+        scalars = {"train/skipped_nonfinite_steps": stats["nonfinite_steps"], "train/cross_entropy": losses[1],
+                   "train/ctc_loss": losses[2], "train/lr": lr_at(step - 1, args), "train/grad_norm": grad_norm,
+                   "train/step_seconds": step_seconds, "train/audio_seconds_per_second": stats["audio_seconds"] / elapsed}
+        scalars |= {"data/skipped_in_stream": stats["skipped_in_stream"]} if args.streaming else {}
+        for tag, value in (scalars | learned_pitch_and_stream_weights(model)).items():
+            writer.add_scalar(tag, value, step)
+    if not sys.stdout.isatty() and (step % args.log_every == 0 or step == args.max_steps):
+        print(f"step {step}/{args.max_steps} | loss {losses[0]:.4f} | lr {lr_at(step - 1, args):.2e} | "
+              f"{stats['audio_seconds'] / elapsed:.0f} audio-s/s | elapsed {elapsed / 60:.1f} min", flush=True)
+
+def validate(writer, step, model, data, tokenizer, device, args, diag_batch):
+    """Decode --eval_utts validation utterances; log loss, token accuracy, WER/CER, samples and the figures."""
+    result = evaluate(model, data["validation"], tokenizer, device, args.eval_utts, args.decode_ctc_weight, args.beam)
+    writer.add_scalar("val/loss", result["loss"], step)
+    writer.add_scalar("val/token_accuracy_teacher_forced", result["token_accuracy"], step)
+    writer.add_scalar("val/wer", result["wer"], step)
+    writer.add_scalar("val/cer", result["cer"], step)
+    writer.add_text("val/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
+    tqdm.write(f"step {step}: val loss {result['loss']:.3f}  CER {100 * result['cer']:.2f} %  "
+               f"WER {100 * result['wer']:.2f} %")
+    if args.diag_every > 0:
+        for tag, image in figures(model, diag_batch).items():
+            writer.add_image(f"diagnostics/{tag}", image, step, dataformats="HWC")
+
+def test_and_report(writer, step, model, data, tokenizer, device, args, config, stats, skipped):
+    """After training: decode the test splits, print them, log them with the flags to HParams, write results.json."""
+    results = {"train_minutes": round((time.time() - stats["start"]) / 60, 2),
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "skipped_utterances": len(skipped) + stats["skipped_in_stream"],
+               "skipped_nonfinite_steps": stats["nonfinite_steps"]}
+    for split in ("test", "test_unseen"):
+        if split in data:
+            result = evaluate(model, data[split], tokenizer, device, ctc_weight=args.decode_ctc_weight, beam=args.beam)
+            results[split] = {k: round(result[k], 4) for k in ("wer", "cer", "rtfx")} | {"utterances": result["n"]}
+            writer.add_scalar(f"{split}/wer", result["wer"], step)
+            writer.add_scalar(f"{split}/cer", result["cer"], step)
+            print(f"{split}: CER {100 * result['cer']:.2f} %  WER {100 * result['wer']:.2f} %  "
+                  f"({result['n']} utterances, decoded, RTFx {result['rtfx']:.0f})")
+    if results["skipped_utterances"]:
+        print(f"skipped {results['skipped_utterances']} unusable utterances in all")
+    hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+    writer.add_hparams(hparams, {f"hparam/{split}_{metric}": results[split][metric] for split in ("test", "test_unseen")
+                                 if split in results for metric in ("cer", "wer")}, run_name=".", global_step=step)
+    (Path(args.runs_dir) / args.name / "results.json").write_text(json.dumps(results, indent=1))
+    writer.close()
+    return results
+
+def train(args):
+    """Train, evaluate and checkpoint: set-up, then one loop over optimizer steps. Under torchrun each step's
+    --grad_accum micro-batches are shared out among the processes (DistributedDataParallel averages their gradients);
+    rank 0 alone logs, evaluates and checkpoints. Returns rank 0's decoded test results."""
+    rank, world, device = init_distributed(args.device)
+    if args.grad_accum % world:
+        raise SystemExit(f"echo: --grad_accum {args.grad_accum} must be a multiple of the {world} processes")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    run_dir = Path(args.runs_dir) / args.name
+    ckpt = load_checkpoint(run_dir / "ckpt.pt") if args.resume else None
+    data, train_set, tokenizer, skipped = training_data(args, rank, world, ckpt)
+    model = build_model(ModelConfig.from_args(args, len(tokenizer))).to(device)
+    optimizer = build_optimizer(model, args, device)
+    step, epoch, batch_index = restore(ckpt, model, optimizer) if ckpt else (0, 0, 0)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    forward = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "transcribe", "ckpt")}
+    env = environment(device, world) | {"device": str(device)}
+    writer = open_run(run_dir, config, env, model, train_set, tokenizer, skipped, step) if rank == 0 else None
+    diag_batch = to_device(collate([item | {"text": tokenizer.known(item["text"])}  # a fixed utterance for figures
+                                    for item in rows(data["validation"], [0])], tokenizer), device)
+    batches = training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index, device)
+    stats = {"start": time.time(), "audio_seconds": 0.0, "nonfinite_steps": 0, "skipped_in_stream": 0}
+    progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True,
+                    disable=rank > 0 or not sys.stdout.isatty())  # without a terminal, log_step prints lines
+    with deferred_signals() as stop:
+        for step in range(step + 1, args.max_steps + 1):  # step: the number of this optimizer step, from 1
+            epoch, batch_index, micro_batches = next(batches)
+            model.train()
+            t0 = time.time()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step - 1, args)
+            diagnosing = rank == 0 and args.diag_every > 0 and step % args.diag_every == 0
+            activations, hooks = record_activations(model) if diagnosing else ({}, [])
+            totals = torch.zeros(4)  # mean loss, cross-entropy, ctc; audio frames
+            for i, batch in enumerate(micro_batches):
+                stats["skipped_in_stream"] += batch.pop("skipped", 0)
+                batch, n = to_device(batch, device), len(micro_batches)
+                with contextlib.nullcontext() if world == 1 or i == n - 1 else wrapped.no_sync():  # all-reduce once
+                    with autocast:
+                        loss, ce, ctc = forward(batch)
+                    (loss / n).backward()
+                totals += torch.tensor([loss.item() / n, ce.item() / n, (0.0 if ctc is None else ctc.item()) / n,
+                                        batch["frames"].sum().item()])
+            if world > 1:
+                torch.distributed.all_reduce(totals)
+                totals[:3] /= world
+            losses, stats["audio_seconds"] = totals[:3], stats["audio_seconds"] + totals[3].item() / 100
+            for hook in hooks:
+                hook.remove()
+            diagnostics = block_scalars(model, activations) if diagnosing else {}  # before clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if torch.isfinite(grad_norm) and torch.isfinite(losses).all():
+                optimizer.step()
+            else:  # one bad batch must not poison the weights: skip it, count it, go on
+                stats["nonfinite_steps"] += 1
+                tqdm.write(f"step {step}: non-finite loss or gradient, step skipped ({stats['nonfinite_steps']} so far)")
+            optimizer.zero_grad(set_to_none=True)
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses[0]:.3f}")
+            evaluating = step % args.eval_every == 0 or step == args.max_steps
+            if rank == 0:
+                log_step(writer, step, args, model, losses, grad_norm, time.time() - t0, diagnostics, stats)
+                if evaluating:
+                    validate(writer, step, model, data, tokenizer, device, args, diag_batch)
+                if evaluating or stop:
+                    state = training_state(model, optimizer, (step, epoch, batch_index), config, tokenizer, env)
+                    save_checkpoint(run_dir / "ckpt.pt", state)
+            if stop:
+                if rank == 0:
+                    writer.close()
+                    print(f"echo: {signal.Signals(stop[0]).name} at step {step}: checkpoint saved to "
+                          f"{run_dir / 'ckpt.pt'}; continue with --name {args.name} --resume")
+                raise SystemExit(128 + stop[0])
+    progress.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return test_and_report(writer, step, model, data, tokenizer, device, args, config, stats, skipped) if rank == 0 else None
+
+
+# ----------------------------------------------------------------------------------------------------
 # experiments: ablation and benchmark
-
-ABLATIONS = {
-    "pitch": {"baseline": dict(f0_theta=False), "f0_theta": dict(f0_theta=True),
-              "+radii": dict(f0_theta=True, radii=True), "+pitch_bias": dict(f0_theta=True, pitch_bias=True),
-              "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)},
-    "augment": {"none": dict(specaug=False, speed_perturb=False), "specaug": dict(specaug=True, speed_perturb=False),
-                "speed_perturb": dict(specaug=False, speed_perturb=True),
-                "specaug+speed_perturb": dict(specaug=True, speed_perturb=True)}}
-
-
-def mean_std(values):
-    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}"
-
 
 def ablation_run(run):
     """Results of one ablation run: trained, resumed from its checkpoint if it was interrupted, or read back if it
@@ -1859,54 +1772,49 @@ def ablation_run(run):
             return json.loads((run_dir / "results.json").read_text())
     return train(argparse.Namespace(**vars(run) | {"resume": (run_dir / "ckpt.pt").exists()}))
 
-
 def ablate(args):
     """Train every configuration of ABLATIONS[args.ablate] for args.seeds seeds; decoded test and test_unseen CER/WER
-    as mean ± std."""
-    out = Path(args.runs_dir) / args.name
+    as mean ± std in runs/<name>/ablation.md and a bar chart in ablation.png."""
+    out, t0, results = Path(args.runs_dir) / args.name, time.time(), {}
     out.mkdir(parents=True, exist_ok=True)
-    t0, results = time.time(), {}
     for label, flags in ABLATIONS[args.ablate].items():
         for seed in range(args.seeds):
             run = argparse.Namespace(**(vars(args) | flags | {"seed": seed, "name": f"{args.name}/{label}-seed{seed}"}))
             results.setdefault(label, []).append(ablation_run(run))
-    rows = ["| configuration | test CER % | test WER % | test_unseen CER % | test_unseen WER % |", "|---|---|---|---|---|"]
-    for label, runs in results.items():
-        rows.append(f"| {label} | " + " | ".join(mean_std([r[split][metric] for r in runs])
-                                                  for split in ("test", "test_unseen") for metric in ("cer", "wer")) + " |")
-    table = "\n".join(rows) + f"\n\n{args.seeds} seeds each, mean ± std, {(time.time() - t0) / 60:.0f} min in all.\n"
-    (out / "ablation.md").write_text(table)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    metrics = [(split, metric) for split in ("test", "test_unseen") for metric in ("cer", "wer")]
+    values = {label: {m: 100 * np.array([r[m[0]][m[1]] for r in runs]) for m in metrics} for label, runs in results.items()}
+    table = ["| configuration | test CER % | test WER % | test_unseen CER % | test_unseen WER % |", "|---|---|---|---|---|"]
+    table += [f"| {label} | " + " | ".join(f"{v[m].mean():.2f} ± {v[m].std():.2f}" for m in metrics) + " |"
+              for label, v in values.items()]
+    text = "\n".join(table) + f"\n\n{args.seeds} seeds each, mean ± std, {(time.time() - t0) / 60:.0f} min in all.\n"
+    (out / "ablation.md").write_text(text)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for k, split in enumerate(("test", "test_unseen")):
-        cer = [[100 * r[split]["cer"] for r in runs] for runs in results.values()]
-        ax.bar(np.arange(len(results)) + 0.4 * k - 0.2, [np.mean(c) for c in cer], 0.4, yerr=[np.std(c) for c in cer],
+        cer = [v[(split, "cer")] for v in values.values()]
+        ax.bar(np.arange(len(values)) + 0.4 * k - 0.2, [c.mean() for c in cer], 0.4, yerr=[c.std() for c in cer],
                capsize=3, label=split)
-    ax.set_xticks(range(len(results)), list(results))
-    ax.set_ylabel("CER % (decoded)")
+    ax.set_xticks(range(len(values)), list(values))
+    ax.set(ylabel="CER % (decoded)", title=f"Echo {args.ablate} ablation, {args.seeds} seeds, mean ± std")
     ax.legend()
-    ax.set_title(f"Echo {args.ablate} ablation, {args.seeds} seeds, mean ± std")
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=120)
-    print(table)
-
+    plt.close(fig)
+    print(text)
 
 class TextbookTransformer(nn.Module):
     """--bench's peer: the encoder-decoder a user would otherwise write from PyTorch's own nn.TransformerEncoderLayer
     and nn.TransformerDecoderLayer (pre-norm, GELU, no dropout) at Echo's sizes, with Echo's conv stem, CTC head,
     tied output and losses, and learned absolute positions in place of rotary."""
 
-    def __init__(self, vocab, d_model=192, n_heads=4, enc_layers=6, dec_layers=2, ctc_weight=0.3, max_positions=4096):
+    def __init__(self, c, max_positions=4096):
         super().__init__()
-        layer = dict(d_model=d_model, nhead=n_heads, dim_feedforward=4 * d_model, dropout=0.0, activation="gelu",
+        layer = dict(d_model=c.d_model, nhead=c.n_heads, dim_feedforward=4 * c.d_model, dropout=0.0, activation="gelu",
                      batch_first=True, norm_first=True)
-        self.stem, self.positions = Stem(N_MELS, d_model), nn.Embedding(max_positions, d_model)
-        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), enc_layers, nn.LayerNorm(d_model),
+        self.stem, self.positions = Stem(N_MELS, c.d_model), nn.Embedding(max_positions, c.d_model)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), c.enc_layers, nn.LayerNorm(c.d_model),
                                              enable_nested_tensor=False)
-        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), dec_layers, nn.LayerNorm(d_model))
-        self.embed, self.ctc_head, self.ctc_weight = nn.Embedding(vocab, d_model), nn.Linear(d_model, vocab), ctc_weight
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), c.dec_layers, nn.LayerNorm(c.d_model))
+        self.embed, self.ctc_head, self.ctc_weight = nn.Embedding(c.vocab, c.d_model), nn.Linear(c.d_model, c.vocab), c.ctc_weight
 
     def forward(self, batch):
         x = self.stem(batch["mel"].transpose(1, 2), batch["frames"])
@@ -1918,23 +1826,22 @@ class TextbookTransformer(nn.Module):
                             tgt_is_causal=True, memory_key_padding_mask=~valid)
         return joint_loss(text @ self.embed.weight.T, self.ctc_head(audio), batch["tokens"], valid, self.ctc_weight)
 
-
 def time_train_steps(args, batches, variants, vocab, device, warmup=3):
-    """Median train-step seconds and parameter count per variant ({label: config overrides, or a model class})
-    on the same batches, round-robin so that every variant sees the same machine load; warm-up steps not timed."""
+    """Median train-step seconds and parameter count per variant ({label: flag overrides, or a model class}) on the
+    same batches, round-robin so that every variant sees the same machine load; warm-up steps not timed."""
     models, seconds = {}, {label: [] for label in variants}
     for label, flags in variants.items():
         torch.manual_seed(args.seed)
-        model = (flags(vocab, args.d_model, args.n_heads, args.enc_layers, args.dec_layers, args.ctc_weight)
-                 if isinstance(flags, type) else build_model(vars(args) | flags, vocab)).to(device).train()
-        models[label] = (model, build_optimizer(model, args, device))
+        config = ModelConfig.from_args(args, vocab)
+        model = flags(config) if isinstance(flags, type) else build_model(dataclasses.replace(config, **flags))
+        models[label] = (model.to(device).train(), build_optimizer(model, args, device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i, batch in enumerate(batches):
         batch = to_device(batch, device)
         for label, (model, optimizer) in models.items():
             sync()
             t0 = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = model(batch)[0]
             loss.backward()
             optimizer.step()
@@ -1945,18 +1852,16 @@ def time_train_steps(args, batches, variants, vocab, device, warmup=3):
     return {label: (float(np.median(seconds[label])), sum(p.numel() for p in models[label][0].parameters()))
             for label in variants}
 
-
 def time_f0(waves, device):
     """Markdown rows: CPU (or GPU wall) seconds per audio second of extract_f0, of yin_f0 batched on the device and
     of librosa.pyin at the same 10 ms hop, on one thread as in the feature workers, median of 3 after a warm-up."""
-    import librosa
     audio_s = sum(len(w) for w in waves) / SAMPLE_RATE
     padded = nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
     methods = {"f0: YIN in torch (extract_f0), one utterance at a time": lambda: [extract_f0(w) for w in waves],
                f"f0: YIN in torch, {len(waves)} utterances batched on {device.type}": lambda: yin_f0(padded),
                "f0: librosa.pyin 65-400 Hz": lambda: [librosa.pyin(w.numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE,
                                                                    hop_length=HOP) for w in waves]}
-    threads, rows = torch.get_num_threads(), []
+    threads, lines = torch.get_num_threads(), []
     torch.set_num_threads(1)  # more threads only add spin-waiting on these small tensors
     for label, run in methods.items():
         on_gpu = "batched" in label and device.type == "cuda"  # a GPU's time is wall time, not CPU time
@@ -1967,33 +1872,58 @@ def time_f0(waves, device):
             if on_gpu:
                 torch.cuda.synchronize()
             seconds.append(clock() - t0)
-        rows.append(f"| {label} | {np.median(seconds[1:]) / audio_s:.4f} {'wall' if on_gpu else 'CPU'}-s per audio-s |")
+        lines.append(f"| {label} | {np.median(seconds[1:]) / audio_s:.4f} {'wall' if on_gpu else 'CPU'}-s per audio-s |")
     torch.set_num_threads(threads)
-    return "\n".join(rows)
+    return "\n".join(lines)
 
+def bench_decoding_and_diagnostics(args, device, data, tokenizer):
+    """Markdown rows: decoding RTFx and validation CER (of --ckpt if given, else of an untrained model, which decodes
+    to the length cap), and the cost of the diagnostic figures and scalars."""
+    if args.ckpt:
+        model, tokenizer, config = load_model(args.ckpt, device)
+    else:
+        model, config = build_model(ModelConfig.from_args(args, len(tokenizer))).to(device), vars(args)
+    lines = []
+    for weight, beam in ((0.0, 1), (config["decode_ctc_weight"], 1), (config["decode_ctc_weight"], 4)):
+        result = evaluate(model, data["validation"], tokenizer, device, 100, weight, beam)
+        lines.append(f"| decoding RTFx, KV cache, {'greedy' if beam == 1 else f'beam {beam}'}, "
+                    f"{'attention only' if weight == 0 else 'joint CTC/attention'}{'' if args.ckpt else ', untrained'} | "
+                    f"{result['rtfx']:.0f} (val CER {100 * result['cer']:.2f} %) |")
+    batch = to_device(collate([item | {"text": tokenizer.known(item["text"])}
+                               for item in rows(data["validation"], [0])], tokenizer), device)
+    t0 = time.perf_counter()
+    figures(model, batch)
+    lines.append(f"| diagnostics: the 4 figures, at each evaluation | {time.perf_counter() - t0:.2f} s |")
+    model.train()
+    activations, hooks = record_activations(model)
+    model(batch)[0].backward()
+    t0 = time.perf_counter()
+    block_scalars(model, activations)
+    lines.append(f"| diagnostics: per-block scalars, every --diag_every steps | {1000 * (time.perf_counter() - t0):.1f} ms |")
+    for hook in hooks:
+        hook.remove()
+    return "\n".join(lines)
 
 def benchmark(args):
     """Side-by-side speed on this device: train step per attention variant, gate and stream set (same batches,
     round-robin, warm-up excluded), optimizer state, padding of the batches, f0 extraction against librosa.pyin,
-    and decoding real-time factor (of --ckpt if given, else of an untrained model, which runs to the cap)."""
+    decoding real-time factor and the diagnostics' cost."""
     device = pick_device(args.device)
     data, _ = load_splits(argparse.Namespace(**(vars(args) | {"streams": "spectrogram,pitch,waveform"})))
     train_set = data["train"]
-    tokenizer = Tokenizer("".join(train_set["text"]))
-    all_batches = bucket_batches(train_set["n_frames"], args.batch_frames, args.seed, 0)
-    frames = train_set["n_frames"]
-    padded = sum(max(frames[i] for i in b) * len(b) for b in all_batches)
+    tokenizer, frames = Tokenizer("".join(train_set["text"])), train_set["n_frames"]
+    all_batches = length_batches(frames, args.batch_frames, epoch_rng(args.seed, 0))
     batches = [collate(rows(train_set, b), tokenizer) for b in all_batches[:23]]
     audio = sum(b["frames"].sum().item() for b in batches[3:]) / 100
     f0_rows = time_f0([torch.from_numpy(np.array(w, dtype=np.float32)) for w in data["validation"][:20]["wave"]], device)
-    print(f"device: {device} ({environment(device)['gpu']}), {torch.get_num_threads()} threads, --batch_frames "
+    print(f"device: {device} ({environment(device, 1)['gpu']}), {torch.get_num_threads()} threads, --batch_frames "
           f"{args.batch_frames}, 20 timed steps after 3 warm-up, defaults otherwise\n")
     # the attention rows use the peer's block (no gate), so that they compare like with like
     variants = {"peer: nn.TransformerEncoderLayer/DecoderLayer, same sizes": TextbookTransformer}
     variants |= {f"attention, --gate none: {label}": ABLATIONS["pitch"][key] | {"gate": "none"} for label, key in
                  (("plain RoPE (--no-f0_theta)", "baseline"), ("f0_theta", "f0_theta"),
                   ("f0_theta + radii + pitch_bias + zero_value", "all"))}
-    variants |= {f"--gate {gate}": {"gate": gate} for gate in ("none", "mlp", "t", "m")}
+    variants |= {f"--gate {gate}": {"gate": gate} for gate in ("mlp", "t", "m")}
     variants |= {f"--streams {s}": {"streams": s} for s in ("spectrogram", "spectrogram,pitch", "spectrogram,waveform",
                                                             "spectrogram,pitch,waveform")}
     timings = time_train_steps(args, batches, variants, len(tokenizer), device)
@@ -2002,8 +1932,7 @@ def benchmark(args):
     for label, (sec, params) in timings.items():
         print(f"| {label} | {1000 * sec:.0f} | {sec / peer:.2f}x | {sec / base:.2f}x | {audio / 20 / sec:.0f} | "
               f"{params / 1e6:.2f} M |")
-    model = build_model(vars(args), len(tokenizer))
-    state = {}
+    model, state = build_model(ModelConfig.from_args(args, len(tokenizer))), {}
     for name in ("adamw", "maxfactor"):
         optimizer = build_optimizer(model, argparse.Namespace(**(vars(args) | {"optimizer": name})), torch.device("cpu"))
         model(collate(rows(train_set, all_batches[0]), tokenizer))[0].backward()
@@ -2013,30 +1942,9 @@ def benchmark(args):
     print(f"\n| what | value |\n|---|---|\n| optimizer state, default model: AdamW | {state['adamw'] / 2**20:.2f} MiB |")
     print(f"| optimizer state, default model: MaxFactor | {state['maxfactor'] / 2**20:.3f} MiB "
           f"({state['maxfactor'] / state['adamw']:.3f} of AdamW) |")
-    print(f"| padding in length-bucketed batches | {100 * (1 - sum(frames) / padded):.1f} % |")
+    print(f"| padding in length-bucketed batches | {100 * (1 - sum(frames) / sum(max(frames[i] for i in b) * len(b) for b in all_batches)):.1f} % |")
     print(f0_rows)
-    if args.ckpt:
-        model, tokenizer, config = load_model(args.ckpt, device)
-    else:
-        model, config = build_model(vars(args), len(tokenizer)).to(device), vars(args)
-    for weight, beam in ((0.0, 1), (config["decode_ctc_weight"], 1), (config["decode_ctc_weight"], 4)):
-        result = evaluate(model, data["validation"], tokenizer, device, 100, weight, beam)
-        print(f"| decoding RTFx, KV cache, {'greedy' if beam == 1 else f'beam {beam}'}, "
-              f"{'attention only' if weight == 0 else 'joint CTC/attention'}{'' if args.ckpt else ', untrained'} | "
-              f"{result['rtfx']:.0f} (val CER {100 * result['cer']:.2f} %) |")
-    batch = to_device(collate([item | {"text": tokenizer.known(item["text"])}
-                               for item in rows(data["validation"], [0])], tokenizer), device)
-    t0 = time.perf_counter()
-    figures(model, batch)
-    print(f"| diagnostics: the 4 figures, at each evaluation | {time.perf_counter() - t0:.2f} s |")
-    model.train()
-    activations, hooks = record_activations(model)
-    model(batch)[0].backward()
-    t0 = time.perf_counter()
-    block_scalars(model, activations)
-    print(f"| diagnostics: per-block scalars, every --diag_every steps | {1000 * (time.perf_counter() - t0):.1f} ms |")
-    for hook in hooks:
-        hook.remove()
+    print(bench_decoding_and_diagnostics(args, device, data, tokenizer))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2054,7 +1962,6 @@ def main(argv=None):
         ablate(args)
     else:
         train(args)
-
 
 if __name__ == "__main__":
     main()

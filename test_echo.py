@@ -1,19 +1,33 @@
-"""Tests for echo.py. Fast by default; `-m slow` selects the long ones (CI runs both)."""
+"""Tests for echo.py, grouped under the section of echo.py each one proves. Fast by default; `-m slow` selects
+the long ones (CI runs both)."""
+import dataclasses
+import itertools
 import json
 import math
 import os
+import random
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import datasets
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import soundfile
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import echo
 
 HERE = Path(__file__).resolve().parent
+ECHO = [sys.executable, str(HERE / "echo.py")]
+CHARS = "abcdefghijklmnopqrstuvwxyz '"
+TINY = dict(d_model=64, n_heads=2, enc_layers=2, dec_layers=2, gate="none", gate_memory=8, f0_theta=False)
+ALL_PITCH = dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)
 
 
 def harmonic_tone(f0, seconds, sample_rate=echo.SAMPLE_RATE, harmonics=12):
@@ -24,18 +38,33 @@ def harmonic_tone(f0, seconds, sample_rate=echo.SAMPLE_RATE, harmonics=12):
     return (0.3 * sum(np.sin(k * phase) / k for k in range(1, harmonics + 1))).astype(np.float32)
 
 
-CHARS = "abcdefghijklmnopqrstuvwxyz '"
-CONFIG = dict(d_model=64, n_heads=2, enc_layers=2, dec_layers=2, ctc_weight=0.3, f0_theta=False, radii=False,
-              pitch_bias=False, zero_value=False, rope_freqs="standard", decode_ctc_weight=0.3, gate="none",
-              gate_memory=8, streams="spectrogram")
+def F_pad(x, n):
+    """x with n zeros appended along its last dimension."""
+    return torch.nn.functional.pad(x, (0, n))
+
+
+def tiny_config(vocab=20, **kw):
+    """The tiny model's ModelConfig, with kw overriding TINY."""
+    return echo.ModelConfig(vocab, **(TINY | kw))
 
 
 def tiny_model(vocab=20, **kw):
+    """A tiny model in eval mode, initialised from seed 0."""
     torch.manual_seed(0)
-    return echo.build_model(CONFIG | kw, vocab).eval()
+    return echo.build_model(tiny_config(vocab, **kw)).eval()
+
+
+def save_tiny_checkpoint(path, decode_ctc_weight=0.3, vocab=31, **kw):
+    """Save tiny_model(vocab, **kw) with the CHARS tokenizer as a checkpoint load_model reads; return the model."""
+    model = tiny_model(vocab, **kw)
+    echo.save_checkpoint(path, {"model": model.state_dict(), "tokenizer": CHARS,
+                                "model_config": dataclasses.asdict(tiny_config(vocab, **kw)),
+                                "config": {"decode_ctc_weight": decode_ctc_weight}})
+    return model
 
 
 def fake_batch(lengths=(120, 77), text_lengths=(9, 5), vocab=20, seed=0):
+    """A collated batch of random log-mels, voiced f0 of 150-200 Hz and random BOS ... EOS token sequences."""
     g = torch.Generator().manual_seed(seed)
     items = []
     for n in lengths:
@@ -51,6 +80,80 @@ def fake_batch(lengths=(120, 77), text_lengths=(9, 5), vocab=20, seed=0):
     return batch
 
 
+def utterance(batch, i, n):
+    """Utterance i of a batch alone, as a batch of one cut to its n frames."""
+    return {k: v[i:i + 1, :n] if v.dim() > 1 else v[i:i + 1] for k, v in batch.items() if torch.is_tensor(v)}
+
+
+def with_wave(batch, seed=0):
+    """batch plus a random waveform as long as its frames, silent past the second utterance's end."""
+    g = torch.Generator().manual_seed(seed)
+    batch["wave"] = 0.1 * torch.randn(len(batch["frames"]), (batch["mel"].shape[1] - 1) * echo.HOP, generator=g)
+    batch["wave"][1, (int(batch["frames"][1]) - 1) * echo.HOP:] = 0
+    return batch
+
+
+def params_without_gradient(model, batch):
+    """Names of the parameters that get no non-zero gradient from the loss on batch."""
+    model(batch)[0].backward()
+    return [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+
+
+def contour(n, seed=0, low=90.0, high=300.0):
+    """A random smooth log-f0 contour (octaves) with unvoiced stretches: (1, n) log2 f0 and voicing."""
+    g = torch.Generator().manual_seed(seed)
+    walk = torch.cumsum(0.1 * torch.randn(n, generator=g), 0)
+    hz = low * (high / low) ** torch.sigmoid(walk)
+    voiced = torch.rand(n, generator=g) > 0.25
+    return torch.where(voiced, hz.log2(), 0.0)[None], voiced[None]
+
+
+def scores(prior, log_f0, voiced, q, k):
+    """Attention logits of q against k, both rotated by the prior's table for this contour."""
+    table, _ = prior(log_f0, voiced, torch.ones_like(voiced))
+    return echo.apply_rotary(q, table) @ echo.apply_rotary(k, table).transpose(-1, -2)
+
+
+def tone_item(f0=150.0, seconds=1.0):
+    """A featurised tone with its waveform kept, as perturb_audio receives utterances."""
+    wave = torch.from_numpy(harmonic_tone(f0, seconds))
+    return echo.featurize([wave], keep_wave=True)[0] | {"text": "a tone"}
+
+
+def write_bad_and_good_audio(folder):
+    """Files a user may hand to --transcribe: {path: True if it should be transcribed}."""
+    tone = harmonic_tone(160, 1.0)
+    files = {}
+
+    def add(name, ok, data=None, rate=16000, **kw):
+        path = folder / name
+        if data is None:
+            path.write_bytes(b"")
+        elif isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            soundfile.write(path, data, rate, **kw)
+        files[str(path)] = ok
+    add("empty_file.wav", False)
+    add("zero_samples.wav", False, np.zeros(0, np.float32))
+    add("silent.wav", False, np.zeros(16000, np.float32))
+    add("nan.wav", False, np.where(np.arange(16000) % 7 == 0, np.nan, tone).astype(np.float32), subtype="FLOAT")
+    add("inf.wav", False, np.where(np.arange(16000) == 5, np.inf, tone).astype(np.float32), subtype="FLOAT")
+    add("clipped.wav", True, np.clip(4 * tone, -1, 1))
+    for rate in (8000, 44100, 48000):
+        add(f"rate{rate}.wav", True, harmonic_tone(160, 1.0, rate), rate)
+    add("stereo.wav", True, np.stack([tone, 0.5 * tone], 1))
+    add("pcm8.wav", True, tone, subtype="PCM_U8")
+    add("pcm24.wav", True, tone, subtype="PCM_24")
+    add("audio.flac", True, tone)
+    add("audio.ogg", True, tone, format="OGG", subtype="VORBIS")
+    add("long.wav", True, np.tile(tone, 35))
+    whole = folder / "clipped.wav"
+    add("truncated_header.wav", False, whole.read_bytes()[:30])
+    add("text.wav", False, b"RIFF? no, this is a text file with a .wav name\n")
+    return files
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """A 24-utterance embedded corpus (plus its unseen-voice split), built once for the session."""
@@ -59,13 +162,51 @@ def tiny_corpus(tmp_path_factory):
     return cache, root
 
 
+def tiny_run_flags(cache, tmp_path):
+    """Flags for a tiny model trained on the tiny corpus, its runs under tmp_path/runs."""
+    return ["--cache_dir", str(cache), "--corpus_size", "24", "--runs_dir", str(tmp_path / "runs"), "--d_model", "64",
+            "--n_heads", "2", "--enc_layers", "2", "--dec_layers", "1", "--warmup", "5", "--num_proc", "1"]
+
+
 def train_args(cache, tmp_path, *extra):
-    return echo.parse_args(["--cache_dir", str(cache), "--corpus_size", "24", "--runs_dir", str(tmp_path / "runs"),
-                            "--d_model", "64", "--n_heads", "2", "--enc_layers", "2", "--dec_layers", "1",
-                            "--batch_frames", "3000", "--warmup", "5", "--eval_utts", "4", "--num_proc", "1", *extra])
+    """Parsed flags for an in-process tiny run; extra flags override."""
+    return echo.parse_args([*tiny_run_flags(cache, tmp_path), "--batch_frames", "3000", "--eval_utts", "4", *extra])
 
 
-# ---- text, corpus, features
+def tiny_cli(cache, tmp_path, name, *extra):
+    """The command line of a tiny run named name in a subprocess (smaller batches); extra flags override."""
+    return [*ECHO, *tiny_run_flags(cache, tmp_path), "--batch_frames", "1500", "--eval_utts", "2", "--name", name,
+            *extra]
+
+
+def events(run_dir):
+    """A run's TensorBoard events, every image kept."""
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def losses(run_dir):
+    """A run's training loss as {step: value}."""
+    return {e.step: e.value for e in events(run_dir).Scalars("train/loss")}
+
+
+# ---- config: flags and their errors
+
+def test_invalid_arguments_are_argparse_errors(tmp_path):
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    for argv in (["--max_steps", "-1"], ["--ckpt", str(tmp_path / "none.pt"), "--transcribe", "a.wav"],
+                 ["--dataset", str(tmp_path)], ["--resume"], ["--runs_dir", str(tmp_path / "runs"), "--name", "taken"],
+                 ["--beam", "0"], ["--noise_snr", "30,10"], ["--noise_snr", "loud"], ["--diag_every", "-5"],
+                 ["--log_every", "0"], ["--diagnose", str(tmp_path / "none.pt"), "a.wav"],
+                 ["--gate", "x"], ["--streams", "spectrogram,pich"], ["--streams", "pitch"],
+                 ["--radii", "--no-f0_theta"]):
+        with pytest.raises(SystemExit) as e:
+            echo.parse_args(argv)
+        assert e.value.code == 2, argv
+
+
+# ---- data: text, embedded corpus, audio and features
 
 def test_tokenizer_round_trip():
     tok = echo.Tokenizer("hello world's")
@@ -84,7 +225,7 @@ def test_corpus_plan_is_deterministic_and_split_by_sentence():
     for item in plan:
         by_split.setdefault(item["split"], set()).add(item["transcription"])
     assert sum(len(s) for s in by_split.values()) == len(plan)  # no sentence twice, so none in two splits
-    assert len(set().union(*map(echo.words, (echo.NOUNS, echo.ADJECTIVES, echo.VERBS, echo.ADVERBS, echo.NAMES)))) >= 1000
+    assert len(set().union(echo.NOUNS, echo.ADJECTIVES, echo.VERBS, echo.ADVERBS, echo.NAMES)) >= 1000
     seen_voices = {p["voice"] for p in plan if p["split"] != "test_unseen"}
     unseen = [p for p in plan if p["split"] == "test_unseen"]
     assert not seen_voices & {p["voice"] for p in unseen}
@@ -195,7 +336,7 @@ def test_feature_cache_key_follows_the_feature_code(monkeypatch):
 
 @pytest.mark.slow
 def test_extract_f0_matches_pyin_on_corpus(tiny_corpus):
-    import librosa
+    import librosa  # only this slow test needs it
     _, root = tiny_corpus
     cents = []
     for path in sorted(Path(root, "train").glob("*.flac"))[:8]:
@@ -208,6 +349,8 @@ def test_extract_f0_matches_pyin_on_corpus(tiny_corpus):
         cents += list(1200 * np.abs(np.log2(f0.numpy()[:n][both] / ref[:n][both])))
     assert len(cents) > 300 and np.median(cents) <= 20
 
+
+# ---- data: loading, batches and augmentation
 
 def test_local_folder_like_hub_and_bad_files_are_skipped(tmp_path):
     """train/validation/test subfolders of wav and flac + metadata.csv; bad utterances are skipped and named."""
@@ -262,23 +405,75 @@ def test_streaming_trains_from_a_local_folder_and_skips_bad_files(tmp_path):
 
 
 def test_hub_dataset_offline_fails_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, str(HERE / "echo.py"), "--dataset", "librispeech_asr", "--dataset_config",
-                          "clean", "--cache_dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
+    out = subprocess.run([*ECHO, "--dataset", "librispeech_asr", "--dataset_config", "clean", "--cache_dir",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120,
                          env=os.environ | {"HF_HUB_OFFLINE": ""})
     assert out.returncode != 0 and "Traceback" not in out.stderr
     line = out.stderr.strip().splitlines()[-1]
     assert "librispeech_asr" in line and "--dataset path/to/folder" in line
 
 
-def test_invalid_arguments_are_argparse_errors(tmp_path):
-    (tmp_path / "runs" / "taken").mkdir(parents=True)
-    for argv in (["--max_steps", "-1"], ["--ckpt", str(tmp_path / "none.pt"), "--transcribe", "a.wav"],
-                 ["--dataset", str(tmp_path)], ["--resume"], ["--runs_dir", str(tmp_path / "runs"), "--name", "taken"],
-                 ["--beam", "0"], ["--noise_snr", "30,10"], ["--noise_snr", "loud"], ["--diag_every", "-5"],
-                 ["--diagnose", str(tmp_path / "none.pt"), "a.wav"]):
-        with pytest.raises(SystemExit) as e:
-            echo.parse_args(argv)
-        assert e.value.code == 2
+def test_length_batches_respect_the_frame_budget_and_cover_every_utterance():
+    draw = random.Random(1)
+    lengths = [draw.randint(10, 500) for _ in range(300)]
+    batches = {}
+    for name, rng in (("shuffled", random.Random(0)), ("sorted", None)):
+        batches[name] = echo.length_batches(lengths, 2000, rng=rng)
+        assert sorted(i for batch in batches[name] for i in batch) == list(range(300)), name
+        assert all(max(lengths[i] for i in batch) * len(batch) <= 2000
+                   for batch in batches[name] if len(batch) > 1), name
+    in_order = [lengths[i] for batch in batches["sorted"] for i in batch]
+    assert in_order == sorted(lengths)  # evaluation and transcription order
+    again = echo.length_batches(lengths, 2000, rng=random.Random(0))
+    assert batches["shuffled"] == again  # seeded, so a resumed run sees the same order
+    assert batches["shuffled"] != batches["sorted"]  # training batches come in shuffled order
+
+
+def test_speed_perturbation_scales_f0_and_length_by_the_factor():
+    item, factors = tone_item(), set()
+    for seed in range(12):
+        factor = float(np.random.default_rng(seed).choice((0.9, 1.0, 1.1)))  # the draw perturb_audio makes
+        (out,) = echo.perturb_audio([item], np.random.default_rng(seed), speed_perturb=True)
+        f0 = np.median(out["f0"][out["voiced"]])
+        assert abs(f0 / 150.0 - factor) < 0.02 * factor
+        assert abs(len(item["mel"]) / len(out["mel"]) - factor) < 0.02
+        assert len(out["f0"]) == len(out["voiced"]) == len(out["mel"])
+        factors.add(factor)
+    assert factors == {0.9, 1.0, 1.1}
+
+
+def test_noise_is_added_at_the_requested_snr():
+    item = tone_item()
+    (out,) = echo.perturb_audio([item], np.random.default_rng(0), noise_snr=(10.0, 10.0))
+    clean = np.asarray(item["wave"], dtype=np.float64)
+    noise = np.asarray(out["wave"], dtype=np.float64) - clean
+    assert abs(10 * np.log10(np.mean(clean ** 2) / np.mean(noise ** 2)) - 10.0) < 0.3
+
+
+def test_spec_augment_masks_only_the_log_mel_inside_each_utterance():
+    batch = fake_batch(lengths=(300, 180))
+    out = echo.spec_augment(batch, np.random.default_rng(0))
+    assert torch.equal(out["f0"], batch["f0"]) and torch.equal(out["voiced"], batch["voiced"])
+    assert torch.equal(out["mel"][1, 180:], batch["mel"][1, 180:])  # padding untouched
+    for i, n in enumerate((300, 180)):
+        changed = out["mel"][i, :n] != batch["mel"][i, :n]
+        assert changed.any()
+        masked_frames = changed.all(dim=1).sum()  # a time mask covers every bin of its frames
+        assert masked_frames <= 5 * int(0.05 * n)
+        masked_bins = changed.all(dim=0).sum()  # a frequency mask covers every frame of its bins
+        assert masked_bins <= 2 * 27
+    again = echo.spec_augment(batch, np.random.default_rng(0))
+    assert torch.equal(again["mel"], out["mel"])
+
+
+def test_augmented_training_is_seeded_and_changes_the_batches(tiny_corpus, tmp_path):
+    cache, _ = tiny_corpus
+    flags = ("--max_steps", "6", "--eval_every", "6", "--eval_utts", "1")
+    augment = ("--specaug", "--speed_perturb", "--noise_snr", "10,30")
+    for name, extra in (("a", augment), ("b", augment), ("plain", ())):
+        echo.train(train_args(cache, tmp_path, "--name", name, *flags, *extra))
+    a, b, plain = (losses(tmp_path / "runs" / n) for n in ("a", "b", "plain"))
+    assert len(a) == 6 and a == b and a != plain and all(np.isfinite(list(a.values())))
 
 
 # ---- model
@@ -306,7 +501,7 @@ def test_decoder_is_causal():
 def test_padding_invariance():
     """An utterance alone and inside a batch with a longer one: same encoder output on its frames, same text."""
     model, batch = tiny_model(), fake_batch(lengths=(77, 130))
-    alone = {k: v[:1, :77] if v.dim() > 1 else v[:1] for k, v in batch.items() if torch.is_tensor(v)}
+    alone = utterance(batch, 0, 77)
     enc_alone, _ = model.encode(alone)
     enc_batch, valid = model.encode(batch)
     n = int(valid[0].sum())
@@ -327,169 +522,7 @@ def test_kv_cache_decoding_matches_full_forward():
     torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-5)
 
 
-def test_beam_search_finds_the_best_score_per_token_among_all_hypotheses(monkeypatch):
-    """With a beam as wide as the whole hypothesis space (cap 4 tokens, 2 letters), beam search must return the
-    sequence with the best length-normalised attention score, found here by scoring every sequence."""
-    import itertools
-    monkeypatch.setattr(echo, "max_tokens_for", lambda frames: torch.full_like(frames, 4))
-    model, batch = tiny_model(vocab=5, ctc_weight=0.0), fake_batch(lengths=(60,), text_lengths=(3,), vocab=5)
-    audio, valid = model.encode(batch)
-    candidates = [list(seq) + [echo.EOS] for n in range(4) for seq in itertools.product((3, 4), repeat=n)]
-    candidates += [list(seq) for seq in itertools.product((3, 4), repeat=4)]  # cut by the cap, no EOS
-    best, best_score = None, -math.inf
-    for seq in candidates:
-        tokens = torch.tensor([[echo.BOS] + seq])
-        with torch.no_grad():
-            log_p = model.decoder(tokens[:, :-1], audio, valid).log_softmax(-1)[0]
-        score = log_p.gather(1, tokens[0, 1:, None]).sum().item() / len(seq)
-        if score > best_score:
-            best, best_score = [t for t in seq if t != echo.EOS], score
-    assert echo.decode(model, batch, ctc_weight=0.0, beam=16)[0] == best
-
-
-def test_ctc_prefix_scores_match_enumeration_of_all_alignments():
-    import itertools
-    T, V = 5, 5
-    log_probs = torch.randn(1, T + 2, V, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
-    valid = torch.arange(T + 2)[None] < T  # two padded frames must change nothing
-
-    def collapse(path):
-        return [p for i, p in enumerate(path) if p != echo.PAD and (i == 0 or p != path[i - 1])]
-
-    def brute(text, whole):
-        total = sum(math.exp(sum(log_probs[0, t, p].item() for t, p in enumerate(path)))
-                    for path in itertools.product(range(V), repeat=T)
-                    if (collapse(path) == text if whole else collapse(path)[:len(text)] == text))
-        return math.log(total)
-
-    scorer, text = echo.CTCPrefixScorer(log_probs, valid), []
-    for token in (3, 3, 4):
-        candidates = torch.tensor([[token, 4]])
-        psi, r_n, r_b = scorer.extend(candidates)
-        scorer.choose(torch.tensor([[0]]), candidates, psi, r_n, r_b)
-        text.append(token)
-        assert abs(scorer.score.item() - brute(text, whole=False)) < 1e-5
-        assert abs(scorer.final().item() - brute(text, whole=True)) < 1e-5
-
-
-def test_evaluation_scores_references_with_characters_outside_the_tokenizer():
-    import datasets
-    rng = np.random.default_rng(0)
-    dataset = datasets.Dataset.from_dict({"mel": [rng.standard_normal((120, echo.N_MELS)).astype(np.float16)],
-                                          "f0": [np.full(120, 150, np.float32)], "voiced": [np.ones(120, bool)],
-                                          "text": ["abc 123"], "n_frames": [120]}).with_format("numpy")
-    result = echo.evaluate(tiny_model(vocab=31), dataset, echo.Tokenizer(CHARS), torch.device("cpu"), ctc_weight=0.0)
-    assert result["n"] == 1 and result["samples"][0][0] == "abc 123" and result["cer"] > 0
-
-
-def test_greedy_decoding_stops_at_length_cap():
-    model, batch = tiny_model(), fake_batch(lengths=(50, 200))
-    hyps = echo.decode(model, batch)
-    caps = echo.max_tokens_for(batch["frames"]).tolist()
-    assert all(len(h) <= cap for h, cap in zip(hyps, caps))
-
-
-# ---- training, checkpoints, CLI
-
-def test_tiny_training_run_loss_falls_and_resume_continues(tiny_corpus, tmp_path):
-    cache, _ = tiny_corpus
-    args = train_args(cache, tmp_path, "--name", "tiny", "--max_steps", "40", "--eval_every", "20", "--lr", "3e-3")
-    results = echo.train(args)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(tmp_path / "runs" / "tiny"))
-    events.Reload()
-    losses = [e.value for e in events.Scalars("train/loss")]
-    assert losses[-1] < losses[0] - 0.5
-    assert {"val/wer", "val/cer", "test/cer", "train/lr", "train/grad_norm"} <= set(events.Tags()["scalars"])
-    assert "test" in results and "test_unseen" in results
-    ckpt = echo.load_checkpoint(tmp_path / "runs" / "tiny" / "ckpt.pt")
-    assert ckpt["step"] == 40 and ckpt["tokenizer"] and ckpt["code"]
-    resumed = train_args(cache, tmp_path, "--name", "tiny", "--max_steps", "60", "--eval_every", "20", "--resume")
-    echo.train(resumed)
-    assert echo.load_checkpoint(tmp_path / "runs" / "tiny" / "ckpt.pt")["step"] == 60
-    assert (tmp_path / "runs" / "tiny" / "ckpt.pt.prev").exists()
-
-
-def test_tiny_run_with_maxfactor_and_all_features_learns(tiny_corpus, tmp_path):
-    cache, _ = tiny_corpus
-    args = train_args(cache, tmp_path, "--name", "maxfactor", "--max_steps", "40", "--eval_every", "40",
-                      "--optimizer", "maxfactor", "--gate", "m", "--streams", "spectrogram,pitch,waveform",
-                      "--radii", "--pitch_bias", "--zero_value")
-    echo.train(args)
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(tmp_path / "runs" / "maxfactor"))
-    events.Reload()
-    losses = [e.value for e in events.Scalars("train/loss")]
-    assert losses[-1] < losses[0] - 0.5
-    tags = set(events.Tags()["scalars"])
-    for name in ("radius_alpha", "bias_lambda_per_octave", "zero_value_offset"):
-        assert {f"pitch/{name}/head0", f"pitch/{name}/head1"} <= tags
-    assert {"streams/c_gate_spectrogram", "streams/c_gate_pitch", "streams/c_gate_waveform"} <= tags
-
-
-def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
-    model, batch = tiny_model(vocab=31), fake_batch(vocab=31)
-    config = CONFIG
-    echo.save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": config, "tokenizer": CHARS})
-    loaded, tokenizer, _ = echo.load_model(tmp_path / "ckpt.pt", torch.device("cpu"))
-    assert len(tokenizer) == 31
-    with torch.no_grad():
-        assert torch.equal(model(batch)[0], loaded(batch)[0])
-
-
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    path = tmp_path / "ckpt.pt"
-    echo.save_checkpoint(path, {"step": 1})
-
-    def disk_full(obj, f):
-        f.write(b"partial")
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError):
-        echo.save_checkpoint(path, {"step": 2})
-    monkeypatch.undo()
-    assert echo.load_checkpoint(path)["step"] == 1
-    path.write_bytes(b"truncated")
-    with pytest.raises(SystemExit, match="unreadable checkpoint"):
-        echo.load_checkpoint(path)
-
-
-def test_transcribe_cli_prints_contract_format(tmp_path):
-    model = tiny_model(vocab=31)
-    config = CONFIG
-    echo.save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": config, "tokenizer": CHARS})
-    good_a, good_b, bad = tmp_path / "a.wav", tmp_path / "b.flac", tmp_path / "bad.wav"
-    soundfile.write(good_a, harmonic_tone(150, 1.0), 16000)
-    soundfile.write(good_b, harmonic_tone(220, 0.7, 44100), 44100)
-    bad.write_text("not audio")
-    out = subprocess.run([sys.executable, str(HERE / "echo.py"), "--transcribe", str(good_b), str(bad), str(good_a),
-                          "--ckpt", str(tmp_path / "ckpt.pt")], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1
-    lines = out.stdout.splitlines()
-    assert [line.split("\t")[0] for line in lines] == [str(good_b), str(good_a)]
-    assert all(len(line.split("\t")) == 2 for line in lines)
-    errors = out.stderr.strip().splitlines()
-    assert len(errors) == 1 and str(bad) in errors[0] and "Traceback" not in out.stderr
-
-
-# ---- pitch-aware attention (DESIGN.md section 3)
-
-ALL_PITCH = dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)
-
-
-def contour(n, seed=0, low=90.0, high=300.0):
-    """A random smooth log-f0 contour (octaves) with unvoiced stretches: (1, n) log2 f0 and voicing."""
-    g = torch.Generator().manual_seed(seed)
-    walk = torch.cumsum(0.1 * torch.randn(n, generator=g), 0)
-    hz = low * (high / low) ** torch.sigmoid(walk)
-    voiced = torch.rand(n, generator=g) > 0.25
-    return torch.where(voiced, hz.log2(), 0.0)[None], voiced[None]
-
-
-def scores(prior, log_f0, voiced, q, k):
-    table, _ = prior(log_f0, voiced, torch.ones_like(voiced))
-    return echo.apply_rotary(q, table) @ echo.apply_rotary(k, table).transpose(-1, -2)
-
+# ---- model: pitch-aware attention
 
 def test_rotary_without_f0_or_at_reference_pitch_is_standard_rope():
     n, head_dim = 50, 16
@@ -566,10 +599,6 @@ def test_pitch_bias_is_symmetric_zero_on_diagonal_and_per_utterance():
     assert torch.all(mask[1, :, :, 20:] == float("-inf")) and torch.isfinite(mask[1, :, :, :20]).all()
 
 
-def F_pad(x, n):
-    return torch.nn.functional.pad(x, (0, n))
-
-
 def test_batched_utterances_with_different_pitch_match_each_alone():
     model = tiny_model(**ALL_PITCH)
     batch = fake_batch(lengths=(120, 77))
@@ -577,8 +606,7 @@ def test_batched_utterances_with_different_pitch_match_each_alone():
     batch["voiced"][0, 30:50] = False
     enc, valid = model.encode(batch)
     for i, n in enumerate((120, 77)):
-        alone = {k: v[i:i + 1, :n] if v.dim() > 1 else v[i:i + 1] for k, v in batch.items() if torch.is_tensor(v)}
-        enc_alone, _ = model.encode(alone)
+        enc_alone, _ = model.encode(utterance(batch, i, n))
         torch.testing.assert_close(enc[i, :enc_alone.shape[1]], enc_alone[0], atol=1e-5, rtol=1e-5)
 
 
@@ -597,12 +625,9 @@ def test_every_pitch_flag_changes_the_output():
 
 
 def test_every_parameter_gets_a_gradient_with_all_flags():
-    model = tiny_model(**ALL_PITCH).train()
     batch = fake_batch()
     batch["voiced"][:, 40:60] = False
-    model(batch)[0].backward()
-    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not missing
+    assert not params_without_gradient(tiny_model(**ALL_PITCH).train(), batch)
 
 
 def test_logit_spread_at_init_with_radii_is_close_to_unit_radius():
@@ -633,14 +658,7 @@ def test_bad_f0_tracks_never_give_nan(case):
     assert len(echo.decode(model, batch)) == 2
 
 
-# ---- gates, streams, MaxFactor (DESIGN.md sections 4 and 5)
-
-def with_wave(batch, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    batch["wave"] = 0.1 * torch.randn(len(batch["frames"]), (batch["mel"].shape[1] - 1) * echo.HOP, generator=g)
-    batch["wave"][1, (int(batch["frames"][1]) - 1) * echo.HOP:] = 0
-    return batch
-
+# ---- model: gates and streams
 
 def test_each_gate_changes_the_output_and_builds_only_what_it_uses():
     batch = fake_batch()
@@ -670,11 +688,10 @@ def test_each_stream_changes_the_output_and_c_gate_weights_are_in_unit_interval(
 
 @pytest.mark.parametrize("gate", ["t", "m"])
 def test_every_parameter_gets_a_gradient_with_every_stream(gate):
-    model = tiny_model(gate=gate, streams="spectrogram,pitch,waveform", **ALL_PITCH).train()
     batch = with_wave(fake_batch())
     batch["voiced"][:, 40:60] = False
-    model(batch)[0].backward()
-    assert not [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    model = tiny_model(gate=gate, streams="spectrogram,pitch,waveform", **ALL_PITCH).train()
+    assert not params_without_gradient(model, batch)
 
 
 def test_streams_a_few_frames_off_are_aligned():
@@ -690,12 +707,7 @@ def test_streams_a_few_frames_off_are_aligned():
         assert out.shape == reference.shape and torch.isfinite(out).all()
 
 
-def test_unknown_gate_or_stream_is_an_argparse_error():
-    for argv in (["--gate", "x"], ["--streams", "spectrogram,pich"], ["--streams", "pitch"], ["--radii", "--no-f0_theta"]):
-        with pytest.raises(SystemExit) as e:
-            echo.parse_args(argv)
-        assert e.value.code == 2
-
+# ---- optimizer
 
 def test_maxfactor_state_is_factored_and_counted_per_parameter():
     layer = torch.nn.Linear(5, 3)
@@ -733,8 +745,7 @@ def test_maxfactor_reduces_a_regression_loss_and_survives_zero_gradients():
 
 
 def test_maxfactor_state_is_a_tenth_of_adamw_for_the_default_model():
-    args = echo.parse_args([])
-    model = echo.build_model(vars(args), 30)
+    model = echo.build_model(echo.ModelConfig.from_args(echo.parse_args([]), 30))
     batch = fake_batch(vocab=30)
     sizes = {}
     for name in ("adamw", "maxfactor"):
@@ -746,47 +757,88 @@ def test_maxfactor_state_is_a_tenth_of_adamw_for_the_default_model():
     assert sizes["maxfactor"] <= 0.1 * sizes["adamw"]
 
 
-# ---- reliability: bad input, interruption, numerical faults, determinism
+# ---- decoding and evaluation
 
-def write_bad_and_good_audio(folder):
-    """Files a user may hand to --transcribe: {path: True if it should be transcribed}."""
-    tone = harmonic_tone(160, 1.0)
-    files = {}
-    def add(name, ok, data=None, rate=16000, **kw):
-        path = folder / name
-        if data is None:
-            path.write_bytes(b"")
-        elif isinstance(data, bytes):
-            path.write_bytes(data)
-        else:
-            soundfile.write(path, data, rate, **kw)
-        files[str(path)] = ok
-    add("empty_file.wav", False)
-    add("zero_samples.wav", False, np.zeros(0, np.float32))
-    add("silent.wav", False, np.zeros(16000, np.float32))
-    add("nan.wav", False, np.where(np.arange(16000) % 7 == 0, np.nan, tone).astype(np.float32), subtype="FLOAT")
-    add("inf.wav", False, np.where(np.arange(16000) == 5, np.inf, tone).astype(np.float32), subtype="FLOAT")
-    add("clipped.wav", True, np.clip(4 * tone, -1, 1))
-    for rate in (8000, 44100, 48000):
-        add(f"rate{rate}.wav", True, harmonic_tone(160, 1.0, rate), rate)
-    add("stereo.wav", True, np.stack([tone, 0.5 * tone], 1))
-    add("pcm8.wav", True, tone, subtype="PCM_U8")
-    add("pcm24.wav", True, tone, subtype="PCM_24")
-    add("audio.flac", True, tone)
-    add("audio.ogg", True, tone, format="OGG", subtype="VORBIS")
-    add("long.wav", True, np.tile(tone, 35))
-    whole = folder / "clipped.wav"
-    add("truncated_header.wav", False, whole.read_bytes()[:30])
-    add("text.wav", False, b"RIFF? no, this is a text file with a .wav name\n")
-    return files
+def test_beam_search_finds_the_best_score_per_token_among_all_hypotheses(monkeypatch):
+    """With a beam as wide as the whole hypothesis space (cap 4 tokens, 2 letters), beam search must return the
+    sequence with the best length-normalised attention score, found here by scoring every sequence."""
+    monkeypatch.setattr(echo, "max_tokens_for", lambda frames: torch.full_like(frames, 4))
+    model, batch = tiny_model(vocab=5, ctc_weight=0.0), fake_batch(lengths=(60,), text_lengths=(3,), vocab=5)
+    audio, valid = model.encode(batch)
+    candidates = [list(seq) + [echo.EOS] for n in range(4) for seq in itertools.product((3, 4), repeat=n)]
+    candidates += [list(seq) for seq in itertools.product((3, 4), repeat=4)]  # cut by the cap, no EOS
+    best, best_score = None, -math.inf
+    for seq in candidates:
+        tokens = torch.tensor([[echo.BOS] + seq])
+        with torch.no_grad():
+            log_p = model.decoder(tokens[:, :-1], audio, valid).log_softmax(-1)[0]
+        score = log_p.gather(1, tokens[0, 1:, None]).sum().item() / len(seq)
+        if score > best_score:
+            best, best_score = [t for t in seq if t != echo.EOS], score
+    assert echo.decode(model, batch, ctc_weight=0.0, beam=16)[0] == best
+
+
+def test_ctc_prefix_scores_match_enumeration_of_all_alignments():
+    T, V = 5, 5
+    log_probs = torch.randn(1, T + 2, V, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
+    valid = torch.arange(T + 2)[None] < T  # two padded frames must change nothing
+
+    def collapse(path):
+        return [p for i, p in enumerate(path) if p != echo.PAD and (i == 0 or p != path[i - 1])]
+
+    def brute(text, whole):
+        total = sum(math.exp(sum(log_probs[0, t, p].item() for t, p in enumerate(path)))
+                    for path in itertools.product(range(V), repeat=T)
+                    if (collapse(path) == text if whole else collapse(path)[:len(text)] == text))
+        return math.log(total)
+
+    scorer, text = echo.CTCPrefixScorer(log_probs, valid), []
+    for token in (3, 3, 4):
+        candidates = torch.tensor([[token, 4]])
+        psi, r_n, r_b = scorer.extend(candidates)
+        scorer.choose(torch.tensor([[0]]), candidates, psi, r_n, r_b)
+        text.append(token)
+        assert abs(scorer.score.item() - brute(text, whole=False)) < 1e-5
+        assert abs(scorer.final().item() - brute(text, whole=True)) < 1e-5
+
+
+def test_evaluation_scores_references_with_characters_outside_the_tokenizer():
+    rng = np.random.default_rng(0)
+    dataset = datasets.Dataset.from_dict({"mel": [rng.standard_normal((120, echo.N_MELS)).astype(np.float16)],
+                                          "f0": [np.full(120, 150, np.float32)], "voiced": [np.ones(120, bool)],
+                                          "text": ["abc 123"], "n_frames": [120]}).with_format("numpy")
+    result = echo.evaluate(tiny_model(vocab=31), dataset, echo.Tokenizer(CHARS), torch.device("cpu"), ctc_weight=0.0)
+    assert result["n"] == 1 and result["samples"][0][0] == "abc 123" and result["cer"] > 0
+
+
+def test_greedy_decoding_stops_at_length_cap():
+    model, batch = tiny_model(), fake_batch(lengths=(50, 200))
+    hyps = echo.decode(model, batch)
+    caps = echo.max_tokens_for(batch["frames"]).tolist()
+    assert all(len(h) <= cap for h, cap in zip(hyps, caps))
+
+
+def test_transcribe_cli_prints_contract_format(tmp_path):
+    save_tiny_checkpoint(tmp_path / "ckpt.pt")
+    good_a, good_b, bad = tmp_path / "a.wav", tmp_path / "b.flac", tmp_path / "bad.wav"
+    soundfile.write(good_a, harmonic_tone(150, 1.0), 16000)
+    soundfile.write(good_b, harmonic_tone(220, 0.7, 44100), 44100)
+    bad.write_text("not audio")
+    out = subprocess.run([*ECHO, "--transcribe", str(good_b), str(bad), str(good_a),
+                          "--ckpt", str(tmp_path / "ckpt.pt")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    lines = out.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(good_b), str(good_a)]
+    assert all(len(line.split("\t")) == 2 for line in lines)
+    errors = out.stderr.strip().splitlines()
+    assert len(errors) == 1 and str(bad) in errors[0] and "Traceback" not in out.stderr
 
 
 def test_transcribe_reports_each_bad_file_in_one_line_and_goes_on(tmp_path):
-    model = tiny_model(vocab=31)  # untrained, so it decodes to the length cap: attention-only keeps that quick
-    echo.save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": CONFIG | {"decode_ctc_weight": 0.0},
-                                                "tokenizer": CHARS})
+    # untrained, so it decodes to the length cap: attention-only keeps that quick
+    save_tiny_checkpoint(tmp_path / "ckpt.pt", decode_ctc_weight=0.0)
     files = write_bad_and_good_audio(tmp_path)
-    out = subprocess.run([sys.executable, str(HERE / "echo.py"), "--transcribe", *files, "--ckpt", str(tmp_path / "ckpt.pt")],
+    out = subprocess.run([*ECHO, "--transcribe", *files, "--ckpt", str(tmp_path / "ckpt.pt")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert [line.split("\t")[0] for line in out.stdout.splitlines()] == [p for p, ok in files.items() if ok]
@@ -795,22 +847,140 @@ def test_transcribe_reports_each_bad_file_in_one_line_and_goes_on(tmp_path):
     assert all(any(p in e for e in errors) for p, ok in files.items() if not ok)
 
 
-def tiny_cli(cache, tmp_path, name, *extra):
-    return [sys.executable, str(HERE / "echo.py"), "--cache_dir", str(cache), "--corpus_size", "24", "--runs_dir",
-            str(tmp_path / "runs"), "--d_model", "64", "--n_heads", "2", "--enc_layers", "2", "--dec_layers", "1",
-            "--batch_frames", "1500", "--warmup", "5", "--eval_utts", "2", "--num_proc", "1", "--name", name, *extra]
+# ---- diagnostics
+
+@pytest.mark.parametrize("with_f0", [True, False])
+def test_figures_have_the_expected_size_with_and_without_f0(with_f0):
+    model = tiny_model(vocab=20, f0_theta=with_f0)
+    batch = fake_batch(lengths=(160, 120))
+    if not with_f0:
+        batch["f0"].zero_()
+        batch["voiced"].zero_()
+    images = echo.figures(model, batch)
+    sizes = {"pitch_vs_spectrogram": (300, 800), "rotary_similarity": (400, 1200), "rope_curves": (300, 800),
+             "attention": (280, int(2.2 * 100 * 4))}  # 2 encoder + 2 decoder cross-attention panels
+    for tag, shape in sizes.items():
+        assert images[tag].shape == (*shape, 3) and images[tag].dtype == np.uint8 and images[tag].std() > 0
 
 
-def step_losses(run_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
-    return {e.step: e.value for e in events.Scalars("train/loss")}
+def test_diagnostics_write_every_scalar_family_image_and_hparams(tiny_corpus, tmp_path):
+    cache, _ = tiny_corpus
+    echo.train(train_args(cache, tmp_path, "--name", "diag", "--max_steps", "4", "--eval_every", "4", "--eval_utts", "1",
+                          "--diag_every", "2", "--gate", "t", "--radii", "--pitch_bias", "--zero_value",
+                          "--streams", "spectrogram,pitch"))
+    tb = events(tmp_path / "runs" / "diag")
+    scalars = set(tb.Tags()["scalars"])
+    for block in ("encoder.0", "encoder.1", "decoder.0"):
+        for name in ("gate_mean", "mlp_abs_mean", "gate_over_mlp", "gate_over_mlp_grad_norm"):
+            assert f"blocks/{block}/{name}" in scalars
+        assert {f"grad/{block}.self/{p}" for p in "qkvo"} <= scalars
+    assert {f"grad/decoder.0.cross/{p}" for p in "qkvo"} <= scalars and "grad/encoder.0.cross/q" not in scalars
+    assert {"pitch/radius_alpha/head0", "pitch/bias_lambda_per_octave/head1", "pitch/zero_value_offset/head0",
+            "streams/c_gate_pitch", "train/grad_norm", "train/lr", "hparam/test_cer", "hparam/test_unseen_wer"} <= scalars
+    images = set(tb.Tags()["images"])
+    assert {f"diagnostics/{t}" for t in ("pitch_vs_spectrogram", "rotary_similarity", "rope_curves", "attention")} <= images
+    assert {"config", "environment", "val/samples"} <= {t.split("/text_summary")[0] for t in tb.Tags()["tensors"]}
+
+
+def test_diagnose_writes_pngs_for_a_checkpoint_and_an_audio_file(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    save_tiny_checkpoint(ckpt, f0_theta=True)
+    audio = tmp_path / "tone.wav"
+    soundfile.write(audio, harmonic_tone(140, 1.0), echo.SAMPLE_RATE)
+    echo.main(["--diagnose", str(ckpt), str(audio), "--runs_dir", str(tmp_path / "runs"), "--name", "fig"])
+    for tag in ("pitch_vs_spectrogram", "rotary_similarity", "rope_curves", "attention"):
+        assert plt.imread(tmp_path / "runs" / "fig" / f"{tag}.png").shape[0] > 100
+
+
+def test_diagnostics_never_change_the_training_result(tiny_corpus, tmp_path):
+    cache, _ = tiny_corpus
+    flags = ("--max_steps", "8", "--eval_every", "4", "--eval_utts", "1", "--gate", "m", "--radii")
+    echo.train(train_args(cache, tmp_path, "--name", "on", "--diag_every", "1", *flags))
+    echo.train(train_args(cache, tmp_path, "--name", "off", "--diag_every", "0", *flags))
+    on, off = losses(tmp_path / "runs" / "on"), losses(tmp_path / "runs" / "off")
+    assert len(on) == 8 and on == off
+
+
+# ---- training: loop, checkpoints, reliability
+
+def test_tiny_training_run_loss_falls_and_resume_continues(tiny_corpus, tmp_path, monkeypatch):
+    """Also: the run keeps the exact echo.py that ran, beside its checkpoint and inside it, and the checkpoint
+    rebuilds its model from the model config it stores."""
+    cache, _ = tiny_corpus
+    run_dir = tmp_path / "runs" / "tiny"
+    args = train_args(cache, tmp_path, "--name", "tiny", "--max_steps", "40", "--eval_every", "20", "--lr", "3e-3")
+    results = echo.train(args)
+    curve = list(losses(run_dir).values())
+    assert curve[-1] < curve[0] - 0.5
+    assert {"val/wer", "val/cer", "test/cer", "train/lr", "train/grad_norm"} <= set(events(run_dir).Tags()["scalars"])
+    assert "test" in results and "test_unseen" in results
+    ckpt = echo.load_checkpoint(run_dir / "ckpt.pt")
+    assert ckpt["step"] == 40 and ckpt["tokenizer"] and ckpt["code"]
+    source = Path(echo.__file__)
+    assert (run_dir / "echo.py").read_bytes() == source.read_bytes() and ckpt["source"] == source.read_text()
+    vocab = len(echo.Tokenizer(ckpt["tokenizer"]))
+    assert ckpt["model_config"] == dataclasses.asdict(echo.ModelConfig.from_args(args, vocab))
+    with monkeypatch.context() as patch:
+        patch.setattr(echo, "parse_args", None)  # a checkpoint alone must be enough to rebuild the model
+        model, _, config = echo.load_model(run_dir / "ckpt.pt", torch.device("cpu"))
+    assert config == ckpt["config"] and all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+    resumed = train_args(cache, tmp_path, "--name", "tiny", "--max_steps", "60", "--eval_every", "20", "--resume")
+    echo.train(resumed)
+    assert echo.load_checkpoint(run_dir / "ckpt.pt")["step"] == 60
+    assert (run_dir / "ckpt.pt.prev").exists()
+
+
+def test_tiny_run_with_maxfactor_and_all_features_learns(tiny_corpus, tmp_path):
+    cache, _ = tiny_corpus
+    run_dir = tmp_path / "runs" / "maxfactor"
+    echo.train(train_args(cache, tmp_path, "--name", "maxfactor", "--max_steps", "40", "--eval_every", "40",
+                          "--optimizer", "maxfactor", "--gate", "m", "--streams", "spectrogram,pitch,waveform",
+                          "--radii", "--pitch_bias", "--zero_value"))
+    curve = list(losses(run_dir).values())
+    assert curve[-1] < curve[0] - 0.5
+    tags = set(events(run_dir).Tags()["scalars"])
+    for name in ("radius_alpha", "bias_lambda_per_octave", "zero_value_offset"):
+        assert {f"pitch/{name}/head0", f"pitch/{name}/head1"} <= tags
+    assert {"streams/c_gate_spectrogram", "streams/c_gate_pitch", "streams/c_gate_waveform"} <= tags
+
+
+def test_training_prints_a_plain_line_every_log_every_steps_when_not_a_terminal(tiny_corpus, tmp_path, capsys):
+    cache, _ = tiny_corpus
+    echo.train(train_args(cache, tmp_path, "--name", "plain", "--max_steps", "6", "--eval_every", "6",
+                          "--eval_utts", "1", "--log_every", "2"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if re.match(r"step \d+/", line)]
+    assert [re.match(r"step (\d+/\d+)", line)[1] for line in lines] == ["2/6", "4/6", "6/6"], lines
+    for line in lines:
+        assert all(word in line for word in ("loss", "lr", "audio-s/s", "elapsed")), line
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    model, batch = save_tiny_checkpoint(tmp_path / "ckpt.pt"), fake_batch(vocab=31)
+    loaded, tokenizer, config = echo.load_model(tmp_path / "ckpt.pt", torch.device("cpu"))
+    assert len(tokenizer) == 31 and config == {"decode_ctc_weight": 0.3}
+    with torch.no_grad():
+        assert torch.equal(model(batch)[0], loaded(batch)[0])
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    echo.save_checkpoint(path, {"step": 1})
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        echo.save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert echo.load_checkpoint(path)["step"] == 1
+    path.write_bytes(b"truncated")
+    with pytest.raises(SystemExit, match="unreadable checkpoint"):
+        echo.load_checkpoint(path)
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_corpus, tmp_path):
-    import time
     cache, _ = tiny_corpus
     subprocess.run(tiny_cli(cache, tmp_path, "whole", "--max_steps", "30", "--eval_every", "10"), check=True,
                    capture_output=True, timeout=600)
@@ -825,26 +995,24 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_corpus, tmp_path)
     assert killed_at < 30
     subprocess.run(tiny_cli(cache, tmp_path, "killed", "--max_steps", "30", "--eval_every", "10", "--resume"),
                    check=True, capture_output=True, timeout=600)
-    whole, resumed = step_losses(tmp_path / "runs" / "whole"), step_losses(tmp_path / "runs" / "killed")
+    whole, resumed = losses(tmp_path / "runs" / "whole"), losses(tmp_path / "runs" / "killed")
     assert sorted(resumed) == list(range(1, 31))
     for step in range(1, 31):
         assert abs(whole[step] - resumed[step]) < 1e-5, step
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_corpus, tmp_path):
-    import signal
-    import time
     cache, _ = tiny_corpus
     process = subprocess.Popen(tiny_cli(cache, tmp_path, "term", "--max_steps", "100000", "--eval_every", "100000"),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    events = tmp_path / "runs" / "term"
-    while not list(events.glob("events*")) and process.poll() is None:
+    run_dir = tmp_path / "runs" / "term"
+    while not list(run_dir.glob("events*")) and process.poll() is None:
         time.sleep(0.1)
     time.sleep(2)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr
-    assert "SIGTERM" in stdout and echo.load_checkpoint(events / "ckpt.pt")["step"] > 0
+    assert "SIGTERM" in stdout and echo.load_checkpoint(run_dir / "ckpt.pt")["step"] > 0
 
 
 def test_nonfinite_loss_skips_the_step_and_training_goes_on(tiny_corpus, tmp_path, monkeypatch):
@@ -866,121 +1034,8 @@ def test_same_seed_gives_identical_first_20_losses(tiny_corpus, tmp_path):
     cache, _ = tiny_corpus
     for name in ("a", "b"):
         echo.train(train_args(cache, tmp_path, "--name", name, "--max_steps", "20", "--eval_every", "20", "--eval_utts", "1"))
-    a, b = step_losses(tmp_path / "runs" / "a"), step_losses(tmp_path / "runs" / "b")
+    a, b = losses(tmp_path / "runs" / "a"), losses(tmp_path / "runs" / "b")
     assert len(a) == 20 and a == b
-
-
-# ---- diagnostics
-
-def test_diagnostics_write_every_scalar_family_image_and_hparams(tiny_corpus, tmp_path):
-    cache, _ = tiny_corpus
-    echo.train(train_args(cache, tmp_path, "--name", "diag", "--max_steps", "4", "--eval_every", "4", "--eval_utts", "1",
-                          "--diag_every", "2", "--gate", "t", "--radii", "--pitch_bias", "--zero_value",
-                          "--streams", "spectrogram,pitch"))
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(tmp_path / "runs" / "diag"), size_guidance={"images": 0})
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
-    for block in ("encoder.0", "encoder.1", "decoder.0"):
-        for name in ("gate_mean", "mlp_abs_mean", "gate_over_mlp", "gate_over_mlp_grad_norm"):
-            assert f"blocks/{block}/{name}" in scalars
-        assert {f"grad/{block}.self/{p}" for p in "qkvo"} <= scalars
-    assert {f"grad/decoder.0.cross/{p}" for p in "qkvo"} <= scalars and "grad/encoder.0.cross/q" not in scalars
-    assert {"pitch/radius_alpha/head0", "pitch/bias_lambda_per_octave/head1", "pitch/zero_value_offset/head0",
-            "streams/c_gate_pitch", "train/grad_norm", "train/lr", "hparam/test_cer", "hparam/test_unseen_wer"} <= scalars
-    images = set(events.Tags()["images"])
-    assert {f"diagnostics/{t}" for t in ("pitch_vs_spectrogram", "rotary_similarity", "rope_curves", "attention")} <= images
-    assert {"config", "environment", "val/samples"} <= {t.split("/text_summary")[0] for t in events.Tags()["tensors"]}
-
-
-@pytest.mark.parametrize("with_f0", [True, False])
-def test_figures_have_the_expected_size_with_and_without_f0(with_f0):
-    model = tiny_model(vocab=20, f0_theta=with_f0).eval()
-    batch = fake_batch(lengths=(160, 120))
-    if not with_f0:
-        batch["f0"].zero_()
-        batch["voiced"].zero_()
-    images = echo.figures(model, batch)
-    sizes = {"pitch_vs_spectrogram": (300, 800), "rotary_similarity": (400, 1200), "rope_curves": (300, 800),
-             "attention": (280, int(2.2 * 100 * 4))}  # 2 encoder + 2 decoder cross-attention panels
-    for tag, shape in sizes.items():
-        assert images[tag].shape == (*shape, 3) and images[tag].dtype == np.uint8 and images[tag].std() > 0
-
-
-def test_diagnostics_never_change_the_training_result(tiny_corpus, tmp_path):
-    cache, _ = tiny_corpus
-    flags = ("--max_steps", "8", "--eval_every", "4", "--eval_utts", "1", "--gate", "m", "--radii")
-    echo.train(train_args(cache, tmp_path, "--name", "on", "--diag_every", "1", *flags))
-    echo.train(train_args(cache, tmp_path, "--name", "off", "--diag_every", "0", *flags))
-    on, off = step_losses(tmp_path / "runs" / "on"), step_losses(tmp_path / "runs" / "off")
-    assert len(on) == 8 and on == off
-
-
-def test_diagnose_writes_pngs_for_a_checkpoint_and_an_audio_file(tmp_path):
-    model = tiny_model(vocab=31, f0_theta=True)
-    ckpt = tmp_path / "ckpt.pt"
-    echo.save_checkpoint(ckpt, {"model": model.state_dict(), "config": CONFIG | {"f0_theta": True}, "tokenizer": CHARS})
-    audio = tmp_path / "tone.wav"
-    import soundfile
-    soundfile.write(audio, harmonic_tone(140, 1.0), echo.SAMPLE_RATE)
-    echo.main(["--diagnose", str(ckpt), str(audio), "--runs_dir", str(tmp_path / "runs"), "--name", "fig"])
-    import matplotlib.pyplot as plt
-    for tag in ("pitch_vs_spectrogram", "rotary_similarity", "rope_curves", "attention"):
-        assert plt.imread(tmp_path / "runs" / "fig" / f"{tag}.png").shape[0] > 100
-
-
-# ---- augmentation
-
-def tone_item(f0=150.0, seconds=1.0):
-    wave = torch.from_numpy(harmonic_tone(f0, seconds))
-    return echo.featurize([wave], keep_wave=True)[0] | {"text": "a tone"}
-
-
-def test_speed_perturbation_scales_f0_and_length_by_the_factor():
-    item, factors = tone_item(), set()
-    for seed in range(12):
-        factor = float(np.random.default_rng(seed).choice((0.9, 1.0, 1.1)))  # the draw perturb_audio makes
-        (out,) = echo.perturb_audio([item], np.random.default_rng(seed), speed_perturb=True)
-        f0 = np.median(out["f0"][out["voiced"]])
-        assert abs(f0 / 150.0 - factor) < 0.02 * factor
-        assert abs(len(item["mel"]) / len(out["mel"]) - factor) < 0.02
-        assert len(out["f0"]) == len(out["voiced"]) == len(out["mel"])
-        factors.add(factor)
-    assert factors == {0.9, 1.0, 1.1}
-
-
-def test_noise_is_added_at_the_requested_snr():
-    item = tone_item()
-    (out,) = echo.perturb_audio([item], np.random.default_rng(0), noise_snr=(10.0, 10.0))
-    clean = np.asarray(item["wave"], dtype=np.float64)
-    noise = np.asarray(out["wave"], dtype=np.float64) - clean
-    assert abs(10 * np.log10(np.mean(clean ** 2) / np.mean(noise ** 2)) - 10.0) < 0.3
-
-
-def test_spec_augment_masks_only_the_log_mel_inside_each_utterance():
-    batch = fake_batch(lengths=(300, 180))
-    out = echo.spec_augment(batch, np.random.default_rng(0))
-    assert torch.equal(out["f0"], batch["f0"]) and torch.equal(out["voiced"], batch["voiced"])
-    assert torch.equal(out["mel"][1, 180:], batch["mel"][1, 180:])  # padding untouched
-    for i, n in enumerate((300, 180)):
-        changed = out["mel"][i, :n] != batch["mel"][i, :n]
-        assert changed.any()
-        masked_frames = changed.all(dim=1).sum()  # a time mask covers every bin of its frames
-        assert masked_frames <= 5 * int(0.05 * n)
-        masked_bins = changed.all(dim=0).sum()  # a frequency mask covers every frame of its bins
-        assert masked_bins <= 2 * 27
-    again = echo.spec_augment(batch, np.random.default_rng(0))
-    assert torch.equal(again["mel"], out["mel"])
-
-
-def test_augmented_training_is_seeded_and_changes_the_batches(tiny_corpus, tmp_path):
-    cache, _ = tiny_corpus
-    flags = ("--max_steps", "6", "--eval_every", "6", "--eval_utts", "1")
-    augment = ("--specaug", "--speed_perturb", "--noise_snr", "10,30")
-    for name, extra in (("a", augment), ("b", augment), ("plain", ())):
-        echo.train(train_args(cache, tmp_path, "--name", name, *flags, *extra))
-    a, b, plain = (step_losses(tmp_path / "runs" / n) for n in ("a", "b", "plain"))
-    assert len(a) == 6 and a == b and a != plain and all(np.isfinite(list(a.values())))
 
 
 @pytest.mark.slow
@@ -992,11 +1047,13 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_co
     cli = tiny_cli(cache, tmp_path, "ddp", *common)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cli[1:]],
                    check=True, capture_output=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    single, ddp = step_losses(tmp_path / "runs" / "single"), step_losses(tmp_path / "runs" / "ddp")
+    single, ddp = losses(tmp_path / "runs" / "single"), losses(tmp_path / "runs" / "ddp")
     assert sorted(ddp) == sorted(single) == list(range(1, 7))
     for step in single:
         assert abs(single[step] - ddp[step]) < 1e-4, step
 
+
+# ---- experiments: ablation and benchmark
 
 @pytest.mark.slow
 def test_bench_prints_every_row(tiny_corpus, tmp_path, capsys):
