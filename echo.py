@@ -30,10 +30,8 @@ from tqdm import tqdm
 matplotlib.use("Agg")  # figures are rendered to arrays and files, never to a screen
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-
 # ----------------------------------------------------------------------------------------------------
 # config: every tunable constant, the model's dimensions, the flags
-
 SAMPLE_RATE = 16000  # Hz of all audio inside Echo; files at other rates are resampled when read
 HOP = 160  # 10 ms frames: frame k of the log-mel and of the f0 track is centred at k * 10 ms
 N_MELS = 80  # log-mel bins over 0-8 kHz, as Whisper
@@ -52,36 +50,13 @@ PITCH_BIAS_INIT = -2.0  # initial per-head pitch-bias parameter: softplus(-2) = 
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-9  # the transformer recipe (Vaswani et al.): faster-adapting second moments
 BUCKET_WINDOW = 1000  # utterances shuffled, then sorted by length together: batches with little padding, random order
 EVAL_BATCH_FRAMES = 30000  # padded 10 ms frames per decoding batch (evaluation and --transcribe)
-SPECAUG = dict(freq_masks=2, max_bins=27, time_masks=5, max_time=0.05)  # ESPnet's LibriSpeech-100 SpecAugment
+SPECAUG_MASKS = (2, 27, 5, 0.05)  # ESPnet's LibriSpeech-100 SpecAugment: 2 masks <= 27 mel bins, 5 <= 5 % of the time
 SPEED_FACTORS = (0.9, 1.0, 1.1)  # Kaldi's speed perturbation factors (tempo and pitch together)
 CANDIDATES = 5  # tokens each hypothesis is extended by per decoding step, before the beam keeps the best
 END_MARGIN = 10.0  # beam search drops an utterance's live hypotheses this far below its best ended one
 MAX_CHARS_PER_SECOND = 30  # decoding length cap (speech rarely exceeds 20 characters per second), plus 10
 SOURCE = Path(__file__).read_bytes()  # the exact code this process runs: saved with every run and checkpoint
 CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
-
-@dataclasses.dataclass
-class ModelConfig:
-    """Everything that shapes the model (whisper's ModelDimensions). Built from the flags, stored in every checkpoint
-    as a plain dict, so that a checkpoint rebuilds its model without argparse; the flags take their defaults from it."""
-    vocab: int  # characters of the tokenizer + PAD, BOS, EOS
-    d_model: int = 192  # model width
-    n_heads: int = 4  # attention heads
-    enc_layers: int = 6  # encoder blocks
-    dec_layers: int = 2  # decoder blocks
-    ctc_weight: float = 0.3  # weight of the auxiliary CTC loss on the encoder (0 = no CTC head)
-    gate: str = "t"  # gate on every block's MLP output: none, mlp, t or m
-    gate_memory: int = 64  # memory slots of gate m
-    streams: str = "spectrogram"  # comma list of encoder input streams
-    f0_theta: bool = True  # rotary phase advances with pitch-warped time
-    radii: bool = False  # rotary radius from the utterance's log-f0 z-score
-    pitch_bias: bool = False  # attention logit bias from the pitch distance of two frames
-    zero_value: bool = False  # learnable logit offset for unvoiced/silent keys
-    rope_freqs: str = "standard"  # rotary frequency table: standard or mel
-
-    @classmethod
-    def from_args(cls, args, vocab):
-        return cls(vocab, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "vocab"})
 
 ABLATIONS = {
     "pitch": {"baseline": dict(f0_theta=False), "f0_theta": dict(f0_theta=True),
@@ -107,48 +82,58 @@ def snr_range(value):
         raise argparse.ArgumentTypeError(f"{value!r}: LOW is above HIGH")
     return low, high
 
+def flag(default, help, **argparse_options):
+    """A ModelConfig field that is also the command-line flag of the same name."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_options})
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Everything that shapes the model (whisper's ModelDimensions). Its fields are the model's flags; it is built
+    from them and stored in every checkpoint as a plain dict, so that a checkpoint rebuilds its model without argparse."""
+    vocab: int  # characters of the tokenizer + PAD, BOS, EOS: from the training text, not a flag
+    d_model: int = flag(192, "model width")
+    n_heads: int = flag(4, "attention heads")
+    enc_layers: int = flag(6, "encoder blocks")
+    dec_layers: int = flag(2, "decoder blocks")
+    ctc_weight: float = flag(0.3, "weight of the auxiliary CTC loss on the encoder (0 = no CTC head)")
+    gate: str = flag("t", "gate on every block's MLP output (README)", choices=("none", "mlp", "t", "m"))
+    gate_memory: int = flag(64, "memory slots of --gate m")
+    streams: str = flag("spectrogram", "spectrogram[,pitch][,waveform], fused by the c_gate", type=streams_flag)
+    f0_theta: bool = flag(True, "pitch-warped rotary phase (f0 / 220 Hz per frame); --no-f0_theta = plain RoPE")
+    radii: bool = flag(False, "rotary magnitude r from the utterance's log-f0 z-score, r in [1/2, 2]")
+    pitch_bias: bool = flag(False, "attention logit bias -lambda_h * |octaves between voiced frames|")
+    zero_value: bool = flag(False, "learnable per-head logit offset for unvoiced/silent keys")
+    rope_freqs: str = flag("standard", "rotary frequency table", choices=("standard", "mel"))
+
+    @classmethod
+    def from_args(cls, args, vocab):
+        return cls(vocab, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "vocab"})
+
 def build_parser():
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    a, m = p.add_argument, ModelConfig
+    a = p.add_argument
     a("--name", default=None, help="run name: logs and checkpoint go to runs/<name>/ (default: a timestamp)")
     a("--runs_dir", default="runs", help="parent folder of all runs")
     a("--seed", type=int, default=0, help="seed for initialisation and data order")
-    a("--dataset", default="embedded", help="'embedded' (synthetic eSpeak corpus), a local folder of audio + "
-      "metadata.csv (file_name,transcription), or a hub id such as librispeech_asr or google/fleurs")
+    a("--dataset", default="embedded", help="embedded (eSpeak corpus), a folder (README, Data) or a hub dataset id")
     a("--dataset_config", default=None, help="hub dataset config, e.g. clean (LibriSpeech) or en_us (FLEURS)")
     a("--splits", default="train,validation,test", help="train,validation,test split names of the dataset")
     a("--cache_dir", default=os.path.expanduser("~/.cache/echo"), help="corpus and feature cache")
-    a("--corpus_size", type=int, default=4000, help="train+validation+test utterances of the embedded corpus "
-      "(test_unseen adds 5 %%)")
+    a("--corpus_size", type=int, default=4000, help="embedded corpus utterances, test_unseen's 5 %% not included")
     a("--corpus_seed", type=int, default=0, help="seed of the embedded corpus (and of a flat folder's split)")
-    a("--max_seconds", type=float, default=30.0, help="longer training utterances are skipped (counted); "
-      "--transcribe cuts longer audio into pieces of this length")
-    a("--streaming", action="store_true", help="read the train split as a stream, featurised on the fly in the "
-      "--workers processes (hub datasets: no full download first)")
+    a("--max_seconds", type=float, default=30.0, help="longer training audio is skipped, longer --transcribe audio cut")
+    a("--streaming", action="store_true", help="read the train split as a stream, featurised on the fly by --workers")
     a("--num_proc", type=int, default=2, help="processes for corpus synthesis and feature extraction")
     a("--specaug", action="store_true", help="SpecAugment: 2 frequency masks <= 27 bins, 5 time masks <= 5 %% each")
     a("--speed_perturb", action="store_true", help="resample each utterance by 0.9, 1.0 or 1.1 (tempo and pitch)")
     a("--noise_snr", type=snr_range, default=None, metavar="LOW,HIGH", help="white noise at a random SNR in dB")
-    a("--d_model", type=int, default=m.d_model, help="model width")
-    a("--n_heads", type=int, default=m.n_heads, help="attention heads")
-    a("--enc_layers", type=int, default=m.enc_layers, help="encoder blocks")
-    a("--dec_layers", type=int, default=m.dec_layers, help="decoder blocks")
-    a("--ctc_weight", type=float, default=m.ctc_weight, help="weight of the auxiliary CTC loss on the encoder (0 = off)")
+    for f in dataclasses.fields(ModelConfig)[1:]:  # the model's flags
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        a(f"--{f.name}", default=f.default, **(kind | dict(f.metadata)))
     a("--decode_ctc_weight", type=float, default=0.3, help="weight of CTC prefix scores in decoding (0 = attention only)")
     a("--beam", type=int, default=4, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
-    a("--gate", choices=("none", "mlp", "t", "m"), default=m.gate, help="gate on every block's MLP output: "
-      "sigmoid(Wx), a softmax mixture of 4 sigmoid gates (t), or MLP + learned-memory gate (m)")
-    a("--gate_memory", type=int, default=m.gate_memory, help="memory slots of --gate m")
-    a("--streams", type=streams_flag, default=m.streams, help="comma list of encoder input streams: spectrogram "
-      "(always), pitch, waveform; several are fused by the c_gate")
-    a("--f0_theta", action=argparse.BooleanOptionalAction, default=m.f0_theta, help="rotary phase advances with "
-      "pitch-warped time (f0 / 220 Hz per frame); --no-f0_theta = plain RoPE")
-    a("--radii", action="store_true", help="rotary magnitude r from the utterance's log-f0 z-score, r in [1/2, 2]")
-    a("--pitch_bias", action="store_true", help="attention logit bias -lambda_h * |octaves between voiced frames|")
-    a("--zero_value", action="store_true", help="learnable per-head logit offset for unvoiced/silent keys")
-    a("--rope_freqs", choices=("standard", "mel"), default=m.rope_freqs, help="rotary frequency table")
     a("--max_steps", type=int, default=1200, help="optimizer steps")
     a("--batch_frames", type=int, default=8000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -162,17 +147,13 @@ def build_parser():
     a("--log_every", type=int, default=50, help="steps between progress lines when stdout is not a terminal")
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
-    a("--workers", type=int, default=None, help="DataLoader processes that read, augment and collate batches "
-      "(default: 4 with CUDA, into pinned memory; 0 on CPU, where they would compete with the model)")
+    a("--workers", type=int, default=None, help="DataLoader processes for batches (default 4 with CUDA, 0 on CPU)")
     a("--resume", action="store_true", help="continue runs/<name>/ckpt.pt")
     a("--bench", action="store_true", help="print the speed of train steps, f0 and decoding on this device, then exit")
-    a("--ablate", nargs="?", const="pitch", choices=tuple(ABLATIONS), help="train each configuration of an ablation "
-      "(see ABLATIONS) for each seed, write runs/<name>/ablation.md and .png; run again, it resumes")
+    a("--ablate", nargs="?", const="pitch", choices=tuple(ABLATIONS), help="train an ablation (ABLATIONS); resumable")
     a("--seeds", type=int, default=3, help="seeds per configuration for --ablate")
-    a("--diag_every", type=int, default=100, help="steps between per-block gate/MLP and Q/K/V/O gradient scalars "
-      "(figures come with each evaluation); 0 = off")
-    a("--diagnose", nargs=2, metavar=("CKPT", "AUDIO"), help="write a checkpoint's diagnostic figures for one audio "
-      "file to runs/<name>/ as PNGs, then exit")
+    a("--diag_every", type=int, default=100, help="steps between per-block diagnostic scalars (0 = off)")
+    a("--diagnose", nargs=2, metavar=("CKPT", "AUDIO"), help="write diagnostic figures to runs/<name>/ and exit")
     a("--transcribe", nargs="+", metavar="AUDIO", help="print '<path>\\t<transcript>' for each file and exit")
     a("--ckpt", default=None, help="checkpoint for --transcribe")
     return p
@@ -207,14 +188,10 @@ def parse_args(argv=None):
     return args
 
 def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 # ----------------------------------------------------------------------------------------------------
-# data: text and tokenizer
-
+# data: text, the embedded corpus, audio and features (log-mel and f0, aligned 1:1)
 class BadInput(Exception):
     """An utterance that cannot be used; the message names the problem (callers add the file)."""
 
@@ -246,10 +223,7 @@ class Tokenizer:
         """text without the characters the tokenizer cannot encode (for teacher-forced scoring of held-out text)."""
         return "".join(c for c in str(text) if c in self.index)
 
-
-# ----------------------------------------------------------------------------------------------------
-# data: the embedded corpus, seeded sentences from these word classes spoken by eSpeak NG voices
-
+# The embedded corpus: seeded sentences from these word classes, spoken by eSpeak NG voices.
 NOUNS = sorted(set("""
 apple table river mountain garden window candle basket bottle bridge castle cloud desert doctor dragon engine farmer
 feather forest friend guitar hammer harbor helmet island jacket kettle kitchen ladder lantern letter library lion
@@ -424,10 +398,6 @@ def build_corpus(cache_dir, size, seed, num_proc=2):
     print(f"embedded corpus: {len(plan)} utterances in {time.time() - t0:.0f} s, {size_mb:.0f} MB at {root}")
     return root
 
-
-# ----------------------------------------------------------------------------------------------------
-# data: audio and features (log-mel and f0, aligned 1:1)
-
 def decode_audio(audio):
     """A datasets Audio(decode=False) value ({'bytes', 'path'}) or a path -> mono float32 at 16 kHz."""
     source = audio if isinstance(audio, str) else (io.BytesIO(audio["bytes"]) if audio.get("bytes") else audio["path"])
@@ -532,10 +502,8 @@ def feature_code_hash():
     constants = (SAMPLE_RATE, HOP, N_MELS, F0_MIN, F0_MAX, YIN_DIP, YIN_VOICED, SILENCE_DB, SILENCE_PEAK)
     return hashlib.sha256(repr((code, constants)).encode()).hexdigest()[:16]
 
-
 # ----------------------------------------------------------------------------------------------------
-# data: loading (every source through Hugging Face datasets, features cached by .map)
-
+# data: loading (every source through Hugging Face datasets, features cached by .map), batches, augmentation
 def _featurize_examples(batch, text_column, keep_wave, max_seconds, device):
     """datasets .map function (batched): decode and check each utterance, then featurize the usable ones together.
     A failure becomes an error string naming the file, with empty features."""
@@ -638,10 +606,6 @@ def load_splits(args):
     torch.set_num_threads(threads)
     return out, skipped
 
-
-# ----------------------------------------------------------------------------------------------------
-# data: batches and augmentation
-
 def length_batches(lengths, batch_frames, rng=None):
     """Batches of indices whose padded size (longest x count) stays within batch_frames. With rng (random.Random,
     training): shuffle, sort inside windows of BUCKET_WINDOW, cut, shuffle the batches; deterministic in the rng's
@@ -712,23 +676,19 @@ def perturb_audio(items, rng, speed_perturb=False, noise_snr=None):
     features = dict(zip(changed, featurize(list(changed.values()), keep_wave=True)))
     return [item | features.get(i, {}) for i, item in enumerate(items)]
 
-def spec_augment(batch, rng, freq_masks=SPECAUG["freq_masks"], max_bins=SPECAUG["max_bins"],
-                 time_masks=SPECAUG["time_masks"], max_time=SPECAUG["max_time"]):
+def spec_augment(batch, rng):
     """SpecAugment as in ESPnet's LibriSpeech-100 recipe (without time warping): per utterance, 2 frequency masks of
     up to 27 mel bins and 5 time masks of up to 5 % of its own length each, filled with its mean log-mel. Only the
     log-mel inside each utterance changes: never the f0 track, the waveform or the padding."""
+    freq_masks, max_bins, time_masks, max_time = SPECAUG_MASKS
     mel = batch["mel"].clone()
     for i, n in enumerate(batch["frames"].tolist()):
-        own = mel[i, :n]
-        fill = own.mean()
-        for _ in range(freq_masks):
-            width = rng.integers(0, max_bins + 1)
-            start = rng.integers(0, N_MELS - width + 1)
-            own[:, start:start + width] = fill
-        for _ in range(time_masks):
-            width = rng.integers(0, int(max_time * n) + 1)
-            start = rng.integers(0, n - width + 1)
-            own[start:start + width] = fill
+        own, fill = mel[i, :n], mel[i, :n].mean()
+        for count, widest, view in ((freq_masks, max_bins, own.T), (time_masks, int(max_time * n), own)):
+            for _ in range(count):
+                width = rng.integers(0, widest + 1)
+                start = rng.integers(0, len(view) - width + 1)
+                view[start:start + width] = fill
     return batch | {"mel": mel}
 
 def training_batch(items, tokenizer, args, key):
@@ -746,7 +706,7 @@ def cached_batch(train_set, tokenizer, args, epoch, indices):
 class StreamingBatches(torch.utils.data.IterableDataset):
     """--streaming: training micro-batches straight from the featurising stream of load_splits, shuffled through a
     buffer and length-bucketed BUCKET_WINDOW utterances at a time. In DataLoader workers each worker reads its own
-    shards. Unusable utterances are skipped; each batch carries how many were skipped since the last one."""
+    shards. Unusable utterances are skipped; each batch carries how many were skipped since the one before."""
 
     def __init__(self, stream, tokenizer, args, epoch):
         super().__init__()
@@ -755,28 +715,19 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     def __iter__(self):
         stream = self.stream.shuffle(seed=self.args.seed, buffer_size=BUCKET_WINDOW)
         stream.set_epoch(self.epoch)
-        buffer, skipped = [], 0
-        for example in stream:
-            if example["error"] or set(example["text"]) - set(self.tokenizer.index):
-                skipped += 1
-                continue
-            buffer.append(example)
-            if len(buffer) == BUCKET_WINDOW:
-                yield from self.cut(buffer, skipped)
-                buffer, skipped = [], 0
-        if buffer:
-            yield from self.cut(buffer, skipped)
+        examples, skipped = iter(stream), 0
+        for chunk in iter(lambda: list(itertools.islice(examples, BUCKET_WINDOW)), []):
+            usable = [e for e in chunk if not e["error"] and set(e["text"]) <= set(self.tokenizer.index)]
+            skipped += len(chunk) - len(usable)
+            rng = epoch_rng(self.args.seed, self.epoch)
+            for indices in length_batches([len(e["mel"]) for e in usable], self.args.batch_frames, rng):
+                items = [usable[i] for i in indices]
+                key = (self.epoch, zlib.crc32(items[0]["text"].encode()))
+                yield training_batch(items, self.tokenizer, self.args, key) | {"skipped": skipped}
+                skipped = 0
 
-    def cut(self, buffer, skipped):
-        """Length-bucketed, collated batches of the buffered utterances; the first carries the skipped count."""
-        rng = epoch_rng(self.args.seed, self.epoch)
-        for n, indices in enumerate(length_batches([len(e["mel"]) for e in buffer], self.args.batch_frames, rng)):
-            items = [buffer[i] for i in indices]
-            key = (self.epoch, zlib.crc32(items[0]["text"].encode()))
-            yield training_batch(items, self.tokenizer, self.args, key) | {"skipped": skipped if n == 0 else 0}
 # ----------------------------------------------------------------------------------------------------
 # model
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -914,14 +865,6 @@ class Attention(nn.Module):
             self.weights = scores.softmax(-1).mean(1).detach()
         return self.o(out.transpose(1, 2).flatten(2))
 
-class MLP(nn.Module):
-    def __init__(self, d_model):
-        super().__init__()
-        self.up, self.down = nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, d_model)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
-
 class Gate(nn.Module):
     """A scalar gate per position on a block's MLP output: (B, T, D) -> (B, T, 1) in (0, 1).
     mlp: sigmoid(W x). t: softmax mixture of 4 sigmoid gates. m: mean of a sigmoid MLP gate and a sigmoid read
@@ -954,7 +897,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.attn = RMSNorm(d_model), Attention(d_model, n_heads)
         self.cross_norm, self.cross = (RMSNorm(d_model), Attention(d_model, n_heads)) if cross else (None, None)
-        self.mlp_norm, self.mlp = RMSNorm(d_model), MLP(d_model)
+        self.mlp_norm = RMSNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
         self.gate = Gate(gate, d_model, gate_memory) if gate != "none" else None
 
     def forward(self, x, table=None, mask=None, causal=False, context=None, context_mask=None, cache=None):
@@ -1096,12 +1040,10 @@ def build_model(config):
     """A ModelConfig (or its dict, as checkpoints store it) -> Echo."""
     return Echo(ModelConfig(**config) if isinstance(config, dict) else config)
 
-
 # ----------------------------------------------------------------------------------------------------
 # optimizer
-
 class MaxFactor(torch.optim.Optimizer):
-    """Adafactor-family optimizer without momentum . Per parameter and per-parameter step t:
+    """Adafactor-family optimizer without momentum. Per parameter and per-parameter step t:
     EMA weight b_t = clamp(t^-0.8, 0.001, 0.999); relative step a_t = max(eps2, RMS(theta)) * min(lr, 1/sqrt(t));
     decoupled weight decay; second moments factored for >= 2-D tensors (a row and a column EMA of G^2, viewed as
     rows x cols, V = R (x) C / max(R)) and plain for vectors; U = G / sqrt(V) scaled to infinity-norm 1; the step is
@@ -1156,10 +1098,8 @@ def optimizer_state_bytes(optimizer):
     return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
                if torch.is_tensor(v))
 
-
 # ----------------------------------------------------------------------------------------------------
 # decoding and evaluation
-
 def max_tokens_for(frames):
     """Length cap for decoding: MAX_CHARS_PER_SECOND characters per second of audio plus 10."""
     return (frames.float() / 100 * MAX_CHARS_PER_SECOND).long() + 10
@@ -1317,9 +1257,9 @@ def transcribe(args):
         if (path, 0) in texts:
             print(f"{path}\t" + " ".join(texts[key] for key in keys if key[0] == path and texts[key]))
     return 1 if failed else 0
+
 # ----------------------------------------------------------------------------------------------------
 # diagnostics: what pitch does inside the model, as TensorBoard scalars and figures (and PNGs, --diagnose)
-
 def named_blocks(model):
     yield from ((f"encoder.{i}", block) for i, block in enumerate(model.encoder.blocks))
     yield from ((f"decoder.{i}", block) for i, block in enumerate(model.decoder.blocks))
@@ -1327,15 +1267,10 @@ def named_blocks(model):
 def record_activations(model):
     """Forward hooks that store each block's mean gate activation and mean |MLP output| in a dict, read-only.
     Returns (that dict, the hook handles to remove)."""
-    stats, handles = {}, []
-
-    def store(tag):
-        return lambda module, inputs, output: stats.__setitem__(tag, output.detach().float().abs().mean().item())
-    for name, block in named_blocks(model):
-        handles.append(block.mlp.register_forward_hook(store(f"blocks/{name}/mlp_abs_mean")))
-        if block.gate is not None:
-            handles.append(block.gate.register_forward_hook(store(f"blocks/{name}/gate_mean")))
-    return stats, handles
+    stats = {}
+    store = lambda tag: lambda module, inputs, output: stats.__setitem__(tag, output.detach().float().abs().mean().item())
+    return stats, [module.register_forward_hook(store(f"blocks/{name}/{what}")) for name, block in named_blocks(model)
+                   for what, module in (("mlp_abs_mean", block.mlp), ("gate_mean", block.gate)) if module is not None]
 
 def block_scalars(model, activations):
     """{tag: value} after a backward pass: gate/MLP activation ratio, gate/MLP gradient-norm ratio, and the
@@ -1430,6 +1365,11 @@ def attention_figure(model, batch, frames):
     fig.tight_layout()
     return render(fig)
 
+def first_validation_batch(data, tokenizer, device):
+    """The first validation utterance as a batch with tokens (of the characters the tokenizer knows)."""
+    item = rows(data["validation"], [0])[0]
+    return to_device(collate([item | {"text": tokenizer.known(item["text"])}], tokenizer), device)
+
 def figures(model, batch):
     """The diagnostic figures for the first utterance of a collated batch (with tokens), as RGB arrays:
     pitch vs spectrogram, how rotary positions see each other, standard vs f0 RoPE curves, attention maps."""
@@ -1458,10 +1398,8 @@ def diagnose(args):
         print(out / f"{tag}.png")
     print(f"transcript: {text}")
 
-
 # ----------------------------------------------------------------------------------------------------
 # training
-
 def lr_at(step, args):
     """Linear warmup, then cosine decay to a tenth of the peak."""
     if step < args.warmup:
@@ -1520,12 +1458,9 @@ def load_checkpoint(path):
 @contextlib.contextmanager
 def deferred_signals():
     """Inside, SIGINT and SIGTERM only append to the yielded list: training finishes its step, saves, exits."""
-    received = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
+    received, main = [], threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+                for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         yield received
     finally:
@@ -1636,34 +1571,27 @@ def log_step(writer, step, args, model, losses, grad_norm, step_seconds, diagnos
         print(f"step {step}/{args.max_steps} | loss {losses[0]:.4f} | lr {lr_at(step - 1, args):.2e} | "
               f"{stats['audio_seconds'] / elapsed:.0f} audio-s/s | elapsed {elapsed / 60:.1f} min", flush=True)
 
-def validate(writer, step, model, data, tokenizer, device, args, diag_batch):
-    """Decode --eval_utts validation utterances; log loss, token accuracy, WER/CER, samples and the figures."""
-    result = evaluate(model, data["validation"], tokenizer, device, args.eval_utts, args.decode_ctc_weight, args.beam)
-    writer.add_scalar("val/loss", result["loss"], step)
-    writer.add_scalar("val/token_accuracy_teacher_forced", result["token_accuracy"], step)
-    writer.add_scalar("val/wer", result["wer"], step)
-    writer.add_scalar("val/cer", result["cer"], step)
-    writer.add_text("val/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
-    tqdm.write(f"step {step}: val loss {result['loss']:.3f}  CER {100 * result['cer']:.2f} %  "
-               f"WER {100 * result['wer']:.2f} %")
-    if args.diag_every > 0:
-        for tag, image in figures(model, diag_batch).items():
-            writer.add_image(f"diagnostics/{tag}", image, step, dataformats="HWC")
+def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, args, n_utts=None):
+    """Decode (the first n_utts of) a split; log its decoded WER/CER, teacher-forced loss and token accuracy and 5
+    samples; print one line -> the result."""
+    result = evaluate(model, dataset, tokenizer, device, n_utts, args.decode_ctc_weight, args.beam)
+    for key, tag in (("wer", "wer"), ("cer", "cer"), ("loss", "loss"), ("token_accuracy", "token_accuracy_teacher_forced")):
+        writer.add_scalar(f"{split}/{tag}", result[key], step)
+    writer.add_text(f"{split}/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
+    tqdm.write(f"step {step}, {split}: CER {100 * result['cer']:.2f} %  WER {100 * result['wer']:.2f} %  loss "
+               f"{result['loss']:.3f}  ({result['n']} utterances, decoded, RTFx {result['rtfx']:.0f})")
+    return result
 
 def test_and_report(writer, step, model, data, tokenizer, device, args, config, stats, skipped):
-    """After training: decode the test splits, print them, log them with the flags to HParams, write results.json."""
+    """After training: decode the test splits, log them with the flags to HParams, write results.json."""
     results = {"train_minutes": round((time.time() - stats["start"]) / 60, 2),
                "parameters": sum(p.numel() for p in model.parameters()),
                "skipped_utterances": len(skipped) + stats["skipped_in_stream"],
                "skipped_nonfinite_steps": stats["nonfinite_steps"]}
     for split in ("test", "test_unseen"):
         if split in data:
-            result = evaluate(model, data[split], tokenizer, device, ctc_weight=args.decode_ctc_weight, beam=args.beam)
+            result = evaluate_and_log(writer, step, split, model, data[split], tokenizer, device, args)
             results[split] = {k: round(result[k], 4) for k in ("wer", "cer", "rtfx")} | {"utterances": result["n"]}
-            writer.add_scalar(f"{split}/wer", result["wer"], step)
-            writer.add_scalar(f"{split}/cer", result["cer"], step)
-            print(f"{split}: CER {100 * result['cer']:.2f} %  WER {100 * result['wer']:.2f} %  "
-                  f"({result['n']} utterances, decoded, RTFx {result['rtfx']:.0f})")
     if results["skipped_utterances"]:
         print(f"skipped {results['skipped_utterances']} unusable utterances in all")
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
@@ -1680,9 +1608,8 @@ def train(args):
     rank, world, device = init_distributed(args.device)
     if args.grad_accum % world:
         raise SystemExit(f"echo: --grad_accum {args.grad_accum} must be a multiple of the {world} processes")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    for seed in (random.seed, np.random.seed, torch.manual_seed):
+        seed(args.seed)
     run_dir = Path(args.runs_dir) / args.name
     ckpt = load_checkpoint(run_dir / "ckpt.pt") if args.resume else None
     data, train_set, tokenizer, skipped = training_data(args, rank, world, ckpt)
@@ -1695,8 +1622,7 @@ def train(args):
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "transcribe", "ckpt")}
     env = environment(device, world) | {"device": str(device)}
     writer = open_run(run_dir, config, env, model, train_set, tokenizer, skipped, step) if rank == 0 else None
-    diag_batch = to_device(collate([item | {"text": tokenizer.known(item["text"])}  # a fixed utterance for figures
-                                    for item in rows(data["validation"], [0])], tokenizer), device)
+    diag_batch = first_validation_batch(data, tokenizer, device)  # a fixed utterance for the figures
     batches = training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index, device)
     stats = {"start": time.time(), "audio_seconds": 0.0, "nonfinite_steps": 0, "skipped_in_stream": 0}
     progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True,
@@ -1740,7 +1666,9 @@ def train(args):
             if rank == 0:
                 log_step(writer, step, args, model, losses, grad_norm, time.time() - t0, diagnostics, stats)
                 if evaluating:
-                    validate(writer, step, model, data, tokenizer, device, args, diag_batch)
+                    evaluate_and_log(writer, step, "val", model, data["validation"], tokenizer, device, args, args.eval_utts)
+                    for tag, image in (figures(model, diag_batch).items() if args.diag_every > 0 else ()):
+                        writer.add_image(f"diagnostics/{tag}", image, step, dataformats="HWC")
                 if evaluating or stop:
                     state = training_state(model, optimizer, (step, epoch, batch_index), config, tokenizer, env)
                     save_checkpoint(run_dir / "ckpt.pt", state)
@@ -1755,10 +1683,8 @@ def train(args):
         torch.distributed.destroy_process_group()
     return test_and_report(writer, step, model, data, tokenizer, device, args, config, stats, skipped) if rank == 0 else None
 
-
 # ----------------------------------------------------------------------------------------------------
 # experiments: ablation and benchmark
-
 def ablation_run(run):
     """Results of one ablation run: trained, resumed from its checkpoint if it was interrupted, or read back if it
     finished. A different run already in its folder is an error, never overwritten."""
@@ -1826,6 +1752,17 @@ class TextbookTransformer(nn.Module):
                             tgt_is_causal=True, memory_key_padding_mask=~valid)
         return joint_loss(text @ self.embed.weight.T, self.ctc_head(audio), batch["tokens"], valid, self.ctc_weight)
 
+def median_seconds(run, device, repeats=3):
+    """Median seconds of run() over repeats, after a warm-up (in which numba compiles pyin's kernels, say): CPU time
+    on a CPU, so that other processes do not count; wall time after the queued work on a GPU."""
+    now = (lambda: torch.cuda.synchronize() or time.perf_counter()) if device.type == "cuda" else time.process_time
+    seconds = []
+    for _ in range(repeats + 1):
+        t0 = now()
+        run()
+        seconds.append(now() - t0)
+    return float(np.median(seconds[1:]))
+
 def time_train_steps(args, batches, variants, vocab, device, warmup=3):
     """Median train-step seconds and parameter count per variant ({label: flag overrides, or a model class}) on the
     same batches, round-robin so that every variant sees the same machine load; warm-up steps not timed."""
@@ -1849,36 +1786,27 @@ def time_train_steps(args, batches, variants, vocab, device, warmup=3):
             sync()
             if i >= warmup:
                 seconds[label].append(time.perf_counter() - t0)
-    return {label: (float(np.median(seconds[label])), sum(p.numel() for p in models[label][0].parameters()))
-            for label in variants}
+    return {label: (float(np.median(s)), sum(p.numel() for p in models[label][0].parameters()))
+            for label, s in seconds.items()}
 
-def time_f0(waves, device):
-    """Markdown rows: CPU (or GPU wall) seconds per audio second of extract_f0, of yin_f0 batched on the device and
-    of librosa.pyin at the same 10 ms hop, on one thread as in the feature workers, median of 3 after a warm-up."""
-    audio_s = sum(len(w) for w in waves) / SAMPLE_RATE
-    padded = nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
-    methods = {"f0: YIN in torch (extract_f0), one utterance at a time": lambda: [extract_f0(w) for w in waves],
-               f"f0: YIN in torch, {len(waves)} utterances batched on {device.type}": lambda: yin_f0(padded),
-               "f0: librosa.pyin 65-400 Hz": lambda: [librosa.pyin(w.numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE,
-                                                                   hop_length=HOP) for w in waves]}
-    threads, lines = torch.get_num_threads(), []
+def f0_timings(waves, device):
+    """Rows: seconds of f0 per audio second by YIN one utterance at a time, batched on the device, and by librosa.pyin
+    at the same 10 ms hop; on one thread, as in the feature workers."""
+    audio_s, padded = sum(map(len, waves)) / SAMPLE_RATE, nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
+    pyin = lambda: [librosa.pyin(w.numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE, hop_length=HOP) for w in waves]
+    methods = [("f0: YIN in torch (extract_f0), one utterance at a time", lambda: [extract_f0(w) for w in waves], "cpu"),
+               (f"f0: YIN in torch, {len(waves)} utterances batched on {device.type}", lambda: yin_f0(padded), device.type),
+               ("f0: librosa.pyin 65-400 Hz", pyin, "cpu")]
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # more threads only add spin-waiting on these small tensors
-    for label, run in methods.items():
-        on_gpu = "batched" in label and device.type == "cuda"  # a GPU's time is wall time, not CPU time
-        clock, seconds = time.perf_counter if on_gpu else time.process_time, []
-        for _ in range(4):  # the first is a warm-up (numba compiles pyin's kernels)
-            t0 = clock()
-            run()
-            if on_gpu:
-                torch.cuda.synchronize()
-            seconds.append(clock() - t0)
-        lines.append(f"| {label} | {np.median(seconds[1:]) / audio_s:.4f} {'wall' if on_gpu else 'CPU'}-s per audio-s |")
+    lines = [f"| {label} | {median_seconds(run, torch.device(on)) / audio_s:.4f} {'wall' if on == 'cuda' else 'CPU'}"
+             f"-s per audio-s |" for label, run, on in methods]
     torch.set_num_threads(threads)
-    return "\n".join(lines)
+    return lines
 
-def bench_decoding_and_diagnostics(args, device, data, tokenizer):
-    """Markdown rows: decoding RTFx and validation CER (of --ckpt if given, else of an untrained model, which decodes
-    to the length cap), and the cost of the diagnostic figures and scalars."""
+def decoding_timings(args, device, data, tokenizer):
+    """Rows: decoding RTFx and validation CER (of --ckpt if given, else of an untrained model, which decodes to the
+    length cap), and the cost of the diagnostic figures and scalars."""
     if args.ckpt:
         model, tokenizer, config = load_model(args.ckpt, device)
     else:
@@ -1887,22 +1815,18 @@ def bench_decoding_and_diagnostics(args, device, data, tokenizer):
     for weight, beam in ((0.0, 1), (config["decode_ctc_weight"], 1), (config["decode_ctc_weight"], 4)):
         result = evaluate(model, data["validation"], tokenizer, device, 100, weight, beam)
         lines.append(f"| decoding RTFx, KV cache, {'greedy' if beam == 1 else f'beam {beam}'}, "
-                    f"{'attention only' if weight == 0 else 'joint CTC/attention'}{'' if args.ckpt else ', untrained'} | "
-                    f"{result['rtfx']:.0f} (val CER {100 * result['cer']:.2f} %) |")
-    batch = to_device(collate([item | {"text": tokenizer.known(item["text"])}
-                               for item in rows(data["validation"], [0])], tokenizer), device)
-    t0 = time.perf_counter()
-    figures(model, batch)
-    lines.append(f"| diagnostics: the 4 figures, at each evaluation | {time.perf_counter() - t0:.2f} s |")
-    model.train()
-    activations, hooks = record_activations(model)
+                     f"{'attention only' if weight == 0 else 'joint CTC/attention'}{'' if args.ckpt else ', untrained'} | "
+                     f"{result['rtfx']:.0f} (val CER {100 * result['cer']:.2f} %) |")
+    batch = first_validation_batch(data, tokenizer, device)
+    seconds = median_seconds(lambda: figures(model, batch), device)
+    lines.append(f"| diagnostics: the 4 figures, at each evaluation | {seconds:.2f} s |")
+    activations, hooks = record_activations(model.train())
     model(batch)[0].backward()
-    t0 = time.perf_counter()
-    block_scalars(model, activations)
-    lines.append(f"| diagnostics: per-block scalars, every --diag_every steps | {1000 * (time.perf_counter() - t0):.1f} ms |")
+    seconds = median_seconds(lambda: block_scalars(model, activations), device)
+    lines.append(f"| diagnostics: per-block scalars, every --diag_every steps | {1000 * seconds:.1f} ms |")
     for hook in hooks:
         hook.remove()
-    return "\n".join(lines)
+    return lines
 
 def benchmark(args):
     """Side-by-side speed on this device: train step per attention variant, gate and stream set (same batches,
@@ -1910,12 +1834,11 @@ def benchmark(args):
     decoding real-time factor and the diagnostics' cost."""
     device = pick_device(args.device)
     data, _ = load_splits(argparse.Namespace(**(vars(args) | {"streams": "spectrogram,pitch,waveform"})))
-    train_set = data["train"]
-    tokenizer, frames = Tokenizer("".join(train_set["text"])), train_set["n_frames"]
+    tokenizer, frames = Tokenizer("".join(data["train"]["text"])), data["train"]["n_frames"]
     all_batches = length_batches(frames, args.batch_frames, epoch_rng(args.seed, 0))
-    batches = [collate(rows(train_set, b), tokenizer) for b in all_batches[:23]]
+    batches = [collate(rows(data["train"], b), tokenizer) for b in all_batches[:23]]
     audio = sum(b["frames"].sum().item() for b in batches[3:]) / 100
-    f0_rows = time_f0([torch.from_numpy(np.array(w, dtype=np.float32)) for w in data["validation"][:20]["wave"]], device)
+    f0_lines = f0_timings([torch.from_numpy(np.array(w, dtype=np.float32)) for w in data["validation"][:20]["wave"]], device)
     print(f"device: {device} ({environment(device, 1)['gpu']}), {torch.get_num_threads()} threads, --batch_frames "
           f"{args.batch_frames}, 20 timed steps after 3 warm-up, defaults otherwise\n")
     # the attention rows use the peer's block (no gate), so that they compare like with like
@@ -1935,21 +1858,20 @@ def benchmark(args):
     model, state = build_model(ModelConfig.from_args(args, len(tokenizer))), {}
     for name in ("adamw", "maxfactor"):
         optimizer = build_optimizer(model, argparse.Namespace(**(vars(args) | {"optimizer": name})), torch.device("cpu"))
-        model(collate(rows(train_set, all_batches[0]), tokenizer))[0].backward()
+        model(batches[0])[0].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state[name] = optimizer_state_bytes(optimizer)
-    print(f"\n| what | value |\n|---|---|\n| optimizer state, default model: AdamW | {state['adamw'] / 2**20:.2f} MiB |")
-    print(f"| optimizer state, default model: MaxFactor | {state['maxfactor'] / 2**20:.3f} MiB "
-          f"({state['maxfactor'] / state['adamw']:.3f} of AdamW) |")
-    print(f"| padding in length-bucketed batches | {100 * (1 - sum(frames) / sum(max(frames[i] for i in b) * len(b) for b in all_batches)):.1f} % |")
-    print(f0_rows)
-    print(bench_decoding_and_diagnostics(args, device, data, tokenizer))
-
+    padded = sum(max(frames[i] for i in b) * len(b) for b in all_batches)
+    print("\n".join(["\n| what | value |\n|---|---|",
+                     f"| optimizer state, default model: AdamW | {state['adamw'] / 2**20:.2f} MiB |",
+                     f"| optimizer state, default model: MaxFactor | {state['maxfactor'] / 2**20:.3f} MiB "
+                     f"({state['maxfactor'] / state['adamw']:.3f} of AdamW) |",
+                     f"| padding in length-bucketed batches | {100 * (1 - sum(frames) / padded):.1f} % |",
+                     *f0_lines, *decoding_timings(args, device, data, tokenizer)]))
 
 # ----------------------------------------------------------------------------------------------------
 # CLI
-
 def main(argv=None):
     args = parse_args(argv)
     if args.transcribe:
