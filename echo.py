@@ -30,8 +30,7 @@ from tqdm import tqdm
 matplotlib.use("Agg")  # figures are rendered to arrays and files, never to a screen
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-# ----------------------------------------------------------------------------------------------------
-# config: every tunable constant, the model's dimensions, the flags
+# ---- config: every tunable constant, the model's dimensions, the flags
 SAMPLE_RATE = 16000  # Hz of all audio inside Echo; files at other rates are resampled when read
 HOP = 160  # 10 ms frames: frame k of the log-mel and of the f0 track is centred at k * 10 ms
 N_MELS = 80  # log-mel bins over 0-8 kHz, as Whisper
@@ -190,11 +189,9 @@ def parse_args(argv=None):
 def pick_device(name):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
-# ----------------------------------------------------------------------------------------------------
-# data: text, the embedded corpus, audio and features (log-mel and f0, aligned 1:1)
+# ---- data: text, the embedded corpus, audio and features (log-mel and f0, aligned 1:1)
 class BadInput(Exception):
     """An utterance that cannot be used; the message names the problem (callers add the file)."""
-
 def normalize_text(text):
     """One normalisation for training targets and for WER/CER: lower case, letters, digits, apostrophes."""
     text = re.sub(r"[^a-z0-9' ]+", " ", text.lower())
@@ -202,7 +199,6 @@ def normalize_text(text):
 
 class Tokenizer:
     """Characters of the training text; ids 0..2 are PAD (and CTC blank), BOS, EOS."""
-
     def __init__(self, chars):
         self.chars = "".join(sorted(set(chars)))
         self.index = {c: i + 3 for i, c in enumerate(self.chars)}
@@ -224,56 +220,51 @@ class Tokenizer:
         return "".join(c for c in str(text) if c in self.index)
 
 # The embedded corpus: seeded sentences from these word classes, spoken by eSpeak NG voices.
-NOUNS = sorted(set("""
-apple table river mountain garden window candle basket bottle bridge castle cloud desert doctor dragon engine farmer
-feather forest friend guitar hammer harbor helmet island jacket kettle kitchen ladder lantern letter library lion
-meadow mirror monkey needle ocean orange painter pencil pepper pillow pilot planet pocket potato puzzle rabbit rocket
-saddle sailor school shadow shepherd silver singer soldier spider station stone storm student sugar summer sunset
-teacher temple tiger tower traveler tunnel turtle valley village violin wagon wallet winter wizard wolf yard anchor
-arrow autumn badge balloon banana barrel beach bell bench berry blanket boat book boot bowl box bread brick brother
-brush bucket butter button cabin cable cake camel camera canvas captain carpet carrot cart cat cellar chain chair
-cheese cherry chicken child chimney circle city clock coat coffee coin collar comet compass cook copper corner cottage
-cotton cousin cow crab crown cup curtain cushion daisy dancer daughter deer diamond dinner dog doll dolphin donkey
-door dove drum duck eagle earth elephant elbow emerald fabric falcon fence field finger fire fish flag flame flower
-flute fog fountain fox frog fruit galaxy gate giant ginger glass glove goat gold goose grape grass hat hawk heart
-hedge hill honey horse hotel house iron ivory jar jewel journal judge jungle key king kite knife knight lake lamp leaf
-lemon lily lizard lock machine magnet map marble market meal melon merchant metal minute moon morning moth mouse
-museum nest net night noodle north nurse oak olive onion owl palace panda paper parrot peach pearl pebble piano
+NOUNS = sorted(set("""apple table river mountain garden window candle basket bottle bridge castle cloud desert doctor
+dragon engine farmer feather forest friend guitar hammer harbor helmet island jacket kettle kitchen ladder lantern
+letter library lion meadow mirror monkey needle ocean orange painter pencil pepper pillow pilot planet pocket potato
+puzzle rabbit rocket saddle sailor school shadow shepherd silver singer soldier spider station stone storm student
+sugar summer sunset teacher temple tiger tower traveler tunnel turtle valley village violin wagon wallet winter wizard
+wolf yard anchor arrow autumn badge balloon banana barrel beach bell bench berry blanket boat book boot bowl box bread
+brick brother brush bucket butter button cabin cable cake camel camera canvas captain carpet carrot cart cat cellar
+chain chair cheese cherry chicken child chimney circle city clock coat coffee coin collar comet compass cook copper
+corner cottage cotton cousin cow crab crown cup curtain cushion daisy dancer daughter deer diamond dinner dog doll
+dolphin donkey door dove drum duck eagle earth elephant elbow emerald fabric falcon fence field finger fire fish flag
+flame flower flute fog fountain fox frog fruit galaxy gate giant ginger glass glove goat gold goose grape grass hat
+hawk heart hedge hill honey horse hotel house iron ivory jar jewel journal judge jungle key king kite knife knight lake
+lamp leaf lemon lily lizard lock machine magnet map marble market meal melon merchant metal minute moon morning moth
+mouse museum nest net night noodle north nurse oak olive onion owl palace panda paper parrot peach pearl pebble piano
 picture pig pine pirate plate pond poet pony prince princess pumpkin queen quilt radio rain raven ribbon ring road
 robin robot roof rope rose ruby sand scarf sea seed sheep shell ship shoe shovel sister sky snake snow sock sofa song
 spoon spring squirrel star statue stove stream street sun swan sword tea tent thread throne thunder ticket toad tomato
-tooth torch town toy train tree truck trumpet tulip umbrella uncle vase vessel wall water wave whale wheel whistle
-wind wing wire zebra acorn almond alley attic avenue bakery ballet bamboo banner barn beacon beetle bicycle biscuit
-blossom bonnet bracelet branch breeze buffalo bundle cactus canal canyon carnival cathedral cave chapel chess circus
-cliff cobbler comb crystal cupboard dagger dentist diary dune factory feast ferry fiddle flagpole forge fossil furnace
+tooth torch town toy train tree truck trumpet tulip umbrella uncle vase vessel wall water wave whale wheel whistle wind
+wing wire zebra acorn almond alley attic avenue bakery ballet bamboo banner barn beacon beetle bicycle biscuit blossom
+bonnet bracelet branch breeze buffalo bundle cactus canal canyon carnival cathedral cave chapel chess circus cliff
+cobbler comb crystal cupboard dagger dentist diary dune factory feast ferry fiddle flagpole forge fossil furnace
 gallery garage glacier goblet gravel grocer gull hammock harp hazel hermit hive horizon iceberg igloo inkwell jasmine
 jelly kayak kennel lagoon lamb lighthouse locket lobster mailbox mango maple mask mast meteor mill minnow mitten moat
 mole mustard napkin oasis orchard otter oyster paddle pancake parcel pasture pavement pelican penguin pepperoni
 pheasant pickle pier pigeon pitcher plum porch postcard pottery puddle pudding quarry raft ranch reef rhubarb riddle
 saucer scroll shrine sleigh slipper snail spinach sponge stable stairway stool sunflower swamp tapestry teapot thimble
 tractor trolley trophy trunk turnip vault velvet vine volcano walnut wardrobe waterfall weasel wheat willow workshop
-yacht
-""".split()))
-ADJECTIVES = sorted(set("""
-bright quiet ancient gentle clever brave tiny huge golden silent heavy narrow distant eager fierce frozen hollow
-humble lazy lucky mighty noble polite proud rapid rusty shiny simple smooth sleepy sturdy sudden sweet tender tidy
-timid wild wise wooden young angry bitter blue bold broken busy calm careful cheerful chilly clean cold crooked
-curious damp dark deep dusty early empty famous fancy fast fat fresh friendly funny fuzzy giant glad good grand gray
-green happy hard hidden high honest hot hungry icy jolly kind large late light little lonely long loud lovely low mad
-magic merry modern muddy narrow neat new nice odd old orange pale perfect pink plain pleasant poor pretty purple rare
-red rich ripe rough round royal sad safe salty scary secret sharp short shy silly slow small soft sour spicy square
-steep sticky strange strong sunny tall tame thick thin tired tough ugly warm weak wet white windy yellow zealous amber
-brisk candid dainty dreary elegant faint feeble fragile frantic gloomy graceful grumpy handsome harsh hasty hearty
-jagged keen lavish lively marvelous massive meek mellow misty nimble peaceful plump quaint radiant restless rugged
-scarlet serene shabby sleek slender snug solemn sparkling splendid spotted stern stormy swift tangled thorny tranquil
-vivid wandering weary wicked witty wobbly
-""".split()))
-VERBS = sorted(set("""
-found carried painted opened closed watched followed lifted pushed pulled cleaned fixed borrowed chased visited washed
-dropped kicked grabbed touched packed wrapped counted filled emptied measured planted picked cooked baked boiled
-tasted sold bought built broke caught chose drew drove fed forgot hid held kept knew left lost made met noticed
-ordered owned passed praised protected raised reached repaired returned saved searched shared showed signed stole
-studied taught tested threw tied traded trusted turned used wanted warned wore admired answered approved attacked
+yacht""".split()))
+ADJECTIVES = sorted(set("""bright quiet ancient gentle clever brave tiny huge golden silent heavy narrow distant eager
+fierce frozen hollow humble lazy lucky mighty noble polite proud rapid rusty shiny simple smooth sleepy sturdy sudden
+sweet tender tidy timid wild wise wooden young angry bitter blue bold broken busy calm careful cheerful chilly clean
+cold crooked curious damp dark deep dusty early empty famous fancy fast fat fresh friendly funny fuzzy giant glad good
+grand gray green happy hard hidden high honest hot hungry icy jolly kind large late light little lonely long loud
+lovely low mad magic merry modern muddy narrow neat new nice odd old orange pale perfect pink plain pleasant poor
+pretty purple rare red rich ripe rough round royal sad safe salty scary secret sharp short shy silly slow small soft
+sour spicy square steep sticky strange strong sunny tall tame thick thin tired tough ugly warm weak wet white windy
+yellow zealous amber brisk candid dainty dreary elegant faint feeble fragile frantic gloomy graceful grumpy handsome
+harsh hasty hearty jagged keen lavish lively marvelous massive meek mellow misty nimble peaceful plump quaint radiant
+restless rugged scarlet serene shabby sleek slender snug solemn sparkling splendid spotted stern stormy swift tangled
+thorny tranquil vivid wandering weary wicked witty wobbly""".split()))
+VERBS = sorted(set("""found carried painted opened closed watched followed lifted pushed pulled cleaned fixed borrowed
+chased visited washed dropped kicked grabbed touched packed wrapped counted filled emptied measured planted picked
+cooked baked boiled tasted sold bought built broke caught chose drew drove fed forgot hid held kept knew left lost made
+met noticed ordered owned passed praised protected raised reached repaired returned saved searched shared showed signed
+stole studied taught tested threw tied traded trusted turned used wanted warned wore admired answered approved attacked
 awarded balanced blessed boxed brushed buried called carved chased cheered collected copied covered crossed crushed
 decorated delivered described destroyed discovered dragged dried earned entered explored fetched folded gathered
 greeted guarded guided hugged hunted ignored imagined invited joined judged labeled launched liked loaded locked loved
@@ -285,20 +276,15 @@ abandoned adopted announced arranged borrowed captured celebrated chopped climbe
 drained escorted feared flattened framed glued hammered harvested heated hoisted inspected juggled knitted lowered
 melted nailed peeled pinched plucked pressed quilted rattled recorded released rinsed sanded scrubbed sharpened
 shoveled shuffled spilled sprinkled steered strained swallowed tapped tossed traced trimmed twisted unfolded varnished
-wrestled
-""".split()))
-ADVERBS = sorted(set("""
-quickly slowly quietly loudly gently carefully happily sadly bravely calmly eagerly easily fiercely gladly honestly
-kindly lazily neatly politely proudly rarely safely silently softly sternly swiftly warmly wisely yesterday today
-tonight again early later nearly often always never seldom suddenly boldly briskly cheerfully clumsily curiously
-gracefully hastily loosely merrily nervously patiently promptly quaintly rapidly roughly shyly smoothly solemnly
-tenderly tightly urgently vaguely wildly
-""".split()))
-NAMES = sorted(set("""
-alice bob carol david emma frank grace henry irene jack karen leo maria nathan olivia peter quinn rachel sam tina
-victor wendy xavier yusuf zoe aaron bella chloe daniel ethan fiona george hannah isaac julia kevin laura martin nina
-oscar paula ruby simon thomas ursula vera walter
-""".split()))
+wrestled""".split()))
+ADVERBS = sorted(set("""quickly slowly quietly loudly gently carefully happily sadly bravely calmly eagerly easily
+fiercely gladly honestly kindly lazily neatly politely proudly rarely safely silently softly sternly swiftly warmly
+wisely yesterday today tonight again early later nearly often always never seldom suddenly boldly briskly cheerfully
+clumsily curiously gracefully hastily loosely merrily nervously patiently promptly quaintly rapidly roughly shyly
+smoothly solemnly tenderly tightly urgently vaguely wildly""".split()))
+NAMES = sorted(set("""alice bob carol david emma frank grace henry irene jack karen leo maria nathan olivia peter quinn
+rachel sam tina victor wendy xavier yusuf zoe aaron bella chloe daniel ethan fiona george hannah isaac julia kevin
+laura martin nina oscar paula ruby simon thomas ursula vera walter""".split()))
 PREPOSITIONS = "near behind under above beside inside outside across beyond toward past around below".split()
 DETERMINERS = "the a every some one my our their this that his her".split()
 
@@ -327,12 +313,10 @@ UNSEEN_VARIANTS = ["m7", "f5", "klatt3"]
 
 def corpus_plan(size, seed):
     """Deterministic list of utterances: split, text and voice settings. Sentences never repeat."""
-    rng = random.Random(seed)
-    n_unseen = max(2, size // 20)
-    counts = {"validation": max(2, size // 20), "test": max(2, size // 20), "test_unseen": n_unseen}
-    counts["train"] = size - counts["validation"] - counts["test"]
+    rng, held_out = random.Random(seed), max(2, size // 20)
+    counts = {"train": size - 2 * held_out, "validation": held_out, "test": held_out, "test_unseen": held_out}
     seen, plan = set(), []
-    for split in ("train", "validation", "test", "test_unseen"):
+    for split in SPLITS:
         for i in range(counts[split]):
             text = make_sentence(rng)
             while text in seen:
@@ -340,7 +324,8 @@ def corpus_plan(size, seed):
             seen.add(text)
             if split == "test_unseen":
                 voice = f"{rng.choice(UNSEEN_ACCENTS)}+{rng.choice(UNSEEN_VARIANTS)}"
-                pitch, rate = rng.choice([rng.randint(5, 15), rng.randint(85, 95)]), rng.choice([rng.randint(110, 125), rng.randint(220, 240)])
+                pitch = rng.choice([rng.randint(5, 15), rng.randint(85, 95)])
+                rate = rng.choice([rng.randint(110, 125), rng.randint(220, 240)])
             else:
                 voice = f"{rng.choice(SEEN_ACCENTS)}+{rng.choice(SEEN_VARIANTS)}"
                 pitch, rate = rng.randint(20, 80), rng.randint(130, 210)
@@ -380,19 +365,16 @@ def build_corpus(cache_dir, size, seed, num_proc=2):
     root = os.path.join(cache_dir, f"corpus-v{CORPUS_VERSION}-{size}-{seed}")
     if os.path.exists(os.path.join(root, "done")):
         return root
-    plan = corpus_plan(size, seed)
+    plan, t0 = corpus_plan(size, seed), time.time()
     for split in SPLITS:
         os.makedirs(os.path.join(root, split), exist_ok=True)
-    t0 = time.time()
-    jobs = [(root, plan[i:i + 1000]) for i in range(0, len(plan), 1000)]
     with multiprocessing.get_context("spawn").Pool(max(1, num_proc), maxtasksperchild=1) as pool:
-        pool.map(synthesize_chunk, jobs, chunksize=1)
+        pool.map(synthesize_chunk, [(root, plan[i:i + 1000]) for i in range(0, len(plan), 1000)], chunksize=1)
     for split in SPLITS:
         with open(os.path.join(root, split, "metadata.csv"), "w", newline="") as f:
-            items = [{**r, "file_name": os.path.basename(r["file_name"])} for r in plan if r["split"] == split]
-            writer = csv.DictWriter(f, fieldnames=[k for k in items[0] if k != "split"], extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=[k for k in plan[0] if k != "split"], extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(items)
+            writer.writerows({**r, "file_name": os.path.basename(r["file_name"])} for r in plan if r["split"] == split)
     size_mb = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) / 2**20
     Path(root, "done").write_text(json.dumps({"seconds": round(time.time() - t0, 1), "megabytes": round(size_mb, 1)}))
     print(f"embedded corpus: {len(plan)} utterances in {time.time() - t0:.0f} s, {size_mb:.0f} MB at {root}")
@@ -431,8 +413,7 @@ def log_mel(wave):
     return ((mel + 4.0) / 4.0).T.contiguous()
 
 def yin_f0(waves, window=512):
-    """Batched YIN pitch tracker (de Cheveigne & Kawahara 2002) in torch, so it runs on any device.
-
+    """Batched YIN pitch tracker (de Cheveigne & Kawahara 2002) in torch, so it runs on any device:
     waves (batch, samples) float32 at 16 kHz -> f0 in Hz and voiced, each (batch, samples // 160 + 1); frame k
     is centred at k*10 ms. The difference function d(tau) = E_0 + E_tau - 2 r(tau) comes from one FFT per frame;
     the period is the first dip of the cumulative-mean-normalised d' below YIN_DIP (else its global minimum),
@@ -468,8 +449,7 @@ def fit_frames(x, n):
     return x[..., :n] if x.shape[-1] >= n else F.pad(x, (0, n - x.shape[-1]))
 
 def extract_f0(wave, sample_rate=SAMPLE_RATE):
-    """f0 in Hz and a voicing flag per 10 ms frame (frame k centred at k*10 ms), aligned 1:1 with log_mel.
-
+    """f0 in Hz and a voicing flag per 10 ms frame (frame k centred at k*10 ms), aligned 1:1 with log_mel:
     (samples,) array or tensor at any rate -> two (samples * 16000 // rate // 160 + 1,) tensors. YIN in torch
     (yin_f0): as accurate as Praat and pyin on speech and over 30x cheaper than librosa.pyin (README)."""
     wave = torch.as_tensor(np.asarray(wave, dtype=np.float32)).reshape(-1)
@@ -502,40 +482,33 @@ def feature_code_hash():
     constants = (SAMPLE_RATE, HOP, N_MELS, F0_MIN, F0_MAX, YIN_DIP, YIN_VOICED, SILENCE_DB, SILENCE_PEAK)
     return hashlib.sha256(repr((code, constants)).encode()).hexdigest()[:16]
 
-# ----------------------------------------------------------------------------------------------------
-# data: loading (every source through Hugging Face datasets, features cached by .map), batches, augmentation
+# ---- data: loading (every source through Hugging Face datasets, features cached by .map), batches, augmentation
+FEATURES = {"mel": datasets.Array2D((None, N_MELS), "float16"), "f0": datasets.Sequence(datasets.Value("float32")),
+            "voiced": datasets.Sequence(datasets.Value("bool")), "wave": datasets.Sequence(datasets.Value("float16")),
+            "text": datasets.Value("string"), "n_frames": datasets.Value("int32"), "error": datasets.Value("string")}
+
 def _featurize_examples(batch, text_column, keep_wave, max_seconds, device):
     """datasets .map function (batched): decode and check each utterance, then featurize the usable ones together.
     A failure becomes an error string naming the file, with empty features."""
     waves, texts, errors = [], [], []
     for audio, text in zip(batch["audio"], batch[text_column]):
+        text, error = normalize_text(text or ""), ""
         try:
-            text = normalize_text(text or "")
             if not text:
                 raise BadInput("empty transcript")
-            wave = decode_audio(audio)
-            if len(wave) > max_seconds * SAMPLE_RATE:  # its transcript would not match a cut, so it is skipped
-                raise BadInput(f"{len(wave) / SAMPLE_RATE:.1f} s is longer than --max_seconds {max_seconds}")
-            waves.append(wave)
-            texts.append(text)
-            errors.append("")
+            waves.append(decode_audio(audio))
+            if len(waves[-1]) > max_seconds * SAMPLE_RATE:  # its transcript would not match a cut, so it is skipped
+                raise BadInput(f"{len(waves.pop()) / SAMPLE_RATE:.1f} s is longer than --max_seconds {max_seconds}")
         except BadInput as e:
-            texts.append("")
-            errors.append(f"{audio.get('path') or '<in-memory audio>'}: {e}")
+            text, error = "", f"{audio.get('path') or '<in-memory audio>'}: {e}"
+        texts.append(text)
+        errors.append(error)
     features = iter(featurize(waves, keep_wave, device))
     empty = {"mel": np.zeros((0, N_MELS), np.float16), "f0": np.zeros(0, np.float32), "voiced": np.zeros(0, bool)}
     empty |= {"wave": np.zeros(0, np.float16)} if keep_wave else {}
     utterances = [next(features) if not error else empty for error in errors]
     return {key: [u[key] for u in utterances] for key in empty} | {"text": texts, "error": errors,
                                                                     "n_frames": [len(u["mel"]) for u in utterances]}
-
-def feature_columns(keep_wave):
-    columns = {"mel": datasets.Array2D((None, N_MELS), "float16"), "f0": datasets.Sequence(datasets.Value("float32")),
-               "voiced": datasets.Sequence(datasets.Value("bool"))}
-    if keep_wave:
-        columns["wave"] = datasets.Sequence(datasets.Value("float16"))
-    return datasets.Features(columns | {"text": datasets.Value("string"), "n_frames": datasets.Value("int32"),
-                                        "error": datasets.Value("string")})
 
 def local_folder(folder, hf_cache):
     """A folder of audio files + metadata.csv (file_name,transcription,...) -> Dataset with an 'audio' column
@@ -566,7 +539,7 @@ def raw_splits(args, hf_cache):
         if not os.environ.get("HF_HUB_OFFLINE"):
             socket.create_connection(("huggingface.co", 443), timeout=3.0).close()
     except OSError:
-        raise SystemExit(f"echo: cannot reach the Hugging Face hub for dataset {args.dataset!r} (offline?). {hint}") from None
+        raise SystemExit(f"echo: cannot reach the Hugging Face hub for {args.dataset!r} (offline?). {hint}") from None
     try:
         return {split: datasets.load_dataset(args.dataset, args.dataset_config, split=name, cache_dir=hf_cache,
                                              streaming=args.streaming and split == "train") for split, name in names.items()}
@@ -576,7 +549,6 @@ def raw_splits(args, hf_cache):
 
 def load_splits(args):
     """Every source goes through Hugging Face datasets: raw audio (decode=False) -> cached features per split.
-
     Returns {split: Dataset with mel, f0, voiced, text, n_frames} and the skipped utterances; with --streaming the
     train split is an IterableDataset that computes the same columns (and 'error') as it is read."""
     datasets.disable_progress_bars()
@@ -585,14 +557,15 @@ def load_splits(args):
         torch.set_num_threads(1)
     raw = raw_splits(args, os.path.join(args.cache_dir, "hf"))
     if "train" not in raw:
-        raise SystemExit(f"echo: {args.dataset}: no train split (expected <folder>/train/metadata.csv or <folder>/metadata.csv)")
+        raise SystemExit(f"echo: {args.dataset}: no train split (want <folder>/train/metadata.csv or <folder>/metadata.csv)")
     out, skipped = {}, []
     for split, ds in raw.items():
         text_column = next(c for c in ("transcription", "text", "sentence", "raw_transcription") if c in ds.column_names)
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
         keep_wave = "waveform" in args.streams or (split == "train" and bool(args.speed_perturb or args.noise_snr))
         kwargs = {"text_column": text_column, "keep_wave": keep_wave, "max_seconds": args.max_seconds}
-        common = dict(batched=True, batch_size=16, remove_columns=ds.column_names, features=feature_columns(keep_wave))
+        features = datasets.Features({k: v for k, v in FEATURES.items() if keep_wave or k != "wave"})
+        common = dict(batched=True, batch_size=16, remove_columns=ds.column_names, features=features)
         if split == "train" and args.streaming:  # featurised lazily, where it is read (DataLoader workers); no cache
             if isinstance(ds, datasets.Dataset):
                 ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
@@ -656,10 +629,9 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 def perturb_audio(items, rng, speed_perturb=False, noise_snr=None):
-    """Training audio augmentation, on the fly and seeded by rng: speed perturbation (a factor of SPEED_FACTORS by
-    resampling, Kaldi-style: tempo and pitch move together) and white noise at a random SNR (dB, over the
-    utterance). Items need 'wave'; a changed utterance gets its log-mel and f0 recomputed from the new audio, so the
-    f0 track moves with it."""
+    """Training audio augmentation, seeded by rng: speed perturbation (a factor of SPEED_FACTORS by resampling: tempo
+    and pitch move together) and white noise at a random SNR (dB). Items need 'wave'; a changed utterance gets its
+    log-mel and f0 recomputed from the new audio, so the f0 track moves with it."""
     changed = {}
     for i, item in enumerate(items):
         speed = float(rng.choice(SPEED_FACTORS)) if speed_perturb else 1.0
@@ -707,7 +679,6 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     """--streaming: training micro-batches straight from the featurising stream of load_splits, shuffled through a
     buffer and length-bucketed BUCKET_WINDOW utterances at a time. In DataLoader workers each worker reads its own
     shards. Unusable utterances are skipped; each batch carries how many were skipped since the one before."""
-
     def __init__(self, stream, tokenizer, args, epoch):
         super().__init__()
         self.stream, self.tokenizer, self.args, self.epoch = stream, tokenizer, args, epoch
@@ -726,8 +697,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                 yield training_batch(items, self.tokenizer, self.args, key) | {"skipped": skipped}
                 skipped = 0
 
-# ----------------------------------------------------------------------------------------------------
-# model
+# ---- model
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -780,7 +750,6 @@ class PitchPrior(nn.Module):
     """What encoder self-attention knows about pitch, computed once per batch and shared by every block:
     the rotary table (pitch-warped phase, variable radius) and the attention mask (padding, pitch-similarity
     bias, zero-value offset). With every flag off it is standard RoPE and a key-padding mask."""
-
     def __init__(self, head_dim, n_heads, f0_theta=False, radii=False, pitch_bias=False, zero_value=False,
                  freqs="standard"):
         super().__init__()
@@ -793,9 +762,7 @@ class PitchPrior(nn.Module):
 
     def speed(self, log_f0, voiced):
         """Pitch-warp speed s_t = f0_t / F0_REF on voiced frames (clamped), 1 elsewhere: (B, T)."""
-        if not self.f0_theta:
-            return torch.ones_like(log_f0)
-        return torch.where(voiced, (log_f0.exp2() / F0_REF).clamp(*SPEED_RANGE), 1.0)
+        return torch.where(voiced & self.f0_theta, (log_f0.exp2() / F0_REF).clamp(*SPEED_RANGE), 1.0)
 
     def radius(self, log_f0, voiced):
         """r = exp(alpha_h * (tanh(z) - mean tanh(z))) with z the utterance's log-f0 z-score: geometric mean 1 over
@@ -830,7 +797,6 @@ class PitchPrior(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention through scaled_dot_product_attention. Self-attention when context is None."""
-
     def __init__(self, d_model, n_heads):
         super().__init__()
         self.n_heads = n_heads
@@ -869,7 +835,6 @@ class Gate(nn.Module):
     """A scalar gate per position on a block's MLP output: (B, T, D) -> (B, T, 1) in (0, 1).
     mlp: sigmoid(W x). t: softmax mixture of 4 sigmoid gates. m: mean of a sigmoid MLP gate and a sigmoid read
     from a learned memory, softmax(x K^T / sqrt(d)) V."""
-
     def __init__(self, kind, d_model, memory=64):
         super().__init__()
         self.kind = kind
@@ -892,7 +857,6 @@ class Gate(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block: self-attention, optional cross-attention, MLP scaled by an optional Gate."""
-
     def __init__(self, d_model, n_heads, cross=False, gate="none", gate_memory=64):
         super().__init__()
         self.attn_norm, self.attn = RMSNorm(d_model), Attention(d_model, n_heads)
@@ -913,7 +877,6 @@ class Block(nn.Module):
 class Stem(nn.Module):
     """A stream's conv front-end: (B, C, T) at 100 frames/s -> (B, ceil(T/4), D) at 25 frames/s. The padding is
     zeroed after every conv, so an utterance sees the same zero border alone or inside a batch."""
-
     def __init__(self, channels, d_model):
         super().__init__()
         self.convs = nn.ModuleList([nn.Conv1d(channels, d_model, 3, padding=1),
@@ -928,11 +891,9 @@ class Stem(nn.Module):
         return x.transpose(1, 2)
 
 class Streams(nn.Module):
-    """Feature streams -> encoder input (B, T/4, D). spectrogram: the log-mel. pitch: log2(f0 / 220 Hz) and
-    voicing, from the same cached f0 track as the rotary. waveform: 25 ms frames every 10 ms through a learned
-    filterbank conv. Each stream has its own Stem; several are fused by c_gate, a per-stream sigmoid weight
-    computed from all of them."""
-
+    """Feature streams -> encoder input (B, T/4, D). spectrogram: the log-mel. pitch: log2(f0 / 220 Hz) and voicing,
+    from the cached f0 track the rotary uses. waveform: a learned 25 ms / 10 ms filterbank conv. Each stream has its
+    own Stem; several are fused by c_gate, a per-stream sigmoid weight computed from all of them."""
     def __init__(self, names, d_model):
         super().__init__()
         self.names = names
@@ -965,7 +926,6 @@ def pitch_input(f0, voiced, n):
 class Encoder(nn.Module):
     """Feature streams + f0 track -> (B, ceil(T/4), D): conv stems (stride 4, 40 ms frames), then transformer
     blocks whose self-attention takes its rotary and mask from the PitchPrior."""
-
     def __init__(self, c):
         super().__init__()
         self.streams = Streams(tuple(c.streams.split(",")), c.d_model)
@@ -986,7 +946,6 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """tokens (B, L) + audio (B, S, D) -> logits (B, L, vocab): causal RoPE self-attention over token
     positions, cross-attention without rotary (tokens and frames share no position axis), tied output."""
-
     def __init__(self, c):
         super().__init__()
         self.embed = nn.Embedding(c.vocab, c.d_model)
@@ -1008,19 +967,15 @@ class Decoder(nn.Module):
 
 class Echo(nn.Module):
     """The encoder-decoder with an auxiliary CTC head on the encoder, built from a ModelConfig."""
-
     def __init__(self, config):
         super().__init__()
         self.config = config
         self.encoder, self.decoder = Encoder(config), Decoder(config)
         self.ctc_head = nn.Linear(config.d_model, config.vocab) if config.ctc_weight > 0 else None
 
-    def encode(self, batch):
-        return self.encoder(batch)
-
     def forward(self, batch):
         """Teacher-forced loss for a collated batch -> (total loss, cross-entropy, ctc loss or None)."""
-        audio, valid = self.encode(batch)
+        audio, valid = self.encoder(batch)
         logits = self.decoder(batch["tokens"][:, :-1], audio, valid)
         return joint_loss(logits, None if self.ctc_head is None else self.ctc_head(audio), batch["tokens"], valid,
                           self.config.ctc_weight)
@@ -1040,15 +995,13 @@ def build_model(config):
     """A ModelConfig (or its dict, as checkpoints store it) -> Echo."""
     return Echo(ModelConfig(**config) if isinstance(config, dict) else config)
 
-# ----------------------------------------------------------------------------------------------------
-# optimizer
+# ---- optimizer
 class MaxFactor(torch.optim.Optimizer):
     """Adafactor-family optimizer without momentum. Per parameter and per-parameter step t:
     EMA weight b_t = clamp(t^-0.8, 0.001, 0.999); relative step a_t = max(eps2, RMS(theta)) * min(lr, 1/sqrt(t));
     decoupled weight decay; second moments factored for >= 2-D tensors (a row and a column EMA of G^2, viewed as
     rows x cols, V = R (x) C / max(R)) and plain for vectors; U = G / sqrt(V) scaled to infinity-norm 1; the step is
     sign(U) * (row-wise max |U|) * a_t. State: O(rows + cols) per matrix, O(n) per vector."""
-
     def __init__(self, params, lr=1e-2, weight_decay=0.0, eps=(1e-30, 1e-3)):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, eps=eps))
 
@@ -1098,17 +1051,15 @@ def optimizer_state_bytes(optimizer):
     return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
                if torch.is_tensor(v))
 
-# ----------------------------------------------------------------------------------------------------
-# decoding and evaluation
+# ---- decoding and evaluation
 def max_tokens_for(frames):
     """Length cap for decoding: MAX_CHARS_PER_SECOND characters per second of audio plus 10."""
     return (frames.float() / 100 * MAX_CHARS_PER_SECOND).long() + 10
 
 class CTCPrefixScorer:
-    """CTC prefix scores for one growing hypothesis per utterance (joint CTC/attention decoding, Watanabe et al.
-    2017, as in ESPnet): log P(the audio's CTC paths start with this text). The recurrences
-    r_t = (r_{t-1} + phi_{t-1}) * p_t are solved over all frames at once: r_t = e^{P_t} sum_{s<=t} ... with P the
-    cumulative log-probability, i.e. one logcumsumexp per step instead of a loop over frames. float64 throughout."""
+    """CTC prefix scores for one growing hypothesis per utterance (joint CTC/attention decoding, Watanabe et al. 2017,
+    as in ESPnet): log P(the audio's CTC paths start with this text). The recurrences r_t = (r_{t-1} + phi_{t-1}) p_t
+    are solved over all frames at once (one logcumsumexp per step, not a loop over frames), in float64."""
     NEG = -1e4  # log of "impossible" that keeps the closed form finite
 
     def __init__(self, log_probs, valid):
@@ -1147,14 +1098,13 @@ class CTCPrefixScorer:
 
 @torch.no_grad()
 def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=None):
-    """Autoregressive beam search with a KV cache -> list of token-id lists (BOS and EOS removed); beam=1 is greedy.
-    Each hypothesis is extended by its decoder's top candidates, scored (1 - w) log p_attention + w * (gain in CTC
-    prefix score) when there is a CTC head, which stops the loops and early ends of a young attention decoder. The
-    best `beam` extensions of each utterance go on; one that ends (EOS or the length cap) leaves the beam, and the
-    ended hypothesis with the best score per token wins (length normalisation). An utterance stops once all its live
-    hypotheses score END_MARGIN below its best ended one (ESPnet's end detection): scores only fall from there."""
+    """Autoregressive beam search with a KV cache -> token-id lists (no BOS, EOS); beam=1 is greedy. Each hypothesis
+    is extended by its decoder's top candidates, scored (1 - w) log p_attention + w * (gain in CTC prefix score), which
+    stops the loops and early ends of a young attention decoder. The best `beam` go on; one that ends (EOS or length
+    cap) leaves the beam, and the ended one with the best score per token wins. An utterance stops once its live
+    hypotheses all score END_MARGIN below its best ended one (ESPnet's end detection): scores only fall from there."""
     model.eval()
-    audio, valid = model.encode(batch) if encoded is None else encoded  # evaluate() has encoded it already
+    audio, valid = model.encoder(batch) if encoded is None else encoded  # evaluate() has encoded it already
     n, width = len(audio), beam
     audio, valid = audio.repeat_interleave(width, 0), valid.repeat_interleave(width, 0)  # row = utterance * beam + slot
     caches = [{} for _ in model.decoder.blocks]
@@ -1210,7 +1160,7 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bea
         # references keep every character; the teacher-forced loss can only score the ones the tokenizer knows
         batch = to_device(collate([it | {"text": tokenizer.known(it["text"])} for it in items], tokenizer), device)
         t0 = time.time()
-        audio, valid = model.encode(batch)
+        audio, valid = model.encoder(batch)
         decode_seconds += time.time() - t0  # transcription time = encoding + decoding
         logits = model.decoder(batch["tokens"][:, :-1], audio, valid).float()
         targets = batch["tokens"][:, 1:]
@@ -1251,15 +1201,15 @@ def transcribe(args):
     pieces = [piece | {"text": ""} for piece in featurize(list(waves.values()), "waveform" in model.config.streams, device)]
     texts = {}
     for indices in length_batches([len(piece["mel"]) for piece in pieces], EVAL_BATCH_FRAMES):
-        hyps = decode(model, to_device(collate([pieces[i] for i in indices]), device), config["decode_ctc_weight"], args.beam)
+        batch = to_device(collate([pieces[i] for i in indices]), device)
+        hyps = decode(model, batch, config["decode_ctc_weight"], args.beam)
         texts |= {keys[i]: tokenizer.decode(h) for i, h in zip(indices, hyps)}
     for path in args.transcribe:
         if (path, 0) in texts:
             print(f"{path}\t" + " ".join(texts[key] for key in keys if key[0] == path and texts[key]))
     return 1 if failed else 0
 
-# ----------------------------------------------------------------------------------------------------
-# diagnostics: what pitch does inside the model, as TensorBoard scalars and figures (and PNGs, --diagnose)
+# ---- diagnostics: what pitch does inside the model, as TensorBoard scalars and figures (and PNGs, --diagnose)
 def named_blocks(model):
     yield from ((f"encoder.{i}", block) for i, block in enumerate(model.encoder.blocks))
     yield from ((f"decoder.{i}", block) for i, block in enumerate(model.decoder.blocks))
@@ -1273,8 +1223,9 @@ def record_activations(model):
                    for what, module in (("mlp_abs_mean", block.mlp), ("gate_mean", block.gate)) if module is not None]
 
 def block_scalars(model, activations):
-    """{tag: value} after a backward pass: gate/MLP activation ratio, gate/MLP gradient-norm ratio, and the
-    gradient norm of every attention projection (q, k, v, o of self- and cross-attention) per block."""
+    """{tag: value} after a backward pass: per block the gate/MLP activation ratio, the gate/MLP gradient-norm ratio
+    and the gradient norm of every attention projection (q, k, v, o of self- and cross-attention); the per-head pitch
+    parameters as the attention uses them, and the mean c_gate weight per stream."""
     def norm(module):
         grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
         return torch.stack(grads).norm().item() if grads else 0.0
@@ -1287,7 +1238,15 @@ def block_scalars(model, activations):
         for kind, attention in (("self", block.attn), ("cross", block.cross)):
             if attention is not None:
                 out |= {f"grad/{name}.{kind}/{p}": norm(getattr(attention, p)) for p in "qkvo"}
-    return out
+    pitch, streams = model.encoder.pitch, model.encoder.streams
+    per_head = {"radius_alpha": None if pitch.radius_strength is None else
+                0.5 * math.log(RADIUS_MAX) * torch.tanh(pitch.radius_strength),
+                "bias_lambda_per_octave": None if pitch.pitch_bias is None else F.softplus(pitch.pitch_bias),
+                "zero_value_offset": pitch.zero_value}
+    out |= {f"pitch/{name}/head{h}": v for name, values in per_head.items() if values is not None
+            for h, v in enumerate(values.tolist())}
+    return out | dict(zip([f"streams/c_gate_{name}" for name in streams.names], streams.weights.tolist()
+                          if streams.weights is not None else []))
 
 def render(fig):
     """A matplotlib figure -> (H, W, 3) uint8 RGB array, figure closed."""
@@ -1345,16 +1304,13 @@ def attention_figure(model, batch, frames):
     attentions = [("encoder", i, block.attn) for i, block in enumerate(model.encoder.blocks)]
     attentions += [("decoder cross", i, block.cross) for i, block in enumerate(model.decoder.blocks)]
     was_training = model.training
-    model.eval()
     for _, _, attention in attentions:
         attention.keep_weights = True
-    try:
-        with torch.no_grad():
-            model({key: value[:1] for key, value in batch.items()})
-    finally:
-        for _, _, attention in attentions:
-            attention.keep_weights = False
-        model.train(was_training)
+    with torch.no_grad():
+        model.eval()({key: value[:1] for key, value in batch.items()})
+    for _, _, attention in attentions:
+        attention.keep_weights = False
+    model.train(was_training)
     fig, axes = plt.subplots(1, len(attentions), figsize=(2.2 * len(attentions), 2.8), dpi=100, squeeze=False)
     for ax, (kind, i, attention) in zip(axes[0], attentions):
         ax.imshow(attention.weights[0].float().cpu().numpy()[:, :frames], aspect="auto", origin="lower", cmap="viridis")
@@ -1398,8 +1354,7 @@ def diagnose(args):
         print(out / f"{tag}.png")
     print(f"transcript: {text}")
 
-# ----------------------------------------------------------------------------------------------------
-# training
+# ---- training
 def lr_at(step, args):
     """Linear warmup, then cosine decay to a tenth of the peak."""
     if step < args.warmup:
@@ -1488,7 +1443,8 @@ def training_data(args, rank, world, ckpt):
     if rank == 0 and world > 1:
         torch.distributed.barrier()
     if args.streaming:  # the stream is not read ahead: letters, apostrophe, space and the held-out text's characters
-        tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else string.ascii_lowercase + "' " + "".join(data["validation"]["text"]))
+        chars = ckpt["tokenizer"] if ckpt else string.ascii_lowercase + "' " + "".join(data["validation"]["text"])
+        tokenizer = Tokenizer(chars)
         return data, split_dataset_by_node(data["train"], rank, world), tokenizer, skipped
     tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else "".join(data["train"]["text"]))
     usable = [i for i, t in enumerate(data["train"]["text"]) if set(t) <= set(tokenizer.chars)]
@@ -1497,10 +1453,9 @@ def training_data(args, rank, world, ckpt):
     return data, data["train"].select(usable), tokenizer, skipped
 
 def training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index, device):
-    """This process's micro-batches of each optimizer step, from the data position (epoch, batch_index) on, epoch
-    after epoch: yields (epoch, batch_index after the step, micro-batches). Cached splits: each step takes the next
-    --grad_accum length-bucketed batches of the epoch's seeded order, shared out among the processes. --streaming:
-    each process reads its own part of the stream, and a resumed run restarts its epoch."""
+    """Yields (epoch, batch_index after the step, this process's micro-batches) for each optimizer step from the data
+    position on, epoch after epoch. Cached splits: the next --grad_accum batches of the epoch's seeded order, shared
+    out among the processes. --streaming: each process reads its part of the stream; a resumed run restarts its epoch."""
     per_step, pin = args.grad_accum // world, device.type == "cuda"
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     while True:
@@ -1540,19 +1495,6 @@ def open_run(run_dir, config, env, model, train_set, tokenizer, skipped, step):
     writer.add_scalar("data/skipped_utterances", len(skipped), step)
     return writer
 
-def learned_pitch_and_stream_weights(model):
-    """{tag: value}: the per-head pitch parameters as the attention uses them, the mean c_gate weight per stream."""
-    pitch, streams = model.encoder.pitch, model.encoder.streams
-    per_head = {"radius_alpha": None if pitch.radius_strength is None else
-                0.5 * math.log(RADIUS_MAX) * torch.tanh(pitch.radius_strength),
-                "bias_lambda_per_octave": None if pitch.pitch_bias is None else F.softplus(pitch.pitch_bias),
-                "zero_value_offset": pitch.zero_value}
-    out = {f"pitch/{name}/head{h}": v for name, values in per_head.items() if values is not None
-           for h, v in enumerate(values.tolist())}
-    if streams.weights is not None:
-        out |= {f"streams/c_gate_{name}": w for name, w in zip(streams.names, streams.weights.tolist())}
-    return out
-
 def log_step(writer, step, args, model, losses, grad_norm, step_seconds, diagnostics, stats):
     """TensorBoard scalars of one optimizer step (the loss every step, the rest every 10), and, when stdout is not
     a terminal (batch jobs, nohup, CI), a plain progress line every --log_every steps."""
@@ -1565,7 +1507,7 @@ def log_step(writer, step, args, model, losses, grad_norm, step_seconds, diagnos
                    "train/ctc_loss": losses[2], "train/lr": lr_at(step - 1, args), "train/grad_norm": grad_norm,
                    "train/step_seconds": step_seconds, "train/audio_seconds_per_second": stats["audio_seconds"] / elapsed}
         scalars |= {"data/skipped_in_stream": stats["skipped_in_stream"]} if args.streaming else {}
-        for tag, value in (scalars | learned_pitch_and_stream_weights(model)).items():
+        for tag, value in scalars.items():
             writer.add_scalar(tag, value, step)
     if not sys.stdout.isatty() and (step % args.log_every == 0 or step == args.max_steps):
         print(f"step {step}/{args.max_steps} | loss {losses[0]:.4f} | lr {lr_at(step - 1, args):.2e} | "
@@ -1683,8 +1625,7 @@ def train(args):
         torch.distributed.destroy_process_group()
     return test_and_report(writer, step, model, data, tokenizer, device, args, config, stats, skipped) if rank == 0 else None
 
-# ----------------------------------------------------------------------------------------------------
-# experiments: ablation and benchmark
+# ---- experiments: ablation and benchmark
 def ablation_run(run):
     """Results of one ablation run: trained, resumed from its checkpoint if it was interrupted, or read back if it
     finished. A different run already in its folder is an error, never overwritten."""
@@ -1724,14 +1665,12 @@ def ablate(args):
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=120)
-    plt.close(fig)
     print(text)
 
 class TextbookTransformer(nn.Module):
     """--bench's peer: the encoder-decoder a user would otherwise write from PyTorch's own nn.TransformerEncoderLayer
     and nn.TransformerDecoderLayer (pre-norm, GELU, no dropout) at Echo's sizes, with Echo's conv stem, CTC head,
     tied output and losses, and learned absolute positions in place of rotary."""
-
     def __init__(self, c, max_positions=4096):
         super().__init__()
         layer = dict(d_model=c.d_model, nhead=c.n_heads, dim_feedforward=4 * c.d_model, dropout=0.0, activation="gelu",
@@ -1740,7 +1679,8 @@ class TextbookTransformer(nn.Module):
         self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), c.enc_layers, nn.LayerNorm(c.d_model),
                                              enable_nested_tensor=False)
         self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), c.dec_layers, nn.LayerNorm(c.d_model))
-        self.embed, self.ctc_head, self.ctc_weight = nn.Embedding(c.vocab, c.d_model), nn.Linear(c.d_model, c.vocab), c.ctc_weight
+        self.embed, self.ctc_head = nn.Embedding(c.vocab, c.d_model), nn.Linear(c.d_model, c.vocab)
+        self.ctc_weight = c.ctc_weight
 
     def forward(self, batch):
         x = self.stem(batch["mel"].transpose(1, 2), batch["frames"])
@@ -1870,8 +1810,7 @@ def benchmark(args):
                      f"| padding in length-bucketed batches | {100 * (1 - sum(frames) / padded):.1f} % |",
                      *f0_lines, *decoding_timings(args, device, data, tokenizer)]))
 
-# ----------------------------------------------------------------------------------------------------
-# CLI
+# ---- CLI
 def main(argv=None):
     args = parse_args(argv)
     if args.transcribe:

@@ -480,7 +480,7 @@ def test_augmented_training_is_seeded_and_changes_the_batches(tiny_corpus, tmp_p
 
 def test_shapes_and_initial_loss_near_ln_vocab():
     model, batch = tiny_model(vocab=30), fake_batch(vocab=30)
-    audio, valid = model.encode(batch)
+    audio, valid = model.encoder(batch)
     assert audio.shape == (2, 30, 64) and valid.sum(1).tolist() == [30, 20]
     logits = model.decoder(batch["tokens"][:, :-1], audio, valid)
     assert logits.shape == (2, 10, 30)
@@ -490,7 +490,7 @@ def test_shapes_and_initial_loss_near_ln_vocab():
 
 def test_decoder_is_causal():
     model, batch = tiny_model(), fake_batch()
-    audio, valid = model.encode(batch)
+    audio, valid = model.encoder(batch)
     tokens = batch["tokens"][:, :-1]
     changed = tokens.clone()
     changed[:, 5] = (changed[:, 5] + 1) % 20
@@ -502,8 +502,8 @@ def test_padding_invariance():
     """An utterance alone and inside a batch with a longer one: same encoder output on its frames, same text."""
     model, batch = tiny_model(), fake_batch(lengths=(77, 130))
     alone = utterance(batch, 0, 77)
-    enc_alone, _ = model.encode(alone)
-    enc_batch, valid = model.encode(batch)
+    enc_alone, _ = model.encoder(alone)
+    enc_batch, valid = model.encoder(batch)
     n = int(valid[0].sum())
     assert n == enc_alone.shape[1] == 20
     torch.testing.assert_close(enc_batch[0, :n], enc_alone[0], atol=1e-5, rtol=1e-5)
@@ -513,7 +513,7 @@ def test_padding_invariance():
 
 def test_kv_cache_decoding_matches_full_forward():
     model, batch = tiny_model(), fake_batch()
-    audio, valid = model.encode(batch)
+    audio, valid = model.encoder(batch)
     tokens = batch["tokens"][:, :-1]
     full = model.decoder(tokens, audio, valid)
     caches = [{} for _ in model.decoder.blocks]
@@ -604,9 +604,9 @@ def test_batched_utterances_with_different_pitch_match_each_alone():
     batch = fake_batch(lengths=(120, 77))
     batch["f0"][1] = 90 + 10 * torch.rand(batch["f0"].shape[1])
     batch["voiced"][0, 30:50] = False
-    enc, valid = model.encode(batch)
+    enc, valid = model.encoder(batch)
     for i, n in enumerate((120, 77)):
-        enc_alone, _ = model.encode(utterance(batch, i, n))
+        enc_alone, _ = model.encoder(utterance(batch, i, n))
         torch.testing.assert_close(enc[i, :enc_alone.shape[1]], enc_alone[0], atol=1e-5, rtol=1e-5)
 
 
@@ -621,7 +621,7 @@ def test_every_pitch_flag_changes_the_output():
             with torch.no_grad():
                 model.encoder.pitch.zero_value.fill_(-1.0)
         reference = base if flag == "f0_theta" else tiny_model(f0_theta=True).encode(batch)[0]
-        assert (model.encode(batch)[0] - reference).abs().max() > 1e-4, flag
+        assert (model.encoder(batch)[0] - reference).abs().max() > 1e-4, flag
 
 
 def test_every_parameter_gets_a_gradient_with_all_flags():
@@ -676,7 +676,7 @@ def test_each_stream_changes_the_output_and_c_gate_weights_are_in_unit_interval(
     outputs = {}
     for streams in ("spectrogram", "spectrogram,pitch", "spectrogram,waveform", "spectrogram,pitch,waveform"):
         model = tiny_model(streams=streams)
-        outputs[streams] = model.encode(batch)[0]
+        outputs[streams] = model.encoder(batch)[0]
         weights = model.encoder.streams.weights
         if "," in streams:
             assert weights.shape == (streams.count(",") + 1,) and torch.all((weights > 0) & (weights < 1))
@@ -697,13 +697,13 @@ def test_every_parameter_gets_a_gradient_with_every_stream(gate):
 def test_streams_a_few_frames_off_are_aligned():
     model = tiny_model(streams="spectrogram,pitch,waveform")
     batch = with_wave(fake_batch())
-    reference = model.encode(batch)[0]
+    reference = model.encoder(batch)[0]
     for wave_cut, f0_cut in ((-300, -2), (250, 1)):
         shifted = dict(batch)
         shifted["wave"] = batch["wave"][:, :wave_cut] if wave_cut < 0 else F_pad(batch["wave"], wave_cut)
         shifted["f0"] = batch["f0"][:, :f0_cut] if f0_cut < 0 else F_pad(batch["f0"], f0_cut)
         shifted["voiced"] = batch["voiced"][:, :f0_cut] if f0_cut < 0 else F_pad(batch["voiced"], f0_cut)
-        out = model.encode(shifted)[0]
+        out = model.encoder(shifted)[0]
         assert out.shape == reference.shape and torch.isfinite(out).all()
 
 
@@ -764,7 +764,7 @@ def test_beam_search_finds_the_best_score_per_token_among_all_hypotheses(monkeyp
     sequence with the best length-normalised attention score, found here by scoring every sequence."""
     monkeypatch.setattr(echo, "max_tokens_for", lambda frames: torch.full_like(frames, 4))
     model, batch = tiny_model(vocab=5, ctc_weight=0.0), fake_batch(lengths=(60,), text_lengths=(3,), vocab=5)
-    audio, valid = model.encode(batch)
+    audio, valid = model.encoder(batch)
     candidates = [list(seq) + [echo.EOS] for n in range(4) for seq in itertools.product((3, 4), repeat=n)]
     candidates += [list(seq) for seq in itertools.product((3, 4), repeat=4)]  # cut by the cap, no EOS
     best, best_score = None, -math.inf
@@ -934,7 +934,7 @@ def test_tiny_run_with_maxfactor_and_all_features_learns(tiny_corpus, tmp_path):
     cache, _ = tiny_corpus
     run_dir = tmp_path / "runs" / "maxfactor"
     echo.train(train_args(cache, tmp_path, "--name", "maxfactor", "--max_steps", "40", "--eval_every", "40",
-                          "--optimizer", "maxfactor", "--gate", "m", "--streams", "spectrogram,pitch,waveform",
+                          "--optimizer", "maxfactor", "--gate", "m", "--streams", "spectrogram,pitch,waveform", "--diag_every", "20",
                           "--radii", "--pitch_bias", "--zero_value"))
     curve = list(losses(run_dir).values())
     assert curve[-1] < curve[0] - 0.5
