@@ -1,8 +1,7 @@
-"""Echo: pitch-aware speech recognition in one file.
-
-An encoder-decoder transformer (log-mel in, characters out) whose encoder attention can know about the
-speaker's pitch (f0). Read top to bottom: config -> data and features -> model -> optimizer -> decoding and
-evaluation -> diagnostics -> training -> experiments -> CLI. The README states the method; test_echo.py proves it.
+"""Echo: pitch-aware speech recognition in one file. An encoder-decoder transformer (log-mel in, characters out)
+whose encoder attention can know about the speaker's pitch (f0). Read top to bottom: config -> data and features ->
+model -> optimizer -> decoding and evaluation -> diagnostics -> training -> experiments -> CLI. The README states
+the method; test_echo.py proves it.
 
     python echo.py                      # build the embedded corpus, train, decode the test split
     python echo.py --transcribe a.wav --ckpt runs/<name>/ckpt.pt
@@ -11,17 +10,10 @@ import argparse, contextlib, csv, ctypes, dataclasses, functools, hashlib, inspe
 import multiprocessing, os, platform, random, re, signal, socket, string, subprocess, sys, threading, time, zlib
 from pathlib import Path
 
-import datasets
-import espeakng_loader
-import jiwer
-import librosa
-import matplotlib
+import datasets, espeakng_loader, jiwer, librosa, matplotlib, soundfile, torch, torchaudio
 import numpy as np
-import soundfile
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchaudio
 from datasets.distributed import split_dataset_by_node
 from datasets.fingerprint import Hasher
 from torch.utils.tensorboard import SummaryWriter
@@ -41,6 +33,7 @@ SILENCE_PEAK = 1e-4  # a waveform whose peak is below this (-80 dBFS) is silent
 F0_MIN, F0_MAX = 60.0, 500.0  # Hz searched by the pitch tracker; the embedded voices span about 60-330 Hz
 YIN_DIP, YIN_VOICED = 0.15, 0.5  # YIN's threshold for the period's dip, and the dip depth below which a frame is voiced
 SILENCE_DB = -45.0  # frames this far below the utterance's loudest are unvoiced, whatever YIN says
+SPIKE_OCTAVES, MIN_RUN = 0.3, 3  # f0 this far from its run's 9-frame median is a spike; voiced runs are >= 30 ms
 F0_REF = 220.0  # Hz at which the pitch-warped rotary advances exactly one position per frame
 SPEED_RANGE = (0.25, 3.0)  # clamp of f0 / F0_REF (55-660 Hz): with max step 1 rad/frame no step exceeds pi
 RADIUS_MAX = 2.0  # variable radii stay in [1 / RADIUS_MAX, RADIUS_MAX]
@@ -67,8 +60,7 @@ ABLATIONS = {
 
 def streams_flag(value):
     names = value.split(",")
-    unknown = set(names) - {"spectrogram", "pitch", "waveform"}
-    if unknown or "spectrogram" not in names or len(set(names)) < len(names):
+    if set(names) - {"spectrogram", "pitch", "waveform"} or "spectrogram" not in names or len(set(names)) < len(names):
         raise argparse.ArgumentTypeError(f"{value!r}: want spectrogram[,pitch][,waveform], each once")
     return value
 
@@ -307,9 +299,7 @@ def make_sentence(rng):
 
 SEEN_ACCENTS = ["en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan"]
 SEEN_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4", "klatt", "klatt2"]
-# test_unseen: accents, variants, pitch and rate that never occur in training
-UNSEEN_ACCENTS = ["en-029", "en-us-nyc"]
-UNSEEN_VARIANTS = ["m7", "f5", "klatt3"]
+UNSEEN_ACCENTS, UNSEEN_VARIANTS = ["en-029", "en-us-nyc"], ["m7", "f5", "klatt3"]  # test_unseen's, never in training
 
 def corpus_plan(size, seed):
     """Deterministic list of utterances: split, text and voice settings. Sentences never repeat."""
@@ -392,8 +382,6 @@ def decode_audio(audio):
         raise BadInput("audio has zero samples")
     if not np.isfinite(wave).all():
         raise BadInput("audio contains NaN or Inf samples")
-    if np.abs(wave).max() < SILENCE_PEAK:
-        raise BadInput("silent audio (peak below -80 dBFS)")
     wave = torch.from_numpy(np.ascontiguousarray(wave))
     if rate != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, rate, SAMPLE_RATE)
@@ -417,13 +405,13 @@ def yin_f0(waves, window=512):
     waves (batch, samples) float32 at 16 kHz -> f0 in Hz and voiced, each (batch, samples // 160 + 1); frame k
     is centred at k*10 ms. The difference function d(tau) = E_0 + E_tau - 2 r(tau) comes from one FFT per frame;
     the period is the first dip of the cumulative-mean-normalised d' below YIN_DIP (else its global minimum),
-    refined by a parabola. A frame is voiced when d' there is below YIN_VOICED and the frame is within
-    SILENCE_DB of the utterance's loudest frame. Unvoiced frames have f0 = 0."""
+    refined by a parabola. A frame is voiced when d' there is below YIN_VOICED and the frame is within SILENCE_DB of
+    the utterance's loudest frame. Unvoiced frames have f0 = 0. Then the track is cleaned (README, f0)."""
     lag_min, lag_max = int(SAMPLE_RATE / F0_MAX), math.ceil(SAMPLE_RATE / F0_MIN)
     span = window + lag_max + 2
     n_frames = waves.shape[-1] // HOP + 1
-    frames = F.pad(waves, (window // 2, span)).unfold(-1, span, HOP)[:, :n_frames]  # (batch, frames, span)
-    frames = frames - frames.mean(-1, keepdim=True)
+    raw = F.pad(waves, (window // 2, span)).unfold(-1, span, HOP)[:, :n_frames]  # (batch, frames, span)
+    frames = raw - raw.mean(-1, keepdim=True)
     n_fft = 1 << (span - 1).bit_length()
     spectrum, head = torch.fft.rfft(frames, n_fft), torch.fft.rfft(frames[..., :window], n_fft)
     lags = torch.arange(lag_max + 2, device=waves.device)
@@ -439,10 +427,22 @@ def yin_f0(waves, window=512):
     left, centre, right = cmnd.gather(-1, best - 1), cmnd.gather(-1, best), cmnd.gather(-1, best + 1)
     shift = (0.5 * (left - right) / (left - 2 * centre + right).clamp(min=1e-12)).clamp(-1, 1)
     period = (best + 1 + shift).squeeze(-1)  # lag of cmnd index i is i + 1
-    level = frames[..., :window].square().mean(-1)
+    level = raw[..., :window].square().mean(-1)  # the frame's own 32 ms (the span's mean reaches beyond it)
     loud = 10 * torch.log10(level / level.amax(-1, keepdim=True).clamp(min=1e-20) + 1e-20) > SILENCE_DB
     voiced = (centre.squeeze(-1) < YIN_VOICED) & loud
-    return torch.where(voiced, SAMPLE_RATE / period, torch.zeros_like(period)), voiced
+    # spikes (at voicing onsets, mostly: the first dip is a formant's period) take the median of the +-4 frames of
+    # their voiced run; runs shorter than MIN_RUN are unvoiced
+    log_f0 = torch.where(voiced, (SAMPLE_RATE / period).log2(), float("nan"))
+    run = (voiced & ~F.pad(voiced, (1, 0))[..., :-1]).cumsum(-1)
+    same_run = F.pad(run, (4, 4), value=-1).unfold(-1, 9, 1) == run[..., None]
+    neighbours = F.pad(log_f0, (4, 4), value=float("nan")).unfold(-1, 9, 1).masked_fill(~same_run, float("nan"))
+    median = neighbours.nanmedian(-1).values
+    log_f0 = torch.where((log_f0 - median).abs() > SPIKE_OCTAVES, median, log_f0)
+    voiced = voiced & ((~neighbours.isnan()).sum(-1) >= MIN_RUN)
+    # YIN compares x_j with x_(j + period): an estimate belongs half a period after its frame's centre; move it back
+    previous = F.pad(log_f0, (1, 0), value=float("nan"))[..., :-1]
+    moved = log_f0 - (log_f0 - previous) * SAMPLE_RATE / (2 * HOP) / log_f0.exp2()
+    return torch.where(voiced, torch.where(previous.isnan(), log_f0, moved).exp2(), 0.0), voiced
 
 def fit_frames(x, n):
     """Cut or zero-pad the last axis to n: how a track a few frames off the log-mel is aligned to it."""
@@ -460,11 +460,9 @@ def extract_f0(wave, sample_rate=SAMPLE_RATE):
     return fit_frames(f0, n_frames)[0], fit_frames(voiced.float(), n_frames)[0] > 0
 
 def featurize(waves, keep_wave=False, device=torch.device("cpu")):
-    """16 kHz waveforms -> per utterance a dict of log-mel (frames, 80), f0 (frames,), voiced (frames,), all the
-    same length, and the waveform itself (float16) for the waveform stream. On a GPU yin_f0 runs on batches of 32
-    utterances; on a CPU one utterance at a time is faster (a padded batch falls out of the cache)."""
-    group = 32 if device.type == "cuda" else 1
-    out = []
+    """16 kHz waveforms -> per utterance a dict of log-mel (frames, 80), f0 and voiced (frames,), and the waveform
+    (float16) for its stream. On a GPU yin_f0 takes 32 utterances at once; on a CPU one at a time is faster."""
+    group, out = 32 if device.type == "cuda" else 1, []
     for start in range(0, len(waves), group):
         chunk = waves[start:start + group]
         f0, voiced = yin_f0(nn.utils.rnn.pad_sequence(chunk, batch_first=True).to(device))
@@ -474,13 +472,6 @@ def featurize(waves, keep_wave=False, device=torch.device("cpu")):
             out.append({"mel": mel[:n].half().numpy(), "f0": f0_row[:n].numpy(), "voiced": voiced_row[:n].numpy()}
                        | ({"wave": wave.half().numpy()} if keep_wave else {}))
     return out
-
-def feature_code_hash():
-    """The feature code's own source and constants: part of each split's cache key, so that editing them recomputes
-    the features (datasets' fingerprint of the map function does not follow the functions it calls)."""
-    code = [inspect.getsource(f) for f in (decode_audio, log_mel, yin_f0, featurize, _featurize_examples)]
-    constants = (SAMPLE_RATE, HOP, N_MELS, F0_MIN, F0_MAX, YIN_DIP, YIN_VOICED, SILENCE_DB, SILENCE_PEAK)
-    return hashlib.sha256(repr((code, constants)).encode()).hexdigest()[:16]
 
 # ---- data: loading (every source through Hugging Face datasets, features cached by .map), batches, augmentation
 FEATURES = {"mel": datasets.Array2D((None, N_MELS), "float16"), "f0": datasets.Sequence(datasets.Value("float32")),
@@ -496,9 +487,12 @@ def _featurize_examples(batch, text_column, keep_wave, max_seconds, device):
         try:
             if not text:
                 raise BadInput("empty transcript")
-            waves.append(decode_audio(audio))
-            if len(waves[-1]) > max_seconds * SAMPLE_RATE:  # its transcript would not match a cut, so it is skipped
-                raise BadInput(f"{len(waves.pop()) / SAMPLE_RATE:.1f} s is longer than --max_seconds {max_seconds}")
+            wave = decode_audio(audio)
+            if wave.abs().max() < SILENCE_PEAK:  # nothing to learn from (--transcribe gives it an empty line)
+                raise BadInput("silent audio (peak below -80 dBFS)")
+            if len(wave) > max_seconds * SAMPLE_RATE:  # its transcript would not match a cut, so it is skipped
+                raise BadInput(f"{len(wave) / SAMPLE_RATE:.1f} s is longer than --max_seconds {max_seconds}")
+            waves.append(wave)
         except BadInput as e:
             text, error = "", f"{audio.get('path') or '<in-memory audio>'}: {e}"
         texts.append(text)
@@ -526,9 +520,8 @@ def raw_splits(args, hf_cache):
     if args.dataset == "embedded" or os.path.isdir(args.dataset):
         root = (build_corpus(args.cache_dir, args.corpus_size, args.corpus_seed, args.num_proc)
                 if args.dataset == "embedded" else args.dataset)
-        folders = {split: os.path.join(root, names.get(split, split)) for split in SPLITS}
-        raw = {split: local_folder(folder, hf_cache) for split, folder in folders.items()
-               if os.path.exists(os.path.join(folder, "metadata.csv"))}
+        raw = {split: local_folder(os.path.join(root, names.get(split, split)), hf_cache) for split in SPLITS
+               if os.path.exists(os.path.join(root, names.get(split, split), "metadata.csv"))}
         if "train" not in raw and os.path.exists(os.path.join(root, "metadata.csv")):
             held = local_folder(root, hf_cache).train_test_split(test_size=0.1, seed=args.corpus_seed)
             halves = held["test"].train_test_split(test_size=0.5, seed=args.corpus_seed)
@@ -536,8 +529,7 @@ def raw_splits(args, hf_cache):
         return raw
     hint = "Use a local folder instead: --dataset path/to/folder with audio files and metadata.csv (file_name,transcription)"
     try:
-        if not os.environ.get("HF_HUB_OFFLINE"):
-            socket.create_connection(("huggingface.co", 443), timeout=3.0).close()
+        os.environ.get("HF_HUB_OFFLINE") or socket.create_connection(("huggingface.co", 443), timeout=3.0).close()
     except OSError:
         raise SystemExit(f"echo: cannot reach the Hugging Face hub for {args.dataset!r} (offline?). {hint}") from None
     try:
@@ -546,6 +538,14 @@ def raw_splits(args, hf_cache):
     except Exception as e:
         raise SystemExit(f"echo: cannot load hub dataset {args.dataset!r} ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]}). {hint}") from None
+
+def feature_code_hash():
+    """The feature code's own source and constants: part of each split's cache key, so that editing them recomputes
+    the features (datasets' fingerprint of the map function does not follow the functions it calls)."""
+    code = [inspect.getsource(f) for f in (decode_audio, mel_filterbank, log_mel, yin_f0, featurize, _featurize_examples)]
+    constants = (SAMPLE_RATE, HOP, N_MELS, F0_MIN, F0_MAX, YIN_DIP, YIN_VOICED, SILENCE_DB, SILENCE_PEAK, SPIKE_OCTAVES,
+                 MIN_RUN)
+    return hashlib.sha256(repr((code, constants)).encode()).hexdigest()[:16]
 
 def load_splits(args):
     """Every source goes through Hugging Face datasets: raw audio (decode=False) -> cached features per split.
@@ -601,10 +601,6 @@ def length_batches(lengths, batch_frames, rng=None):
         rng.shuffle(batches)
     return batches
 
-def epoch_rng(seed, epoch):
-    """The data-order rng of one epoch of a run."""
-    return random.Random(seed * 100003 + epoch)
-
 def rows(dataset, indices):
     """Rows of a numpy-formatted Dataset as dicts, fetched in one slice per column."""
     columns = dataset[list(indices)]
@@ -626,7 +622,8 @@ def collate(items, tokenizer=None):
     return batch
 
 def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch's tensors on the device (its texts stay behind: torch.compile would recompile for every new one)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
 
 def perturb_audio(items, rng, speed_perturb=False, noise_snr=None):
     """Training audio augmentation, seeded by rng: speed perturbation (a factor of SPEED_FACTORS by resampling: tempo
@@ -649,9 +646,8 @@ def perturb_audio(items, rng, speed_perturb=False, noise_snr=None):
     return [item | features.get(i, {}) for i, item in enumerate(items)]
 
 def spec_augment(batch, rng):
-    """SpecAugment as in ESPnet's LibriSpeech-100 recipe (without time warping): per utterance, 2 frequency masks of
-    up to 27 mel bins and 5 time masks of up to 5 % of its own length each, filled with its mean log-mel. Only the
-    log-mel inside each utterance changes: never the f0 track, the waveform or the padding."""
+    """SpecAugment as ESPnet's LibriSpeech-100 recipe (no time warping): per utterance, SPECAUG_MASKS frequency and time
+    masks filled with its mean log-mel. Only the log-mel inside each utterance changes: never f0, waveform, padding."""
     freq_masks, max_bins, time_masks, max_time = SPECAUG_MASKS
     mel = batch["mel"].clone()
     for i, n in enumerate(batch["frames"].tolist()):
@@ -676,9 +672,9 @@ def cached_batch(train_set, tokenizer, args, epoch, indices):
     return training_batch(rows(train_set, indices), tokenizer, args, (epoch, indices[0]))
 
 class StreamingBatches(torch.utils.data.IterableDataset):
-    """--streaming: training micro-batches straight from the featurising stream of load_splits, shuffled through a
-    buffer and length-bucketed BUCKET_WINDOW utterances at a time. In DataLoader workers each worker reads its own
-    shards. Unusable utterances are skipped; each batch carries how many were skipped since the one before."""
+    """--streaming: training micro-batches from load_splits' featurising stream, shuffled and length-bucketed
+    BUCKET_WINDOW utterances at a time; each DataLoader worker reads its own shards. Unusable utterances are skipped;
+    each batch carries how many were skipped since the one before."""
     def __init__(self, stream, tokenizer, args, epoch):
         super().__init__()
         self.stream, self.tokenizer, self.args, self.epoch = stream, tokenizer, args, epoch
@@ -690,7 +686,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         for chunk in iter(lambda: list(itertools.islice(examples, BUCKET_WINDOW)), []):
             usable = [e for e in chunk if not e["error"] and set(e["text"]) <= set(self.tokenizer.index)]
             skipped += len(chunk) - len(usable)
-            rng = epoch_rng(self.args.seed, self.epoch)
+            rng = random.Random(self.args.seed * 100003 + self.epoch)
             for indices in length_batches([len(e["mel"]) for e in usable], self.args.batch_frames, rng):
                 items = [usable[i] for i in indices]
                 key = (self.epoch, zlib.crc32(items[0]["text"].encode()))
@@ -747,9 +743,9 @@ def pitch_track(f0, voiced, frames, n_out):
     return torch.where(voiced, log_f0, 0.0), voiced
 
 class PitchPrior(nn.Module):
-    """What encoder self-attention knows about pitch, computed once per batch and shared by every block:
-    the rotary table (pitch-warped phase, variable radius) and the attention mask (padding, pitch-similarity
-    bias, zero-value offset). With every flag off it is standard RoPE and a key-padding mask."""
+    """What encoder self-attention knows about pitch, computed once per batch for every block: the rotary table (pitch-
+    warped phase, variable radius) and the attention mask (padding, pitch-similarity bias, zero-value offset). With
+    every flag off it is standard RoPE and a key-padding mask."""
     def __init__(self, head_dim, n_heads, f0_theta=False, radii=False, pitch_bias=False, zero_value=False,
                  freqs="standard"):
         super().__init__()
@@ -824,17 +820,14 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and cache is None)
         if self.keep_weights:  # SDPA does not return its weights: recompute them for the figures
             scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
-            if mask is not None:
+            if mask is not None:  # (the figures read encoder self- and decoder cross-attention, never causal)
                 scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-            if causal and cache is None:
-                scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
             self.weights = scores.softmax(-1).mean(1).detach()
         return self.o(out.transpose(1, 2).flatten(2))
 
 class Gate(nn.Module):
-    """A scalar gate per position on a block's MLP output: (B, T, D) -> (B, T, 1) in (0, 1).
-    mlp: sigmoid(W x). t: softmax mixture of 4 sigmoid gates. m: mean of a sigmoid MLP gate and a sigmoid read
-    from a learned memory, softmax(x K^T / sqrt(d)) V."""
+    """A scalar gate per position on a block's MLP output: (B, T, D) -> (B, T, 1) in (0, 1). mlp: sigmoid(W x). t: softmax
+    mixture of 4 sigmoid gates. m: mean of a sigmoid MLP gate and a sigmoid read of a memory, softmax(x K^T / sqrt(d)) V."""
     def __init__(self, kind, d_model, memory=64):
         super().__init__()
         self.kind = kind
@@ -890,6 +883,13 @@ class Stem(nn.Module):
             x = x * (torch.arange(x.shape[-1], device=x.device) < frames[:, None])[:, None]
         return x.transpose(1, 2)
 
+def pitch_input(f0, voiced, n):
+    """(B, T') f0 and voicing -> (B, 2, n): log2(f0 / 220 Hz) on voiced frames (0 elsewhere) and the voicing flag."""
+    f0 = fit_frames(f0, n)
+    voiced = fit_frames(voiced, n).bool() & torch.isfinite(f0) & (f0 > 0)
+    octaves = (f0.nan_to_num(F0_REF).clamp(min=1.0) / F0_REF).log2()
+    return torch.stack([torch.where(voiced, octaves, 0.0), voiced.float()], 1)
+
 class Streams(nn.Module):
     """Feature streams -> encoder input (B, T/4, D). spectrogram: the log-mel. pitch: log2(f0 / 220 Hz) and voicing,
     from the cached f0 track the rotary uses. waveform: a learned 25 ms / 10 ms filterbank conv. Each stream has its
@@ -915,13 +915,6 @@ class Streams(nn.Module):
         weights = torch.sigmoid(self.c_gate(torch.cat(streams, -1)))  # (B, T/4, streams)
         self.weights = weights.detach().flatten(0, 1).mean(0)
         return sum(weights[..., i:i + 1] * stream for i, stream in enumerate(streams))
-
-def pitch_input(f0, voiced, n):
-    """(B, T') f0 and voicing -> (B, 2, n): log2(f0 / 220 Hz) on voiced frames (0 elsewhere) and the voicing flag."""
-    f0 = fit_frames(f0, n)
-    voiced = fit_frames(voiced, n).bool() & torch.isfinite(f0) & (f0 > 0)
-    octaves = (f0.nan_to_num(F0_REF).clamp(min=1.0) / F0_REF).log2()
-    return torch.stack([torch.where(voiced, octaves, 0.0), voiced.float()], 1)
 
 class Encoder(nn.Module):
     """Feature streams + f0 track -> (B, ceil(T/4), D): conv stems (stride 4, 40 ms frames), then transformer
@@ -965,21 +958,6 @@ class Decoder(nn.Module):
                       cache=None if caches is None else caches[i])
         return self.norm(x) @ self.embed.weight.T
 
-class Echo(nn.Module):
-    """The encoder-decoder with an auxiliary CTC head on the encoder, built from a ModelConfig."""
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.encoder, self.decoder = Encoder(config), Decoder(config)
-        self.ctc_head = nn.Linear(config.d_model, config.vocab) if config.ctc_weight > 0 else None
-
-    def forward(self, batch):
-        """Teacher-forced loss for a collated batch -> (total loss, cross-entropy, ctc loss or None)."""
-        audio, valid = self.encoder(batch)
-        logits = self.decoder(batch["tokens"][:, :-1], audio, valid)
-        return joint_loss(logits, None if self.ctc_head is None else self.ctc_head(audio), batch["tokens"], valid,
-                          self.config.ctc_weight)
-
 def joint_loss(logits, ctc_logits, tokens, valid, ctc_weight):
     """(1 - w) * cross-entropy of the decoder + w * CTC of the encoder -> (total, cross-entropy, ctc or None).
     tokens (B, L+1) BOS text EOS PAD..., logits (B, L, V), ctc_logits (B, S, V) or None, valid (B, S)."""
@@ -990,6 +968,25 @@ def joint_loss(logits, ctc_logits, tokens, valid, ctc_weight):
     log_probs = ctc_logits.float().log_softmax(-1).transpose(0, 1)
     ctc = F.ctc_loss(log_probs, targets, valid.sum(1), (targets > EOS).sum(1), blank=PAD, zero_infinity=True)
     return (1 - ctc_weight) * ce + ctc_weight * ctc, ce, ctc
+
+class Echo(nn.Module):
+    """The encoder-decoder with an auxiliary CTC head on the encoder, built from a ModelConfig."""
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.encoder, self.decoder = Encoder(config), Decoder(config)
+        self.ctc_head = nn.Linear(config.d_model, config.vocab) if config.ctc_weight > 0 else None
+
+    def named_blocks(self):
+        return [(f"encoder.{i}", b) for i, b in enumerate(self.encoder.blocks)] + [
+            (f"decoder.{i}", b) for i, b in enumerate(self.decoder.blocks)]
+
+    def forward(self, batch):
+        """Teacher-forced loss for a collated batch -> (total loss, cross-entropy, ctc loss or None)."""
+        audio, valid = self.encoder(batch)
+        logits = self.decoder(batch["tokens"][:, :-1], audio, valid)
+        return joint_loss(logits, None if self.ctc_head is None else self.ctc_head(audio), batch["tokens"], valid,
+                          self.config.ctc_weight)
 
 def build_model(config):
     """A ModelConfig (or its dict, as checkpoints store it) -> Echo."""
@@ -1110,8 +1107,7 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
     caches = [{} for _ in model.decoder.blocks]
     limit = max_tokens_for(batch["frames"]).to(audio.device)[:, None]  # (n, 1)
     use_ctc = model.ctc_head is not None and ctc_weight > 0
-    if use_ctc:
-        ctc = CTCPrefixScorer(model.ctc_head(audio).float().log_softmax(-1), valid)
+    ctc = CTCPrefixScorer(model.ctc_head(audio).float().log_softmax(-1), valid) if use_ctc else None
     scores = torch.full((n, width), float("-inf"), device=audio.device)
     scores[:, 0] = 0.0  # one live hypothesis (BOS) per utterance to begin with
     token = torch.full((n * width, 1), BOS, device=audio.device)
@@ -1132,8 +1128,7 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
         choice = (best.indices % top.indices.shape[1]).view(-1, 1)
         token = top.indices[parent].gather(1, choice)
         history = torch.cat([history[parent], token], 1)
-        at_cap = position + 1 >= limit
-        finished = ((token.view(n, width) == EOS) | at_cap) & (best.values > float("-inf"))
+        finished = ((token.view(n, width) == EOS) | (position + 1 >= limit)) & (best.values > float("-inf"))
         for i, slot in finished.nonzero().tolist():
             ended[i].append((best.values[i, slot].item() / (position + 1), history[i * width + slot].tolist()))
         best_ended = torch.maximum(best_ended, best.values.masked_fill(~finished, float("-inf")).amax(1))
@@ -1176,6 +1171,25 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bea
             "token_accuracy": correct / max(1, tokens_total), "samples": list(zip(refs, hyps)), "n": len(refs),
             "rtfx": sum(lengths) / 100 / max(decode_seconds, 1e-9)}
 
+def save_checkpoint(path, state):
+    """Write to a temporary file, fsync, keep the previous checkpoint as .prev, then rename: a crash at any
+    moment leaves a complete checkpoint on disk."""
+    path, tmp = Path(path), Path(f"{path}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, f"{path}.prev")
+    os.replace(tmp, path)
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"echo: {path}: unreadable checkpoint ({type(e).__name__}); the previous one, if any, "
+                         f"is {path}.prev") from None
+
 def load_model(path, device):
     """A checkpoint -> (model in eval mode, tokenizer, the run's flags as a dict)."""
     ckpt = load_checkpoint(path)
@@ -1184,7 +1198,8 @@ def load_model(path, device):
     return model.to(device).eval(), Tokenizer(ckpt["tokenizer"]), ckpt["config"]
 
 def transcribe(args):
-    """Print '<path>\\t<transcript>' per file in input order; one-line errors on stderr; exit 1 if any failed."""
+    """Print '<path>\\t<transcript>' per file in input order (empty for silent or all-unvoiced audio, as other
+    recognisers do); one-line errors on stderr; exit 1 if any failed."""
     device = pick_device(args.device)
     model, tokenizer, config = load_model(args.ckpt, device)
     waves, failed = {}, 0  # (path, piece number) -> audio; audio longer than --max_seconds is cut in pieces
@@ -1203,34 +1218,32 @@ def transcribe(args):
     for indices in length_batches([len(piece["mel"]) for piece in pieces], EVAL_BATCH_FRAMES):
         batch = to_device(collate([pieces[i] for i in indices]), device)
         hyps = decode(model, batch, config["decode_ctc_weight"], args.beam)
-        texts |= {keys[i]: tokenizer.decode(h) for i, h in zip(indices, hyps)}
+        texts |= {keys[i]: tokenizer.decode(h) if pieces[i]["voiced"].any() else "" for i, h in zip(indices, hyps)}
     for path in args.transcribe:
         if (path, 0) in texts:
             print(f"{path}\t" + " ".join(texts[key] for key in keys if key[0] == path and texts[key]))
     return 1 if failed else 0
 
 # ---- diagnostics: what pitch does inside the model, as TensorBoard scalars and figures (and PNGs, --diagnose)
-def named_blocks(model):
-    yield from ((f"encoder.{i}", block) for i, block in enumerate(model.encoder.blocks))
-    yield from ((f"decoder.{i}", block) for i, block in enumerate(model.decoder.blocks))
-
 def record_activations(model):
     """Forward hooks that store each block's mean gate activation and mean |MLP output| in a dict, read-only.
     Returns (that dict, the hook handles to remove)."""
     stats = {}
     store = lambda tag: lambda module, inputs, output: stats.__setitem__(tag, output.detach().float().abs().mean().item())
-    return stats, [module.register_forward_hook(store(f"blocks/{name}/{what}")) for name, block in named_blocks(model)
+    return stats, [module.register_forward_hook(store(f"blocks/{name}/{what}")) for name, block in model.named_blocks()
                    for what, module in (("mlp_abs_mean", block.mlp), ("gate_mean", block.gate)) if module is not None]
 
-def block_scalars(model, activations):
+def block_scalars(model, activations, hooks=()):
     """{tag: value} after a backward pass: per block the gate/MLP activation ratio, the gate/MLP gradient-norm ratio
     and the gradient norm of every attention projection (q, k, v, o of self- and cross-attention); the per-head pitch
-    parameters as the attention uses them, and the mean c_gate weight per stream."""
+    parameters as the attention uses them, and the mean c_gate weight per stream. Removes the recording hooks."""
+    for hook in hooks:
+        hook.remove()
     def norm(module):
         grads = [p.grad.float().norm() for p in module.parameters() if p.grad is not None]
         return torch.stack(grads).norm().item() if grads else 0.0
     out = dict(activations)
-    for name, block in named_blocks(model):
+    for name, block in model.named_blocks():
         if block.gate is not None:
             out[f"blocks/{name}/gate_over_mlp"] = activations[f"blocks/{name}/gate_mean"] / max(
                 activations[f"blocks/{name}/mlp_abs_mean"], 1e-12)
@@ -1372,20 +1385,7 @@ def environment(device, world):
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     return {"code": f"{git or 'no-git'}+{CODE_HASH}", "python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
-            "processes": world}
-
-def save_checkpoint(path, state):
-    """Write to a temporary file, fsync, keep the previous checkpoint as .prev, then rename: a crash at any
-    moment leaves a complete checkpoint on disk."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        os.replace(path, path.with_name(path.name + ".prev"))
-    os.replace(tmp, path)
+            "processes": world, "device": str(device)}
 
 def training_state(model, optimizer, position, config, tokenizer, env):
     """What a training checkpoint holds: the model and its ModelConfig, the optimizer, the data position (step, epoch,
@@ -1403,19 +1403,12 @@ def restore(ckpt, model, optimizer):
     torch.set_rng_state(ckpt["rng"]["torch"])
     return ckpt["step"], ckpt["epoch"], ckpt["batch_index"]
 
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SystemExit(f"echo: {path}: unreadable checkpoint ({type(e).__name__}); the previous one, if any, "
-                         f"is {path}.prev") from None
-
 @contextlib.contextmanager
 def deferred_signals():
     """Inside, SIGINT and SIGTERM only append to the yielded list: training finishes its step, saves, exits."""
-    received, main = [], threading.current_thread() is threading.main_thread()  # only it may set handlers
+    received, on_main_thread = [], threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+                for sig in (signal.SIGINT, signal.SIGTERM)} if on_main_thread else {}
     try:
         yield received
     finally:
@@ -1464,7 +1457,8 @@ def training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index
                                                       batch_size=None, num_workers=workers, pin_memory=pin))
             steps = iter(lambda: list(itertools.islice(loader, per_step)), [])
         else:
-            batches = length_batches(train_set["n_frames"], args.batch_frames, epoch_rng(args.seed, epoch))
+            rng = random.Random(args.seed * 100003 + epoch)  # this epoch's data order, the same on resuming
+            batches = length_batches(train_set["n_frames"], args.batch_frames, rng)
             shares = [batches[start:start + args.grad_accum][rank::world]  # this process's share of each step
                       for start in range(batch_index, len(batches) - args.grad_accum + 1, args.grad_accum)]
             loader = iter(torch.utils.data.DataLoader(
@@ -1490,25 +1484,22 @@ def open_run(run_dir, config, env, model, train_set, tokenizer, skipped, step):
     (run_dir / "config.json").write_text(json.dumps({"config": config, "environment": env}, indent=1))
     (run_dir / "echo.py").write_bytes(SOURCE)
     writer = SummaryWriter(run_dir, purge_step=step + 1 if step else None)
-    writer.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```", step)
-    writer.add_text("environment", f"```\n{json.dumps(env, indent=1)}\n```", step)
+    for tag, value in (("config", config), ("environment", env)):
+        writer.add_text(tag, f"```\n{json.dumps(value, indent=1)}\n```", step)
     writer.add_scalar("data/skipped_utterances", len(skipped), step)
     return writer
 
-def log_step(writer, step, args, model, losses, grad_norm, step_seconds, diagnostics, stats):
+def log_step(writer, step, args, losses, grad_norm, step_seconds, diagnostics, stats):
     """TensorBoard scalars of one optimizer step (the loss every step, the rest every 10), and, when stdout is not
     a terminal (batch jobs, nohup, CI), a plain progress line every --log_every steps."""
-    writer.add_scalar("train/loss", losses[0], step)
-    for tag, value in diagnostics.items():
-        writer.add_scalar(tag, value, step)
-    elapsed = time.time() - stats["start"]
+    elapsed, scalars = time.time() - stats["start"], {"train/loss": losses[0]} | diagnostics
     if step % 10 == 0 or step == 1:
-        scalars = {"train/skipped_nonfinite_steps": stats["nonfinite_steps"], "train/cross_entropy": losses[1],
-                   "train/ctc_loss": losses[2], "train/lr": lr_at(step - 1, args), "train/grad_norm": grad_norm,
-                   "train/step_seconds": step_seconds, "train/audio_seconds_per_second": stats["audio_seconds"] / elapsed}
+        scalars |= {"train/skipped_nonfinite_steps": stats["nonfinite_steps"], "train/cross_entropy": losses[1],
+                    "train/ctc_loss": losses[2], "train/lr": lr_at(step - 1, args), "train/grad_norm": grad_norm,
+                    "train/step_seconds": step_seconds, "train/audio_seconds_per_second": stats["audio_seconds"] / elapsed}
         scalars |= {"data/skipped_in_stream": stats["skipped_in_stream"]} if args.streaming else {}
-        for tag, value in scalars.items():
-            writer.add_scalar(tag, value, step)
+    for tag, value in scalars.items():
+        writer.add_scalar(tag, value, step)
     if not sys.stdout.isatty() and (step % args.log_every == 0 or step == args.max_steps):
         print(f"step {step}/{args.max_steps} | loss {losses[0]:.4f} | lr {lr_at(step - 1, args):.2e} | "
               f"{stats['audio_seconds'] / elapsed:.0f} audio-s/s | elapsed {elapsed / 60:.1f} min", flush=True)
@@ -1527,9 +1518,8 @@ def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, arg
 def test_and_report(writer, step, model, data, tokenizer, device, args, config, stats, skipped):
     """After training: decode the test splits, log them with the flags to HParams, write results.json."""
     results = {"train_minutes": round((time.time() - stats["start"]) / 60, 2),
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "skipped_utterances": len(skipped) + stats["skipped_in_stream"],
-               "skipped_nonfinite_steps": stats["nonfinite_steps"]}
+               "parameters": sum(p.numel() for p in model.parameters()), "skipped_nonfinite_steps": stats["nonfinite_steps"],
+               "skipped_utterances": len(skipped) + stats["skipped_in_stream"]}
     for split in ("test", "test_unseen"):
         if split in data:
             result = evaluate_and_log(writer, step, split, model, data[split], tokenizer, device, args)
@@ -1562,9 +1552,8 @@ def train(args):
     forward = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "transcribe", "ckpt")}
-    env = environment(device, world) | {"device": str(device)}
+    env = environment(device, world)
     writer = open_run(run_dir, config, env, model, train_set, tokenizer, skipped, step) if rank == 0 else None
-    diag_batch = first_validation_batch(data, tokenizer, device)  # a fixed utterance for the figures
     batches = training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index, device)
     stats = {"start": time.time(), "audio_seconds": 0.0, "nonfinite_steps": 0, "skipped_in_stream": 0}
     progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True,
@@ -1577,7 +1566,7 @@ def train(args):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step - 1, args)
             diagnosing = rank == 0 and args.diag_every > 0 and step % args.diag_every == 0
-            activations, hooks = record_activations(model) if diagnosing else ({}, [])
+            recording = record_activations(model) if diagnosing else None
             totals = torch.zeros(4)  # mean loss, cross-entropy, ctc; audio frames
             for i, batch in enumerate(micro_batches):
                 stats["skipped_in_stream"] += batch.pop("skipped", 0)
@@ -1592,9 +1581,7 @@ def train(args):
                 torch.distributed.all_reduce(totals)
                 totals[:3] /= world
             losses, stats["audio_seconds"] = totals[:3], stats["audio_seconds"] + totals[3].item() / 100
-            for hook in hooks:
-                hook.remove()
-            diagnostics = block_scalars(model, activations) if diagnosing else {}  # before clipping
+            diagnostics = block_scalars(model, *recording) if diagnosing else {}  # before clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             if torch.isfinite(grad_norm) and torch.isfinite(losses).all():
                 optimizer.step()
@@ -1606,10 +1593,11 @@ def train(args):
             progress.set_postfix(loss=f"{losses[0]:.3f}")
             evaluating = step % args.eval_every == 0 or step == args.max_steps
             if rank == 0:
-                log_step(writer, step, args, model, losses, grad_norm, time.time() - t0, diagnostics, stats)
+                log_step(writer, step, args, losses, grad_norm, time.time() - t0, diagnostics, stats)
                 if evaluating:
                     evaluate_and_log(writer, step, "val", model, data["validation"], tokenizer, device, args, args.eval_utts)
-                    for tag, image in (figures(model, diag_batch).items() if args.diag_every > 0 else ()):
+                    images = figures(model, first_validation_batch(data, tokenizer, device)) if args.diag_every else {}
+                    for tag, image in images.items():
                         writer.add_image(f"diagnostics/{tag}", image, step, dataformats="HWC")
                 if evaluating or stop:
                     state = training_state(model, optimizer, (step, epoch, batch_index), config, tokenizer, env)
@@ -1671,11 +1659,11 @@ class TextbookTransformer(nn.Module):
     """--bench's peer: the encoder-decoder a user would otherwise write from PyTorch's own nn.TransformerEncoderLayer
     and nn.TransformerDecoderLayer (pre-norm, GELU, no dropout) at Echo's sizes, with Echo's conv stem, CTC head,
     tied output and losses, and learned absolute positions in place of rotary."""
-    def __init__(self, c, max_positions=4096):
+    def __init__(self, c):
         super().__init__()
         layer = dict(d_model=c.d_model, nhead=c.n_heads, dim_feedforward=4 * c.d_model, dropout=0.0, activation="gelu",
                      batch_first=True, norm_first=True)
-        self.stem, self.positions = Stem(N_MELS, c.d_model), nn.Embedding(max_positions, c.d_model)
+        self.stem, self.positions = Stem(N_MELS, c.d_model), nn.Embedding(4096, c.d_model)
         self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), c.enc_layers, nn.LayerNorm(c.d_model),
                                              enable_nested_tensor=False)
         self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), c.dec_layers, nn.LayerNorm(c.d_model))
@@ -1729,57 +1717,28 @@ def time_train_steps(args, batches, variants, vocab, device, warmup=3):
     return {label: (float(np.median(s)), sum(p.numel() for p in models[label][0].parameters()))
             for label, s in seconds.items()}
 
-def f0_timings(waves, device):
-    """Rows: seconds of f0 per audio second by YIN one utterance at a time, batched on the device, and by librosa.pyin
-    at the same 10 ms hop; on one thread, as in the feature workers."""
-    audio_s, padded = sum(map(len, waves)) / SAMPLE_RATE, nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
-    pyin = lambda: [librosa.pyin(w.numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE, hop_length=HOP) for w in waves]
-    methods = [("f0: YIN in torch (extract_f0), one utterance at a time", lambda: [extract_f0(w) for w in waves], "cpu"),
-               (f"f0: YIN in torch, {len(waves)} utterances batched on {device.type}", lambda: yin_f0(padded), device.type),
-               ("f0: librosa.pyin 65-400 Hz", pyin, "cpu")]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # more threads only add spin-waiting on these small tensors
-    lines = [f"| {label} | {median_seconds(run, torch.device(on)) / audio_s:.4f} {'wall' if on == 'cuda' else 'CPU'}"
-             f"-s per audio-s |" for label, run, on in methods]
-    torch.set_num_threads(threads)
-    return lines
-
-def decoding_timings(args, device, data, tokenizer):
-    """Rows: decoding RTFx and validation CER (of --ckpt if given, else of an untrained model, which decodes to the
-    length cap), and the cost of the diagnostic figures and scalars."""
-    if args.ckpt:
-        model, tokenizer, config = load_model(args.ckpt, device)
-    else:
-        model, config = build_model(ModelConfig.from_args(args, len(tokenizer))).to(device), vars(args)
-    lines = []
-    for weight, beam in ((0.0, 1), (config["decode_ctc_weight"], 1), (config["decode_ctc_weight"], 4)):
-        result = evaluate(model, data["validation"], tokenizer, device, 100, weight, beam)
-        lines.append(f"| decoding RTFx, KV cache, {'greedy' if beam == 1 else f'beam {beam}'}, "
-                     f"{'attention only' if weight == 0 else 'joint CTC/attention'}{'' if args.ckpt else ', untrained'} | "
-                     f"{result['rtfx']:.0f} (val CER {100 * result['cer']:.2f} %) |")
-    batch = first_validation_batch(data, tokenizer, device)
-    seconds = median_seconds(lambda: figures(model, batch), device)
-    lines.append(f"| diagnostics: the 4 figures, at each evaluation | {seconds:.2f} s |")
-    activations, hooks = record_activations(model.train())
-    model(batch)[0].backward()
-    seconds = median_seconds(lambda: block_scalars(model, activations), device)
-    lines.append(f"| diagnostics: per-block scalars, every --diag_every steps | {1000 * seconds:.1f} ms |")
-    for hook in hooks:
-        hook.remove()
-    return lines
-
 def benchmark(args):
     """Side-by-side speed on this device: train step per attention variant, gate and stream set (same batches,
-    round-robin, warm-up excluded), optimizer state, padding of the batches, f0 extraction against librosa.pyin,
-    decoding real-time factor and the diagnostics' cost."""
-    device = pick_device(args.device)
+    round-robin, warm-up excluded), optimizer state, padding of the batches, f0 by YIN (one utterance at a time and
+    batched on the device) against librosa.pyin (one thread, as in the feature workers), decoding real-time factor
+    (of --ckpt if given, else of an untrained model, which decodes to the length cap) and the diagnostics' cost."""
+    device, cpu = pick_device(args.device), torch.device("cpu")
     data, _ = load_splits(argparse.Namespace(**(vars(args) | {"streams": "spectrogram,pitch,waveform"})))
     tokenizer, frames = Tokenizer("".join(data["train"]["text"])), data["train"]["n_frames"]
-    all_batches = length_batches(frames, args.batch_frames, epoch_rng(args.seed, 0))
+    all_batches = length_batches(frames, args.batch_frames, random.Random(args.seed * 100003))
     batches = [collate(rows(data["train"], b), tokenizer) for b in all_batches[:23]]
     audio = sum(b["frames"].sum().item() for b in batches[3:]) / 100
-    f0_lines = f0_timings([torch.from_numpy(np.array(w, dtype=np.float32)) for w in data["validation"][:20]["wave"]], device)
-    print(f"device: {device} ({environment(device, 1)['gpu']}), {torch.get_num_threads()} threads, --batch_frames "
+    waves = [torch.from_numpy(np.array(w, dtype=np.float32)) for w in data["validation"][:20]["wave"]]
+    audio_f0, padded = sum(map(len, waves)) / SAMPLE_RATE, nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
+    pyin = lambda: [librosa.pyin(w.numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE, hop_length=HOP) for w in waves]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # more threads only add spin-waiting on these small tensors
+    methods = {"f0: YIN in torch (extract_f0), one utterance at a time": (lambda: [extract_f0(w) for w in waves], cpu),
+               f"f0: YIN in torch, {len(waves)} utterances batched on {device.type}": (lambda: yin_f0(padded), device),
+               "f0: librosa.pyin 65-400 Hz": (pyin, cpu)}
+    f0_seconds = {label: median_seconds(*method) for label, method in methods.items()}
+    torch.set_num_threads(threads)
+    print(f"device: {device} ({environment(device, 1)['gpu']}), {threads} threads, --batch_frames "
           f"{args.batch_frames}, 20 timed steps after 3 warm-up, defaults otherwise\n")
     # the attention rows use the peer's block (no gate), so that they compare like with like
     variants = {"peer: nn.TransformerEncoderLayer/DecoderLayer, same sizes": TextbookTransformer}
@@ -1797,32 +1756,43 @@ def benchmark(args):
               f"{params / 1e6:.2f} M |")
     model, state = build_model(ModelConfig.from_args(args, len(tokenizer))), {}
     for name in ("adamw", "maxfactor"):
-        optimizer = build_optimizer(model, argparse.Namespace(**(vars(args) | {"optimizer": name})), torch.device("cpu"))
+        optimizer = build_optimizer(model, argparse.Namespace(**(vars(args) | {"optimizer": name})), cpu)
         model(batches[0])[0].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state[name] = optimizer_state_bytes(optimizer)
-    padded = sum(max(frames[i] for i in b) * len(b) for b in all_batches)
-    print("\n".join(["\n| what | value |\n|---|---|",
-                     f"| optimizer state, default model: AdamW | {state['adamw'] / 2**20:.2f} MiB |",
-                     f"| optimizer state, default model: MaxFactor | {state['maxfactor'] / 2**20:.3f} MiB "
-                     f"({state['maxfactor'] / state['adamw']:.3f} of AdamW) |",
-                     f"| padding in length-bucketed batches | {100 * (1 - sum(frames) / padded):.1f} % |",
-                     *f0_lines, *decoding_timings(args, device, data, tokenizer)]))
+    padded_frames = sum(max(frames[i] for i in b) * len(b) for b in all_batches)
+    print(f"\n| what | value |\n|---|---|\n| optimizer state, default model: AdamW | {state['adamw'] / 2**20:.2f} MiB |\n"
+          f"| optimizer state, default model: MaxFactor | {state['maxfactor'] / 2**20:.3f} MiB "
+          f"({state['maxfactor'] / state['adamw']:.3f} of AdamW) |\n"
+          f"| padding in length-bucketed batches | {100 * (1 - sum(frames) / padded_frames):.1f} % |")
+    for label, seconds in f0_seconds.items():
+        clock = "wall" if "batched" in label and device.type == "cuda" else "CPU"
+        print(f"| {label} | {seconds / audio_f0:.4f} {clock}-s per audio-s |")
+    if args.ckpt:
+        model, tokenizer, config = load_model(args.ckpt, device)
+    else:
+        model, config = build_model(ModelConfig.from_args(args, len(tokenizer))).to(device), vars(args)
+    for weight, beam in ((0.0, 1), (config["decode_ctc_weight"], 1), (config["decode_ctc_weight"], 4)):
+        result = evaluate(model, data["validation"], tokenizer, device, 100, weight, beam)
+        print(f"| decoding RTFx, KV cache, {'greedy' if beam == 1 else f'beam {beam}'}, "
+              f"{'attention only' if weight == 0 else 'joint CTC/attention'}{'' if args.ckpt else ', untrained'} | "
+              f"{result['rtfx']:.0f} (val CER {100 * result['cer']:.2f} %) |")
+    batch = first_validation_batch(data, tokenizer, device)
+    seconds = median_seconds(lambda: figures(model, batch), device)
+    print(f"| diagnostics: the 4 figures, at each evaluation | {seconds:.2f} s |")
+    activations, hooks = record_activations(model.train())
+    model(batch)[0].backward()
+    seconds = median_seconds(lambda: block_scalars(model, activations, hooks), device)
+    print(f"| diagnostics: per-block scalars, every --diag_every steps | {1000 * seconds:.1f} ms |")
+
 
 # ---- CLI
 def main(argv=None):
     args = parse_args(argv)
     if args.transcribe:
         sys.exit(transcribe(args))
-    if args.diagnose:
-        diagnose(args)
-    elif args.bench:
-        benchmark(args)
-    elif args.ablate:
-        ablate(args)
-    else:
-        train(args)
+    (diagnose if args.diagnose else benchmark if args.bench else ablate if args.ablate else train)(args)
 
 if __name__ == "__main__":
     main()

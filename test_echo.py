@@ -17,6 +17,7 @@ import datasets
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import scipy.signal
 import soundfile
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -121,7 +122,8 @@ def tone_item(f0=150.0, seconds=1.0):
 
 
 def write_bad_and_good_audio(folder):
-    """Files a user may hand to --transcribe: {path: True if it should be transcribed}."""
+    """Files a user may hand to --transcribe: {path: True if it should be transcribed}. Silent and all-unvoiced audio
+    is transcribed (to an empty line), as other recognisers do."""
     tone = harmonic_tone(160, 1.0)
     files = {}
 
@@ -136,7 +138,8 @@ def write_bad_and_good_audio(folder):
         files[str(path)] = ok
     add("empty_file.wav", False)
     add("zero_samples.wav", False, np.zeros(0, np.float32))
-    add("silent.wav", False, np.zeros(16000, np.float32))
+    add("silent.wav", True, np.zeros(16000, np.float32))
+    add("noise.wav", True, (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32))
     add("nan.wav", False, np.where(np.arange(16000) % 7 == 0, np.nan, tone).astype(np.float32), subtype="FLOAT")
     add("inf.wav", False, np.where(np.arange(16000) == 5, np.inf, tone).astype(np.float32), subtype="FLOAT")
     add("clipped.wav", True, np.clip(4 * tone, -1, 1))
@@ -251,26 +254,37 @@ def test_log_mel_and_f0_are_aligned():
         assert mel.shape == (n // echo.HOP + 1, echo.N_MELS) and f0.shape == voiced.shape == (len(mel),)
 
 
+def vowel(f0, formants, seconds, sample_rate=echo.SAMPLE_RATE):
+    """A vowel-like signal: a glottal impulse train at f0 (array or constant) through second-order formant resonators,
+    whose first formant can fool a period tracker, as at real voicing onsets."""
+    n = int(seconds * sample_rate)
+    cycles = np.floor(np.cumsum(np.broadcast_to(np.asarray(f0, dtype=np.float64), (n,))) / sample_rate)
+    x = np.diff(cycles, prepend=0.0)
+    for formant, bandwidth in zip(formants, (80, 100, 150)):
+        r = np.exp(-np.pi * bandwidth / sample_rate)
+        x = scipy.signal.lfilter([1 - r], [1, -2 * r * np.cos(2 * np.pi * formant / sample_rate), r * r], x)
+    return (0.3 * x / np.abs(x).max()).astype(np.float32)
+
+
 def test_extract_f0_accuracy_on_known_signals():
-    """Gliding and steady tones between voiced gaps of noise and silence: median error <= 20 cents on frames
-    both call voiced, voicing agreement >= 90 %."""
+    """Gliding and steady tones and vowels, their onsets after noise or silence: on frames both call voiced the median
+    error is <= 2 cents and gross errors (> 100 cents) are <= 0.5 %, onsets included; voicing agrees on >= 97 %."""
     sr, rng = echo.SAMPLE_RATE, np.random.default_rng(0)
     pieces, truth = [], []
-    for f_start, f_end in [(90, 140), (200, 200), (300, 180), (70, 75), (110, 330)]:
-        n = int(0.6 * sr)
-        f0 = np.geomspace(f_start, f_end, n)
-        pieces += [harmonic_tone(f0, 0.6), (0.05 * rng.standard_normal(int(0.3 * sr))).astype(np.float32),
-                   np.zeros(int(0.2 * sr), np.float32)]
-        truth += [f0, np.zeros(int(0.5 * sr))]
+    for i, (f_start, f_end) in enumerate([(90, 140), (200, 200), (300, 180), (70, 75), (110, 330), (150, 120)] * 2):
+        f0 = np.geomspace(f_start, f_end, int(0.6 * sr))
+        voice = harmonic_tone(f0, 0.6) if i < 6 else vowel(f0, (rng.uniform(350, 800), 1400, 2500), 0.6)
+        noise = (0.05 * rng.standard_normal(int(0.2 * sr))).astype(np.float32)
+        gap = [noise, np.zeros(int(0.2 * sr), np.float32)][::1 if i % 2 else -1]
+        pieces += [*gap, voice]
+        truth += [np.zeros(int(0.4 * sr)), f0]
     wave, truth = np.concatenate(pieces), np.concatenate(truth)
     f0, voiced = echo.extract_f0(wave, sr)
-    centre = np.minimum(np.arange(len(f0)) * echo.HOP, len(truth) - 1)
-    true_f0 = truth[centre]
-    true_voiced = true_f0 > 0
-    assert (voiced.numpy() == true_voiced).mean() >= 0.90
-    both = voiced.numpy() & true_voiced
+    true_f0 = truth[np.minimum(np.arange(len(f0)) * echo.HOP, len(truth) - 1)]
+    assert (voiced.numpy() == (true_f0 > 0)).mean() >= 0.97
+    both = voiced.numpy() & (true_f0 > 0)
     cents = 1200 * np.abs(np.log2(f0.numpy()[both] / true_f0[both]))
-    assert both.sum() > 200 and np.median(cents) <= 20
+    assert both.sum() > 600 and np.median(cents) <= 2 and (cents > 100).mean() <= 0.005
 
 
 def test_extract_f0_resamples_other_rates():
@@ -335,19 +349,27 @@ def test_feature_cache_key_follows_the_feature_code(monkeypatch):
 
 
 @pytest.mark.slow
-def test_extract_f0_matches_pyin_on_corpus(tiny_corpus):
+def test_extract_f0_matches_pyin_on_corpus_without_onset_spikes(tiny_corpus):
+    """On eSpeak speech, where plain YIN jumps to a formant's period at voicing onsets, the track stays within 100 cents
+    of librosa.pyin on >= 99 % of the frames both call voiced, and on >= 98 % of the first 3 frames of each voiced run."""
     import librosa  # only this slow test needs it
     _, root = tiny_corpus
-    cents = []
+    cents, onsets = [], []
     for path in sorted(Path(root, "train").glob("*.flac"))[:8]:
         wave = echo.decode_audio(str(path)).numpy()
         f0, voiced = echo.extract_f0(wave, echo.SAMPLE_RATE)
         ref, ref_voiced, _ = librosa.pyin(wave, fmin=65, fmax=400, sr=echo.SAMPLE_RATE, frame_length=1024,
                                           hop_length=echo.HOP, center=True)
         n = min(len(f0), len(ref))
-        both = voiced.numpy()[:n] & ref_voiced[:n]
-        cents += list(1200 * np.abs(np.log2(f0.numpy()[:n][both] / ref[:n][both])))
-    assert len(cents) > 300 and np.median(cents) <= 20
+        f0, voiced, ref, ref_voiced = f0.numpy()[:n], voiced.numpy()[:n], ref[:n], ref_voiced[:n]
+        both = voiced & ref_voiced
+        error = np.where(both, 1200 * np.abs(np.log2(np.where(both, f0, 1) / np.where(both, ref, 1))), 0)
+        cents += list(error[both])
+        for start in np.flatnonzero(voiced & ~np.r_[False, voiced[:-1]]):
+            onsets += [error[k] for k in range(start, min(start + 3, n)) if both[k]]
+    cents, onsets = np.array(cents), np.array(onsets)
+    assert len(cents) > 300 and len(onsets) > 50 and np.median(cents) <= 20
+    assert (cents > 100).mean() <= 0.01 and (onsets > 100).mean() <= 0.02
 
 
 # ---- data: loading, batches and augmentation
@@ -364,11 +386,12 @@ def test_local_folder_like_hub_and_bad_files_are_skipped(tmp_path):
     soundfile.write(tmp_path / "train" / "stereo48k.wav", np.stack([harmonic_tone(150, 0.5, 48000)] * 2, 1), 48000)
     soundfile.write(tmp_path / "train" / "nan.wav", np.full(8000, np.nan, np.float32), 16000, subtype="FLOAT")
     soundfile.write(tmp_path / "train" / "silent_text.wav", np.zeros(8000, np.float32), 16000)
+    soundfile.write(tmp_path / "train" / "silent.wav", np.zeros(8000, np.float32), 16000)
     (tmp_path / "train" / "notaudio.wav").write_text("this is not audio")
     soundfile.write(tmp_path / "train" / "empty.wav", np.zeros(0, np.float32), 16000)
     soundfile.write(tmp_path / "train" / "long.wav", harmonic_tone(150, 3.0), 16000)
-    rows["train"] += ["stereo48k.wav,a stereo file", "nan.wav,nan samples", "silent_text.wav,", "notaudio.wav,text",
-                      "empty.wav,nothing", "missing.wav,no such file", "long.wav,longer than max seconds"]
+    rows["train"] += ["stereo48k.wav,a stereo file", "nan.wav,nan samples", "silent_text.wav,", "silent.wav,no sound",
+                      "notaudio.wav,text", "empty.wav,nothing", "missing.wav,no such file", "long.wav,too long"]
     for split, lines in rows.items():
         (tmp_path / split / "metadata.csv").write_text("file_name,transcription\n" + "\n".join(lines) + "\n")
     args = echo.parse_args(["--dataset", str(tmp_path), "--cache_dir", str(tmp_path / "cache"), "--num_proc", "1",
@@ -376,9 +399,9 @@ def test_local_folder_like_hub_and_bad_files_are_skipped(tmp_path):
     data, skipped = echo.load_splits(args)
     assert {k: len(v) for k, v in data.items()} == {"train": 4, "validation": 3, "test": 3}
     assert data["train"][0]["text"] == "hello world number 0"
-    assert len(skipped) == 6 and all(str(tmp_path) in s for s in skipped)
+    assert len(skipped) == 7 and all(str(tmp_path) in s for s in skipped)
     problems = " ".join(skipped)
-    for word in ("NaN", "empty transcript", "cannot read", "zero samples", "longer than --max_seconds"):
+    for word in ("NaN", "empty transcript", "silent audio", "cannot read", "zero samples", "longer than --max_seconds"):
         assert word in problems
 
 
@@ -613,14 +636,14 @@ def test_batched_utterances_with_different_pitch_match_each_alone():
 def test_every_pitch_flag_changes_the_output():
     batch = fake_batch()
     batch["voiced"][:, 40:60] = False
-    base = tiny_model().encode(batch)[0]
+    base = tiny_model().encoder(batch)[0]
     for flag in ("f0_theta", "radii", "pitch_bias", "zero_value", "rope_freqs"):
         kw = dict(f0_theta=True) | ({flag: "mel"} if flag == "rope_freqs" else {flag: True})
         model = tiny_model(**kw)
         if flag == "zero_value":  # initialised at 0: give it the value training would
             with torch.no_grad():
                 model.encoder.pitch.zero_value.fill_(-1.0)
-        reference = base if flag == "f0_theta" else tiny_model(f0_theta=True).encode(batch)[0]
+        reference = base if flag == "f0_theta" else tiny_model(f0_theta=True).encoder(batch)[0]
         assert (model.encoder(batch)[0] - reference).abs().max() > 1e-4, flag
 
 
@@ -684,6 +707,42 @@ def test_each_stream_changes_the_output_and_c_gate_weights_are_in_unit_interval(
             assert weights is None and model.encoder.streams.c_gate is None
     values = list(outputs.values())
     assert all((a - b).abs().max() > 1e-4 for i, a in enumerate(values) for b in values[i + 1:])
+
+
+@pytest.mark.parametrize("gate", ["none", "mlp", "t", "m"])
+def test_bf16_autocast_trains_and_decodes_with_float32_where_it_matters(gate, monkeypatch):
+    """The CUDA bf16 path, run on this CPU under torch.autocast("cpu", bfloat16) with every pitch flag, all three
+    streams and each gate: finite float32 losses over a few optimizer steps, a KV-cache beam search, and the rotary
+    and RMSNorm computed in float32 (equal to their float32 results rounded to bf16)."""
+    rotary, norm, calls = echo.apply_rotary, echo.RMSNorm.forward, []
+
+    def float32_rotary(x, table):
+        out = rotary(x, table)
+        assert out.dtype == x.dtype and torch.equal(out, rotary(x.float(), table).to(x.dtype))
+        calls.append(x.dtype)
+        return out
+
+    def float32_norm(self, x):
+        out = norm(self, x)
+        assert out.dtype == x.dtype and torch.equal(out, norm(self, x.float()).to(x.dtype))
+        return out
+    monkeypatch.setattr(echo, "apply_rotary", float32_rotary)
+    monkeypatch.setattr(echo.RMSNorm, "forward", float32_norm)
+    model = tiny_model(gate=gate, streams="spectrogram,pitch,waveform", **ALL_PITCH).train()
+    batch = with_wave(fake_batch())
+    batch["voiced"][:, 40:60] = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, ce, ctc = model(batch)
+        assert loss.dtype == ce.dtype == ctc.dtype == torch.float32 and torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.bfloat16 in calls  # the projections ran in bf16, so the rotary saw bf16 inputs
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hyps = echo.decode(model, batch, ctc_weight=0.3, beam=3)
+    assert len(hyps) == 2 and all(len(h) <= cap for h, cap in zip(hyps, echo.max_tokens_for(batch["frames"]).tolist()))
 
 
 @pytest.mark.parametrize("gate", ["t", "m"])
@@ -842,6 +901,9 @@ def test_transcribe_reports_each_bad_file_in_one_line_and_goes_on(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert [line.split("\t")[0] for line in out.stdout.splitlines()] == [p for p, ok in files.items() if ok]
+    for name in ("silent.wav", "noise.wav"):
+        assert f"{tmp_path / name}\t" in out.stdout.splitlines()
+    assert "silent" not in out.stderr
     errors = out.stderr.strip().splitlines()
     assert len(errors) == sum(not ok for ok in files.values())
     assert all(any(p in e for e in errors) for p, ok in files.items() if not ok)
@@ -1028,6 +1090,21 @@ def test_nonfinite_loss_skips_the_step_and_training_goes_on(tiny_corpus, tmp_pat
     assert results["skipped_nonfinite_steps"] == 1
     ckpt = echo.load_checkpoint(tmp_path / "runs" / "nan" / "ckpt.pt")
     assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_decodes(tiny_corpus, tmp_path):
+    """--compile (torch.compile, dynamic shapes) on the CPU: the same losses as eager to 1e-4 relative, step by step
+    (float rounding may differ, nothing else), and the compiled run decodes its test splits."""
+    cache, _ = tiny_corpus
+    flags = ("--max_steps", "4", "--eval_every", "4", "--eval_utts", "1", "--beam", "2", "--radii", "--pitch_bias")
+    results = {name: echo.train(train_args(cache, tmp_path, "--name", name, *flags, *extra))
+               for name, extra in (("eager", ()), ("compiled", ("--compile",)))}
+    eager, compiled = losses(tmp_path / "runs" / "eager"), losses(tmp_path / "runs" / "compiled")
+    assert sorted(compiled) == [1, 2, 3, 4]
+    for step, value in eager.items():
+        assert abs(compiled[step] - value) <= 1e-4 * abs(value), step
+    assert 0 <= results["compiled"]["test"]["cer"] and results["compiled"]["test_unseen"]["utterances"] > 0
 
 
 def test_same_seed_gives_identical_first_20_losses(tiny_corpus, tmp_path):
