@@ -181,7 +181,7 @@ def parse_args(argv=None):
 def pick_device(name):
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
-# ---- data: text, the embedded corpus, audio and features (log-mel and f0, aligned 1:1)
+# ---- data: text, embedded corpus, audio and features (log-mel and f0, aligned 1:1)
 class BadInput(Exception):
     """An utterance that cannot be used; the message names the problem (callers add the file)."""
 def normalize_text(text):
@@ -473,7 +473,7 @@ def featurize(waves, keep_wave=False, device=torch.device("cpu")):
                        | ({"wave": wave.half().numpy()} if keep_wave else {}))
     return out
 
-# ---- data: loading (every source through Hugging Face datasets, features cached by .map), batches, augmentation
+# ---- data: loading, batches and augmentation (every source through Hugging Face datasets, cached by .map)
 FEATURES = {"mel": datasets.Array2D((None, N_MELS), "float16"), "f0": datasets.Sequence(datasets.Value("float32")),
             "voiced": datasets.Sequence(datasets.Value("bool")), "wave": datasets.Sequence(datasets.Value("float16")),
             "text": datasets.Value("string"), "n_frames": datasets.Value("int32"), "error": datasets.Value("string")}
