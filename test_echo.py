@@ -893,6 +893,16 @@ def test_transcribe_cli_prints_contract_format(tmp_path):
     assert len(errors) == 1 and str(bad) in errors[0] and "Traceback" not in out.stderr
 
 
+def test_silent_and_unvoiced_audio_transcribe_to_an_empty_line_and_succeed(tmp_path):
+    save_tiny_checkpoint(tmp_path / "ckpt.pt")
+    silent, noise = tmp_path / "silent.wav", tmp_path / "noise.flac"
+    soundfile.write(silent, np.zeros(24000, np.float32), 16000)
+    soundfile.write(noise, (0.2 * np.random.default_rng(1).standard_normal(20000)).astype(np.float32), 16000)
+    out = subprocess.run([*ECHO, "--transcribe", str(silent), str(noise), "--ckpt", str(tmp_path / "ckpt.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stderr == "" and out.stdout == f"{silent}\t\n{noise}\t\n"
+
+
 def test_transcribe_reports_each_bad_file_in_one_line_and_goes_on(tmp_path):
     # untrained, so it decodes to the length cap: attention-only keeps that quick
     save_tiny_checkpoint(tmp_path / "ckpt.pt", decode_ctc_weight=0.0)
