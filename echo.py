@@ -50,7 +50,7 @@ MAX_CHARS_PER_SECOND = 30  # decoding length cap (speech rarely exceeds 20 chara
 SOURCE = Path(__file__).read_bytes()  # the exact code this process runs: saved with every run and checkpoint
 CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
 
-ABLATIONS = {
+ABLATIONS = {  # --ablate: each configuration is a set of flag overrides
     "pitch": {"baseline": dict(f0_theta=False), "f0_theta": dict(f0_theta=True),
               "+radii": dict(f0_theta=True, radii=True), "+pitch_bias": dict(f0_theta=True, pitch_bias=True),
               "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)},
