@@ -146,7 +146,7 @@ def build_parser():
     a("--diag_every", type=int, default=100, help="steps between per-block diagnostic scalars (0 = off)")
     a("--diagnose", nargs=2, metavar=("CKPT", "AUDIO"), help="write diagnostic figures to runs/<name>/ and exit")
     a("--transcribe", nargs="+", metavar="AUDIO", help="print '<path>\\t<transcript>' for each file and exit")
-    a("--ckpt", default=None, help="checkpoint for --transcribe")
+    a("--ckpt", default=None, help="checkpoint for --transcribe (and --bench's decoding rows)")
     return p
 
 def parse_args(argv=None):
@@ -173,7 +173,8 @@ def parse_args(argv=None):
     if args.dataset != "embedded" and os.path.isdir(args.dataset) and not list(Path(args.dataset).rglob("metadata.csv")):
         p.error(f"--dataset {args.dataset}: folder has no metadata.csv (file_name,transcription)")
     args.name = args.name or time.strftime("%Y%m%d-%H%M%S")
-    if not (args.resume or args.transcribe or args.bench or args.ablate) and (Path(args.runs_dir) / args.name).exists():
+    if not (args.resume or args.transcribe or args.bench or args.ablate or args.diagnose) and (
+            Path(args.runs_dir) / args.name).exists():
         p.error(f"{Path(args.runs_dir) / args.name} exists: add --resume to continue that run, or pick another --name")
     args.lr = args.lr or {"adamw": 3e-3, "maxfactor": 1e-2}[args.optimizer]
     return args
@@ -351,7 +352,7 @@ def synthesize_chunk(job):
         soundfile.write(os.path.join(root, item["file_name"]), wave, SAMPLE_RATE, subtype="PCM_16")
 
 def build_corpus(cache_dir, size, seed, num_proc=2):
-    """Synthesise the embedded corpus once into cache_dir/corpus-<size>-<seed>/<split>/ (audio + metadata.csv)."""
+    """Synthesise the embedded corpus once into cache_dir/corpus-v<version>-<size>-<seed>/<split>/ (audio, metadata.csv)."""
     root = os.path.join(cache_dir, f"corpus-v{CORPUS_VERSION}-{size}-{seed}")
     if os.path.exists(os.path.join(root, "done")):
         return root
@@ -542,7 +543,8 @@ def raw_splits(args, hf_cache):
 def feature_code_hash():
     """The feature code's own source and constants: part of each split's cache key, so that editing them recomputes
     the features (datasets' fingerprint of the map function does not follow the functions it calls)."""
-    code = [inspect.getsource(f) for f in (decode_audio, mel_filterbank, log_mel, yin_f0, featurize, _featurize_examples)]
+    functions = (normalize_text, decode_audio, mel_filterbank, log_mel, yin_f0, featurize, _featurize_examples)
+    code = [inspect.getsource(f) for f in functions]
     constants = (SAMPLE_RATE, HOP, N_MELS, F0_MIN, F0_MAX, YIN_DIP, YIN_VOICED, SILENCE_DB, SILENCE_PEAK, SPIKE_OCTAVES,
                  MIN_RUN)
     return hashlib.sha256(repr((code, constants)).encode()).hexdigest()[:16]
@@ -1436,8 +1438,8 @@ def training_data(args, rank, world, ckpt):
     if rank == 0 and world > 1:
         torch.distributed.barrier()
     if args.streaming:  # the stream is not read ahead: letters, apostrophe, space and the held-out text's characters
-        chars = ckpt["tokenizer"] if ckpt else string.ascii_lowercase + "' " + "".join(data["validation"]["text"])
-        tokenizer = Tokenizer(chars)
+        tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else string.ascii_lowercase + "' " + "".join(
+            data["validation"]["text"]))
         return data, split_dataset_by_node(data["train"], rank, world), tokenizer, skipped
     tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else "".join(data["train"]["text"]))
     usable = [i for i, t in enumerate(data["train"]["text"]) if set(t) <= set(tokenizer.chars)]
@@ -1556,7 +1558,7 @@ def train(args):
     writer = open_run(run_dir, config, env, model, train_set, tokenizer, skipped, step) if rank == 0 else None
     batches = training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index, device)
     stats = {"start": time.time(), "audio_seconds": 0.0, "nonfinite_steps": 0, "skipped_in_stream": 0}
-    progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True,
+    progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout,
                     disable=rank > 0 or not sys.stdout.isatty())  # without a terminal, log_step prints lines
     with deferred_signals() as stop:
         for step in range(step + 1, args.max_steps + 1):  # step: the number of this optimizer step, from 1
@@ -1621,7 +1623,7 @@ def ablation_run(run):
     if (run_dir / "config.json").exists():
         ignore = ("name", "ablate", "seeds", "resume", "transcribe", "ckpt")
         earlier = json.loads((run_dir / "config.json").read_text())["config"]
-        if any(earlier.get(k) != v for k, v in vars(run).items() if k not in ignore):
+        if any(earlier.get(k, v) != json.loads(json.dumps(v)) for k, v in vars(run).items() if k not in ignore):
             raise SystemExit(f"echo: {run_dir} holds a run with another config: pick another --name")
         if (run_dir / "results.json").exists():
             return json.loads((run_dir / "results.json").read_text())
