@@ -7,10 +7,10 @@ the method; test_echo.py proves it.
     python echo.py --transcribe a.wav --ckpt runs/<name>/ckpt.pt
 """
 import argparse, contextlib, csv, ctypes, dataclasses, functools, hashlib, inspect, io, itertools, json, math
-import multiprocessing, os, platform, random, re, signal, socket, string, subprocess, sys, threading, time, zlib
+import multiprocessing, os, platform, random, re, shutil, signal, socket, string, subprocess, sys, threading, time, zlib
 from pathlib import Path
 
-import datasets, espeakng_loader, jiwer, librosa, matplotlib, soundfile, torch, torchaudio
+import datasets, espeakng_loader, jiwer, librosa, matplotlib, soundfile, torch, torchaudio, wordfreq
 import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,8 +27,10 @@ SAMPLE_RATE = 16000  # Hz of all audio inside Echo; files at other rates are res
 HOP = 160  # 10 ms frames: frame k of the log-mel and of the f0 track is centred at k * 10 ms
 N_MELS = 80  # log-mel bins over 0-8 kHz, as Whisper
 PAD, BOS, EOS = 0, 1, 2  # special token ids; PAD doubles as the CTC blank
-SPLITS = ("train", "validation", "test", "test_unseen")  # test_unseen: voices never heard in training
-CORPUS_VERSION = 2  # bump when the corpus recipe changes, so that cached corpora are rebuilt
+SPLITS = ("train", "validation", "test", "test_unseen", "test_open")  # test_unseen: new voices; test_open: new words
+TEST_SPLITS = SPLITS[2:]  # decoded and reported at the end of every run
+ZIPF_POWER = 0.6  # the corpus draws words with p ~ frequency^0.6: Zipf-like, and flat enough that 20,000+ words occur
+OPEN_SHARE = 0.1  # share of the words below the 1,000 most frequent that only test_open's sentences use
 SILENCE_PEAK = 1e-4  # a waveform whose peak is below this (-80 dBFS) is silent
 F0_MIN, F0_MAX = 60.0, 500.0  # Hz searched by the pitch tracker; the embedded voices span about 60-330 Hz
 YIN_DIP, YIN_VOICED = 0.15, 0.5  # YIN's threshold for the period's dip, and the dip depth below which a frame is voiced
@@ -44,19 +46,21 @@ BUCKET_WINDOW = 1000  # utterances shuffled, then sorted by length together: bat
 EVAL_BATCH_FRAMES = 30000  # padded 10 ms frames per decoding batch (evaluation and --transcribe)
 SPECAUG_MASKS = (2, 27, 5, 0.05)  # ESPnet's LibriSpeech-100 SpecAugment: 2 masks <= 27 mel bins, 5 <= 5 % of the time
 SPEED_FACTORS = (0.9, 1.0, 1.1)  # Kaldi's speed perturbation factors (tempo and pitch together)
+REVERB_RT60 = (0.1, 0.5)  # s: --reverb's rooms, from a small office to a classroom
+BANDPASS_HZ = ((50, 400), (2500, 7500))  # --bandpass: ranges of the high-pass and the low-pass cut-off
 CANDIDATES = 5  # tokens each hypothesis is extended by per decoding step, before the beam keeps the best
 END_MARGIN = 10.0  # beam search drops an utterance's live hypotheses this far below its best ended one
 MAX_CHARS_PER_SECOND = 30  # decoding length cap (speech rarely exceeds 20 characters per second), plus 10
 SOURCE = Path(__file__).read_bytes()  # the exact code this process runs: saved with every run and checkpoint
 CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
 
+AUGMENT_ON = dict(specaug=True, speed_perturb=True, noise_snr=(10.0, 30.0), reverb=True, bandpass=True)
+AUGMENT_OFF = {name: None if name == "noise_snr" else False for name in AUGMENT_ON}
 ABLATIONS = {  # --ablate: each configuration is a set of flag overrides
     "pitch": {"baseline": dict(f0_theta=False), "f0_theta": dict(f0_theta=True),
               "+radii": dict(f0_theta=True, radii=True), "+pitch_bias": dict(f0_theta=True, pitch_bias=True),
               "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)},
-    "augment": {"none": dict(specaug=False, speed_perturb=False), "specaug": dict(specaug=True, speed_perturb=False),
-                "speed_perturb": dict(specaug=False, speed_perturb=True),
-                "specaug+speed_perturb": dict(specaug=True, speed_perturb=True)}}
+    "augment": {"none": AUGMENT_OFF} | {name: AUGMENT_OFF | {name: on} for name, on in AUGMENT_ON.items()}}
 
 def streams_flag(value):
     names = value.split(",")
@@ -112,7 +116,7 @@ def build_parser():
     a("--dataset_config", default=None, help="hub dataset config, e.g. clean (LibriSpeech) or en_us (FLEURS)")
     a("--splits", default="train,validation,test", help="train,validation,test split names of the dataset")
     a("--cache_dir", default=os.path.expanduser("~/.cache/echo"), help="corpus and feature cache")
-    a("--corpus_size", type=int, default=4000, help="embedded corpus utterances, test_unseen's 5 %% not included")
+    a("--corpus_size", type=int, default=8000, help="embedded corpus utterances, test_unseen's and test_open's 5 %% not included")
     a("--corpus_seed", type=int, default=0, help="seed of the embedded corpus (and of a flat folder's split)")
     a("--max_seconds", type=float, default=30.0, help="longer training audio is skipped, longer --transcribe audio cut")
     a("--streaming", action="store_true", help="read the train split as a stream, featurised on the fly by --workers")
@@ -120,6 +124,8 @@ def build_parser():
     a("--specaug", action="store_true", help="SpecAugment: 2 frequency masks <= 27 bins, 5 time masks <= 5 %% each")
     a("--speed_perturb", action="store_true", help="resample each utterance by 0.9, 1.0 or 1.1 (tempo and pitch)")
     a("--noise_snr", type=snr_range, default=None, metavar="LOW,HIGH", help="white noise at a random SNR in dB")
+    a("--reverb", action="store_true", help="reverberation of a random synthetic room (RT60 0.1-0.5 s)")
+    a("--bandpass", action="store_true", help="random band limits: high-pass at 50-400 Hz, low-pass at 2.5-7.5 kHz")
     for f in dataclasses.fields(ModelConfig)[1:]:  # the model's flags
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         a(f"--{f.name}", default=f.default, **(kind | dict(f.metadata)))
@@ -212,126 +218,68 @@ class Tokenizer:
         """text without the characters the tokenizer cannot encode (for teacher-forced scoring of held-out text)."""
         return "".join(c for c in str(text) if c in self.index)
 
-# The embedded corpus: seeded sentences from these word classes, spoken by eSpeak NG voices.
-NOUNS = sorted(set("""apple table river mountain garden window candle basket bottle bridge castle cloud desert doctor
-dragon engine farmer feather forest friend guitar hammer harbor helmet island jacket kettle kitchen ladder lantern
-letter library lion meadow mirror monkey needle ocean orange painter pencil pepper pillow pilot planet pocket potato
-puzzle rabbit rocket saddle sailor school shadow shepherd silver singer soldier spider station stone storm student
-sugar summer sunset teacher temple tiger tower traveler tunnel turtle valley village violin wagon wallet winter wizard
-wolf yard anchor arrow autumn badge balloon banana barrel beach bell bench berry blanket boat book boot bowl box bread
-brick brother brush bucket butter button cabin cable cake camel camera canvas captain carpet carrot cart cat cellar
-chain chair cheese cherry chicken child chimney circle city clock coat coffee coin collar comet compass cook copper
-corner cottage cotton cousin cow crab crown cup curtain cushion daisy dancer daughter deer diamond dinner dog doll
-dolphin donkey door dove drum duck eagle earth elephant elbow emerald fabric falcon fence field finger fire fish flag
-flame flower flute fog fountain fox frog fruit galaxy gate giant ginger glass glove goat gold goose grape grass hat
-hawk heart hedge hill honey horse hotel house iron ivory jar jewel journal judge jungle key king kite knife knight lake
-lamp leaf lemon lily lizard lock machine magnet map marble market meal melon merchant metal minute moon morning moth
-mouse museum nest net night noodle north nurse oak olive onion owl palace panda paper parrot peach pearl pebble piano
-picture pig pine pirate plate pond poet pony prince princess pumpkin queen quilt radio rain raven ribbon ring road
-robin robot roof rope rose ruby sand scarf sea seed sheep shell ship shoe shovel sister sky snake snow sock sofa song
-spoon spring squirrel star statue stove stream street sun swan sword tea tent thread throne thunder ticket toad tomato
-tooth torch town toy train tree truck trumpet tulip umbrella uncle vase vessel wall water wave whale wheel whistle wind
-wing wire zebra acorn almond alley attic avenue bakery ballet bamboo banner barn beacon beetle bicycle biscuit blossom
-bonnet bracelet branch breeze buffalo bundle cactus canal canyon carnival cathedral cave chapel chess circus cliff
-cobbler comb crystal cupboard dagger dentist diary dune factory feast ferry fiddle flagpole forge fossil furnace
-gallery garage glacier goblet gravel grocer gull hammock harp hazel hermit hive horizon iceberg igloo inkwell jasmine
-jelly kayak kennel lagoon lamb lighthouse locket lobster mailbox mango maple mask mast meteor mill minnow mitten moat
-mole mustard napkin oasis orchard otter oyster paddle pancake parcel pasture pavement pelican penguin pepperoni
-pheasant pickle pier pigeon pitcher plum porch postcard pottery puddle pudding quarry raft ranch reef rhubarb riddle
-saucer scroll shrine sleigh slipper snail spinach sponge stable stairway stool sunflower swamp tapestry teapot thimble
-tractor trolley trophy trunk turnip vault velvet vine volcano walnut wardrobe waterfall weasel wheat willow workshop
-yacht""".split()))
-ADJECTIVES = sorted(set("""bright quiet ancient gentle clever brave tiny huge golden silent heavy narrow distant eager
-fierce frozen hollow humble lazy lucky mighty noble polite proud rapid rusty shiny simple smooth sleepy sturdy sudden
-sweet tender tidy timid wild wise wooden young angry bitter blue bold broken busy calm careful cheerful chilly clean
-cold crooked curious damp dark deep dusty early empty famous fancy fast fat fresh friendly funny fuzzy giant glad good
-grand gray green happy hard hidden high honest hot hungry icy jolly kind large late light little lonely long loud
-lovely low mad magic merry modern muddy narrow neat new nice odd old orange pale perfect pink plain pleasant poor
-pretty purple rare red rich ripe rough round royal sad safe salty scary secret sharp short shy silly slow small soft
-sour spicy square steep sticky strange strong sunny tall tame thick thin tired tough ugly warm weak wet white windy
-yellow zealous amber brisk candid dainty dreary elegant faint feeble fragile frantic gloomy graceful grumpy handsome
-harsh hasty hearty jagged keen lavish lively marvelous massive meek mellow misty nimble peaceful plump quaint radiant
-restless rugged scarlet serene shabby sleek slender snug solemn sparkling splendid spotted stern stormy swift tangled
-thorny tranquil vivid wandering weary wicked witty wobbly""".split()))
-VERBS = sorted(set("""found carried painted opened closed watched followed lifted pushed pulled cleaned fixed borrowed
-chased visited washed dropped kicked grabbed touched packed wrapped counted filled emptied measured planted picked
-cooked baked boiled tasted sold bought built broke caught chose drew drove fed forgot hid held kept knew left lost made
-met noticed ordered owned passed praised protected raised reached repaired returned saved searched shared showed signed
-stole studied taught tested threw tied traded trusted turned used wanted warned wore admired answered approved attacked
-awarded balanced blessed boxed brushed buried called carved chased cheered collected copied covered crossed crushed
-decorated delivered described destroyed discovered dragged dried earned entered explored fetched folded gathered
-greeted guarded guided hugged hunted ignored imagined invited joined judged labeled launched liked loaded locked loved
-marked mended missed moved named nursed obeyed observed offered painted parked placed played polished poured printed
-promised punished questioned rescued rolled rushed sailed scattered scratched sewed shook signaled sketched smelled
-spotted squeezed stacked stirred stopped stretched stuffed supported surprised swapped tamed thanked tickled towed
-trained trapped troubled unlocked unpacked visited waved weighed welcomed whipped wiped worried wrecked examined
-abandoned adopted announced arranged borrowed captured celebrated chopped climbed compared concealed crafted defended
-drained escorted feared flattened framed glued hammered harvested heated hoisted inspected juggled knitted lowered
-melted nailed peeled pinched plucked pressed quilted rattled recorded released rinsed sanded scrubbed sharpened
-shoveled shuffled spilled sprinkled steered strained swallowed tapped tossed traced trimmed twisted unfolded varnished
-wrestled""".split()))
-ADVERBS = sorted(set("""quickly slowly quietly loudly gently carefully happily sadly bravely calmly eagerly easily
-fiercely gladly honestly kindly lazily neatly politely proudly rarely safely silently softly sternly swiftly warmly
-wisely yesterday today tonight again early later nearly often always never seldom suddenly boldly briskly cheerfully
-clumsily curiously gracefully hastily loosely merrily nervously patiently promptly quaintly rapidly roughly shyly
-smoothly solemnly tenderly tightly urgently vaguely wildly""".split()))
-NAMES = sorted(set("""alice bob carol david emma frank grace henry irene jack karen leo maria nathan olivia peter quinn
-rachel sam tina victor wendy xavier yusuf zoe aaron bella chloe daniel ethan fiona george hannah isaac julia kevin
-laura martin nina oscar paula ruby simon thomas ursula vera walter""".split()))
-PREPOSITIONS = "near behind under above beside inside outside across beyond toward past around below".split()
-DETERMINERS = "the a every some one my our their this that his her".split()
+# The embedded corpus: real English words at their real frequencies, spoken by every English voice of eSpeak NG.
+ESPEAK_DATA = Path(espeakng_loader.get_data_path())
+ACCENTS = sorted(p.name.lower() for p in (ESPEAK_DATA / "lang" / "gmw").glob("en*"))  # eSpeak NG 1.52: 9 accents
+VARIANTS = sorted(p.name for p in (ESPEAK_DATA / "voices" / "!v").iterdir())  # eSpeak NG 1.52: 104 voice variants
+DROPPED_VARIANTS = ()  # variants that make speech unintelligible: none (README, Data)
+UNSEEN_ACCENTS = ("en-029", "en-us-nyc")  # test_unseen speaks only these, with these variants, in these bands
+UNSEEN_VARIANTS = ("Annie", "Denis", "Lee", "aunty", "f5", "grandpa", "iven2", "klatt3", "m7", "robosoft3", "steph2",
+                   "travis")
+SETTINGS = {"pitch": (10, 90), "range": (5, 95), "rate": (90, 210)}  # eSpeak's parameters (rate: wpm), uniform
+UNSEEN_SETTINGS = {"pitch": ((2, 9), (91, 98)), "range": ((5, 95),), "rate": ((80, 89), (211, 230))}
 
-def make_sentence(rng):
-    """One sentence from a small grammar (5-10 words); every template ends in a noun phrase."""
-    def noun_phrase():
-        det = rng.choice(DETERMINERS)
-        phrase = [rng.choice(ADJECTIVES), rng.choice(NOUNS)] if rng.random() < 0.6 else [rng.choice(NOUNS)]
-        if det == "a" and phrase[0][0] in "aeiou":
-            det = "an"
-        return [det] + phrase
-    subject = [rng.choice(NAMES)] if rng.random() < 0.4 else noun_phrase()
-    sentence = subject + [rng.choice(VERBS)] + noun_phrase()
-    tail = rng.random()
-    if tail < 0.35:
-        sentence += [rng.choice(PREPOSITIONS)] + noun_phrase()
-    elif tail < 0.6:
-        sentence += [rng.choice(ADVERBS)]
-    return " ".join(sentence)
-
-SEEN_ACCENTS = ["en-us", "en", "en-gb-x-rp", "en-gb-scotland", "en-gb-x-gbclan"]
-SEEN_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4", "klatt", "klatt2"]
-UNSEEN_ACCENTS, UNSEEN_VARIANTS = ["en-029", "en-us-nyc"], ["m7", "f5", "klatt3"]  # test_unseen's, never in training
+@functools.cache
+def english_words():
+    """wordfreq's 50,000 most frequent English words that are a-z with at most one apostrophe and hold a vowel
+    (eSpeak spells 'msm' letter by letter), most frequent first, and their frequencies."""
+    words = [w for w in wordfreq.top_n_list("en", 50000) if re.fullmatch(r"[a-z]+('[a-z]+)?", w) and re.search("[aeiouy]", w)]
+    return words, [wordfreq.word_frequency(w, "en") for w in words]
 
 def corpus_plan(size, seed):
-    """Deterministic list of utterances: split, text and voice settings. Sentences never repeat."""
+    """Deterministic list of utterances: split, text and voice settings. Sentences are 4-12 words drawn with
+    probability ~ frequency^ZIPF_POWER and are never in two splits. OPEN_SHARE of the words outside the 1,000 most
+    frequent occur only in test_open, whose sentences are at least half such words. Only test_unseen has the UNSEEN
+    accents, variants and pitch and rate bands."""
     rng, held_out = random.Random(seed), max(2, size // 20)
-    counts = {"train": size - 2 * held_out, "validation": held_out, "test": held_out, "test_unseen": held_out}
+    words, freqs = english_words()
+    open_words = set(rng.sample(words[1000:], int(OPEN_SHARE * len(words[1000:]))))
+    pools = {is_open: ([w for w in words if (w in open_words) == is_open],
+                       list(itertools.accumulate(f ** ZIPF_POWER for w, f in zip(words, freqs) if (w in open_words) == is_open)))
+             for is_open in (False, True)}
+    draw = lambda is_open, k: rng.choices(pools[is_open][0], cum_weights=pools[is_open][1], k=k)
+    def sentence(split):
+        n = rng.randint(4, 12)
+        n_open = rng.randint((n + 1) // 2, n) if split == "test_open" else 0
+        tokens = draw(True, n_open) + draw(False, n - n_open)
+        rng.shuffle(tokens)
+        return " ".join(tokens)
+    accents = {False: [a for a in ACCENTS if a not in UNSEEN_ACCENTS], True: UNSEEN_ACCENTS}
+    variants = {False: [v for v in VARIANTS if v not in UNSEEN_VARIANTS + DROPPED_VARIANTS], True: UNSEEN_VARIANTS}
+    bands = {False: {k: (band,) for k, band in SETTINGS.items()}, True: UNSEEN_SETTINGS}
+    counts = {"train": size - 2 * held_out} | {split: held_out for split in SPLITS[1:]}
     seen, plan = set(), []
     for split in SPLITS:
+        unseen = split == "test_unseen"
         for i in range(counts[split]):
-            text = make_sentence(rng)
+            text = sentence(split)
             while text in seen:
-                text = make_sentence(rng)
+                text = sentence(split)
             seen.add(text)
-            if split == "test_unseen":
-                voice = f"{rng.choice(UNSEEN_ACCENTS)}+{rng.choice(UNSEEN_VARIANTS)}"
-                pitch = rng.choice([rng.randint(5, 15), rng.randint(85, 95)])
-                rate = rng.choice([rng.randint(110, 125), rng.randint(220, 240)])
-            else:
-                voice = f"{rng.choice(SEEN_ACCENTS)}+{rng.choice(SEEN_VARIANTS)}"
-                pitch, rate = rng.randint(20, 80), rng.randint(130, 210)
-            plan.append(dict(split=split, file_name=f"{split}/{i:05d}.flac", transcription=text, voice=voice,
-                             pitch=pitch, range=rng.randint(20, 80), rate=rate))
+            voice = f"{rng.choice(accents[unseen])}+{rng.choice(variants[unseen])}"
+            settings = {key: rng.randint(*rng.choice(choices)) for key, choices in bands[unseen].items()}
+            plan.append(dict(split=split, file_name=f"{split}/{i:05d}.flac", transcription=text, voice=voice, **settings))
     return plan
 
 def synthesize_chunk(job):
     """Speak a list of utterances in a fresh process: eSpeak's jitter state is deterministic only from
-    process start, so each chunk is always spoken by a new process in the same order."""
+    process start, so each chunk is always spoken by a new process in the same order. Returns the utterances that
+    eSpeak refused or left silent, as (file_name, voice)."""
     root, items = job
     torch.set_num_threads(1)  # one process per core
     lib = ctypes.CDLL(espeakng_loader.get_library_path())
-    native_rate = lib.espeak_Initialize(0x02, 0, espeakng_loader.get_data_path().encode(), 0)  # synchronous
-    chunks = []
+    native_rate = lib.espeak_Initialize(0x02, 0, str(ESPEAK_DATA).encode(), 0)  # synchronous
+    chunks, failed = [], []
     callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)(
         lambda wav, n, events: chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy()) or 0 if n > 0 else 0)
     lib.espeak_SetSynthCallback(callback)
@@ -341,35 +289,60 @@ def synthesize_chunk(job):
         chunks.clear()
         lib.espeak_ng_SetRandSeed(ctypes.c_long(number))  # breathy voices draw noise from both generators
         libc.srand(number)
-        if lib.espeak_SetVoiceByName(item["voice"].encode()) != 0:
-            raise RuntimeError(f"eSpeak NG has no voice {item['voice']}")
-        for parameter, key in ((1, "rate"), (3, "pitch"), (4, "range")):
-            lib.espeak_SetParameter(parameter, item[key], 0)
-        text = item["transcription"].encode()
-        lib.espeak_Synth(text, len(text) + 1, 0, 1, 0, 1, None, None)  # POS_CHARACTER, espeakCHARS_UTF8
-        lib.espeak_Synchronize()
-        wave = resample(torch.from_numpy(np.concatenate(chunks).astype(np.float32) / 32768)).numpy()
-        soundfile.write(os.path.join(root, item["file_name"]), wave, SAMPLE_RATE, subtype="PCM_16")
+        if lib.espeak_SetVoiceByName(item["voice"].encode()) == 0:
+            for parameter, key in ((1, "rate"), (3, "pitch"), (4, "range")):
+                lib.espeak_SetParameter(parameter, item[key], 0)
+            text = item["transcription"].encode()
+            lib.espeak_Synth(text, len(text) + 1, 0, 1, 0, 1, None, None)  # POS_CHARACTER, espeakCHARS_UTF8
+            lib.espeak_Synchronize()
+        wave = np.concatenate(chunks or [np.zeros(0, np.int16)]).astype(np.float32) / 32768
+        if np.abs(wave).max(initial=0) < SILENCE_PEAK:
+            failed.append((item["file_name"], item["voice"]))
+            continue
+        soundfile.write(os.path.join(root, item["file_name"]), resample(torch.from_numpy(wave)).numpy(), SAMPLE_RATE,
+                        subtype="PCM_16")
+    return failed
 
 def build_corpus(cache_dir, size, seed, num_proc=2):
-    """Synthesise the embedded corpus once into cache_dir/corpus-v<version>-<size>-<seed>/<split>/ (audio, metadata.csv)."""
-    root = os.path.join(cache_dir, f"corpus-v{CORPUS_VERSION}-{size}-{seed}")
-    if os.path.exists(os.path.join(root, "done")):
-        return root
-    plan, t0 = corpus_plan(size, seed), time.time()
+    """Synthesise the embedded corpus once into cache_dir/corpus-<size>-<seed>-<recipe>/<split>/ (audio, metadata.csv);
+    <recipe> hashes the plan and the synthesis code, so that changing either builds a new corpus. It is built in a
+    '.partial' folder, renamed when complete, and its 'done' file holds every file's CRC: a cache that is incomplete
+    or damaged is rebuilt, never reused. A voice that eSpeak refuses or that stays silent is skipped with a warning."""
+    plan = corpus_plan(size, seed)
+    recipe = hashlib.sha256(json.dumps([plan, inspect.getsource(synthesize_chunk)]).encode()).hexdigest()[:8]
+    root = Path(cache_dir, f"corpus-{size}-{seed}-{recipe}")
+    crc = lambda path: zlib.crc32(path.read_bytes())
+    if (root / "done").exists():
+        files = json.loads((root / "done").read_text()).get("crc32", {})
+        damaged = [f for f, c in files.items() if not (root / f).is_file() or crc(root / f) != c]
+        if files and not damaged:
+            return str(root)
+        print(f"echo: warning: {root}: damaged corpus cache ({damaged[0] if damaged else 'no checksums'}); rebuilding",
+              file=sys.stderr)
+    partial, t0 = root.with_name(root.name + ".partial"), time.time()
+    for folder in (root, partial):
+        shutil.rmtree(folder, ignore_errors=True)
     for split in SPLITS:
-        os.makedirs(os.path.join(root, split), exist_ok=True)
+        (partial / split).mkdir(parents=True)
     with multiprocessing.get_context("spawn").Pool(max(1, num_proc), maxtasksperchild=1) as pool:
-        pool.map(synthesize_chunk, [(root, plan[i:i + 1000]) for i in range(0, len(plan), 1000)], chunksize=1)
+        jobs = [(str(partial), plan[i:i + 1000]) for i in range(0, len(plan), 1000)]
+        failed = dict(itertools.chain.from_iterable(pool.map(synthesize_chunk, jobs, chunksize=1)))
+    for voice in sorted(set(failed.values())):
+        print(f"echo: warning: eSpeak NG voice {voice!r} refused or gave no audio: "
+              f"{list(failed.values()).count(voice)} utterances skipped", file=sys.stderr)
+    plan = [r for r in plan if r["file_name"] not in failed]
     for split in SPLITS:
-        with open(os.path.join(root, split, "metadata.csv"), "w", newline="") as f:
+        with open(partial / split / "metadata.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=[k for k in plan[0] if k != "split"], extrasaction="ignore")
             writer.writeheader()
             writer.writerows({**r, "file_name": os.path.basename(r["file_name"])} for r in plan if r["split"] == split)
-    size_mb = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file()) / 2**20
-    Path(root, "done").write_text(json.dumps({"seconds": round(time.time() - t0, 1), "megabytes": round(size_mb, 1)}))
+    files = {str(f.relative_to(partial)): crc(f) for f in sorted(partial.rglob("*")) if f.is_file()}
+    size_mb = sum(f.stat().st_size for f in partial.rglob("*")) / 2**20
+    (partial / "done").write_text(json.dumps({"seconds": round(time.time() - t0, 1), "megabytes": round(size_mb, 1),
+                                              "crc32": files}))
+    partial.rename(root)
     print(f"embedded corpus: {len(plan)} utterances in {time.time() - t0:.0f} s, {size_mb:.0f} MB at {root}")
-    return root
+    return str(root)
 
 def decode_audio(audio):
     """A datasets Audio(decode=False) value ({'bytes', 'path'}) or a path -> mono float32 at 16 kHz."""
@@ -564,7 +537,7 @@ def load_splits(args):
     for split, ds in raw.items():
         text_column = next(c for c in ("transcription", "text", "sentence", "raw_transcription") if c in ds.column_names)
         ds = ds.cast_column("audio", datasets.Audio(decode=False))
-        keep_wave = "waveform" in args.streams or (split == "train" and bool(args.speed_perturb or args.noise_snr))
+        keep_wave = "waveform" in args.streams or (split == "train" and audio_augmented(args))
         kwargs = {"text_column": text_column, "keep_wave": keep_wave, "max_seconds": args.max_seconds}
         features = datasets.Features({k: v for k, v in FEATURES.items() if keep_wave or k != "wave"})
         common = dict(batched=True, batch_size=16, remove_columns=ds.column_names, features=features)
@@ -627,23 +600,34 @@ def to_device(batch, device):
     """The batch's tensors on the device (its texts stay behind: torch.compile would recompile for every new one)."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
 
-def perturb_audio(items, rng, speed_perturb=False, noise_snr=None):
-    """Training audio augmentation, seeded by rng: speed perturbation (a factor of SPEED_FACTORS by resampling: tempo
-    and pitch move together) and white noise at a random SNR (dB). Items need 'wave'; a changed utterance gets its
-    log-mel and f0 recomputed from the new audio, so the f0 track moves with it."""
+def audio_augmented(args):
+    return bool(args.speed_perturb or args.noise_snr or args.reverb or args.bandpass)
+
+def perturb_audio(items, rng, args):
+    """Training audio augmentation, seeded by rng, in the order a signal meets them: speed perturbation (a factor of
+    SPEED_FACTORS by resampling: tempo and pitch move together), a room (the direct sound plus as much energy again in
+    exponentially decaying noise, RT60 drawn from REVERB_RT60), band limits (biquad high- and low-pass, cut-offs
+    drawn from BANDPASS_HZ) and white noise at a random SNR (dB). Items need 'wave'; a changed utterance gets its
+    log-mel and f0 recomputed from the new audio, so the f0 track is that of the audio the model hears."""
     changed = {}
     for i, item in enumerate(items):
-        speed = float(rng.choice(SPEED_FACTORS)) if speed_perturb else 1.0
-        snr = rng.uniform(*noise_snr) if noise_snr else None
-        if speed == 1.0 and snr is None:
-            continue
         wave = torch.from_numpy(np.asarray(item["wave"], dtype=np.float32))
+        speed = float(rng.choice(SPEED_FACTORS)) if args.speed_perturb else 1.0
         if speed != 1.0:  # read as if sampled at speed * 16 kHz, then played at 16 kHz
             wave = torchaudio.functional.resample(wave, round(100 * speed), 100)
-        if snr is not None:
+        if args.reverb:
+            rt60 = rng.uniform(*REVERB_RT60)
+            tail = torch.from_numpy(rng.standard_normal(int(rt60 * SAMPLE_RATE), dtype=np.float32))
+            tail *= 10 ** (-3 * torch.arange(len(tail)) / len(tail))  # -60 dB after rt60
+            wave = torchaudio.functional.fftconvolve(wave, F.pad(tail / tail.norm(), (1, 0), value=1.0))[:len(wave)]
+        if args.bandpass:
+            wave = torchaudio.functional.highpass_biquad(wave, SAMPLE_RATE, rng.uniform(*BANDPASS_HZ[0]))
+            wave = torchaudio.functional.lowpass_biquad(wave, SAMPLE_RATE, rng.uniform(*BANDPASS_HZ[1]))
+        if args.noise_snr:
             noise = torch.from_numpy(rng.standard_normal(len(wave), dtype=np.float32))
-            wave = wave + noise * (wave.square().mean() / 10 ** (snr / 10)).sqrt()
-        changed[i] = wave
+            wave = wave + noise * (wave.square().mean() / 10 ** (rng.uniform(*args.noise_snr) / 10)).sqrt()
+        if speed != 1.0 or args.reverb or args.bandpass or args.noise_snr:
+            changed[i] = wave
     features = dict(zip(changed, featurize(list(changed.values()), keep_wave=True)))
     return [item | features.get(i, {}) for i, item in enumerate(items)]
 
@@ -665,8 +649,8 @@ def training_batch(items, tokenizer, args, key):
     """One training micro-batch, augmented and collated. Its randomness is seeded by the run's seed and key (epoch and
     first utterance), so any DataLoader worker or torchrun rank builds the same batch."""
     rng = np.random.default_rng([args.seed, *key])
-    if args.speed_perturb or args.noise_snr:
-        items = perturb_audio(items, rng, args.speed_perturb, args.noise_snr)
+    if audio_augmented(args):
+        items = perturb_audio(items, rng, args)
     batch = collate(items, tokenizer)
     return spec_augment(batch, rng) if args.specaug else batch
 
@@ -1522,14 +1506,14 @@ def test_and_report(writer, step, model, data, tokenizer, device, args, config, 
     results = {"train_minutes": round((time.time() - stats["start"]) / 60, 2),
                "parameters": sum(p.numel() for p in model.parameters()), "skipped_nonfinite_steps": stats["nonfinite_steps"],
                "skipped_utterances": len(skipped) + stats["skipped_in_stream"]}
-    for split in ("test", "test_unseen"):
+    for split in TEST_SPLITS:
         if split in data:
             result = evaluate_and_log(writer, step, split, model, data[split], tokenizer, device, args)
             results[split] = {k: round(result[k], 4) for k in ("wer", "cer", "rtfx")} | {"utterances": result["n"]}
     if results["skipped_utterances"]:
         print(f"skipped {results['skipped_utterances']} unusable utterances in all")
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
-    writer.add_hparams(hparams, {f"hparam/{split}_{metric}": results[split][metric] for split in ("test", "test_unseen")
+    writer.add_hparams(hparams, {f"hparam/{split}_{metric}": results[split][metric] for split in TEST_SPLITS
                                  if split in results for metric in ("cer", "wer")}, run_name=".", global_step=step)
     (Path(args.runs_dir) / args.name / "results.json").write_text(json.dumps(results, indent=1))
     writer.close()
@@ -1630,25 +1614,25 @@ def ablation_run(run):
     return train(argparse.Namespace(**vars(run) | {"resume": (run_dir / "ckpt.pt").exists()}))
 
 def ablate(args):
-    """Train every configuration of ABLATIONS[args.ablate] for args.seeds seeds; decoded test and test_unseen CER/WER
-    as mean ± std in runs/<name>/ablation.md and a bar chart in ablation.png."""
+    """Train every configuration of ABLATIONS[args.ablate] for args.seeds seeds; the decoded CER/WER of every test
+    split as mean ± std in runs/<name>/ablation.md and a bar chart in ablation.png."""
     out, t0, results = Path(args.runs_dir) / args.name, time.time(), {}
     out.mkdir(parents=True, exist_ok=True)
     for label, flags in ABLATIONS[args.ablate].items():
         for seed in range(args.seeds):
             run = argparse.Namespace(**(vars(args) | flags | {"seed": seed, "name": f"{args.name}/{label}-seed{seed}"}))
             results.setdefault(label, []).append(ablation_run(run))
-    metrics = [(split, metric) for split in ("test", "test_unseen") for metric in ("cer", "wer")]
+    metrics = [(split, metric) for split in TEST_SPLITS for metric in ("cer", "wer")]
     values = {label: {m: 100 * np.array([r[m[0]][m[1]] for r in runs]) for m in metrics} for label, runs in results.items()}
-    table = ["| configuration | test CER % | test WER % | test_unseen CER % | test_unseen WER % |", "|---|---|---|---|---|"]
+    table = ["| configuration | " + " | ".join(f"{s} {m.upper()} %" for s, m in metrics) + " |", "|---" * 7 + "|"]
     table += [f"| {label} | " + " | ".join(f"{v[m].mean():.2f} ± {v[m].std():.2f}" for m in metrics) + " |"
               for label, v in values.items()]
     text = "\n".join(table) + f"\n\n{args.seeds} seeds each, mean ± std, {(time.time() - t0) / 60:.0f} min in all.\n"
     (out / "ablation.md").write_text(text)
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for k, split in enumerate(("test", "test_unseen")):
+    for k, split in enumerate(TEST_SPLITS):
         cer = [v[(split, "cer")] for v in values.values()]
-        ax.bar(np.arange(len(values)) + 0.4 * k - 0.2, [c.mean() for c in cer], 0.4, yerr=[c.std() for c in cer],
+        ax.bar(np.arange(len(values)) + 0.27 * (k - 1), [c.mean() for c in cer], 0.27, yerr=[c.std() for c in cer],
                capsize=3, label=split)
     ax.set_xticks(range(len(values)), list(values))
     ax.set(ylabel="CER % (decoded)", title=f"Echo {args.ablate} ablation, {args.seeds} seeds, mean ± std")

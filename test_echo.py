@@ -1,5 +1,6 @@
 """Tests for echo.py, grouped under the section of echo.py each one proves. Fast by default; `-m slow` selects
 the long ones (CI runs both)."""
+import argparse
 import dataclasses
 import itertools
 import json
@@ -7,10 +8,12 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -227,23 +230,83 @@ def test_corpus_plan_is_deterministic_and_split_by_sentence():
     by_split = {}
     for item in plan:
         by_split.setdefault(item["split"], set()).add(item["transcription"])
+        assert re.fullmatch(r"[a-z']+( [a-z']+){3,11}", item["transcription"]), item
+    assert set(by_split) == set(echo.SPLITS) and all(len(s) == 20 for s in list(by_split.values())[1:])
     assert sum(len(s) for s in by_split.values()) == len(plan)  # no sentence twice, so none in two splits
-    assert len(set().union(echo.NOUNS, echo.ADJECTIVES, echo.VERBS, echo.ADVERBS, echo.NAMES)) >= 1000
-    seen_voices = {p["voice"] for p in plan if p["split"] != "test_unseen"}
     unseen = [p for p in plan if p["split"] == "test_unseen"]
-    assert not seen_voices & {p["voice"] for p in unseen}
-    assert all(not 20 <= p["pitch"] <= 80 and not 130 <= p["rate"] <= 210 for p in unseen)
+    for p in plan:
+        accent, variant = p["voice"].split("+")
+        held_out = accent in echo.UNSEEN_ACCENTS, variant in echo.UNSEEN_VARIANTS, not 10 <= p["pitch"] <= 90, \
+            not 90 <= p["rate"] <= 210
+        assert all(held_out) if p in unseen else not any(held_out), p
+        assert accent in echo.ACCENTS and variant in echo.VARIANTS and 5 <= p["range"] <= 95
+
+
+def test_corpus_text_is_open_vocabulary():
+    """The default corpus: real words (>= 20,000 distinct in training, the most frequent heard most), and test_open's
+    sentences at least half words that no training sentence holds."""
+    plan = echo.corpus_plan(8000, seed=0)
+    train = Counter(w for p in plan if p["split"] == "train" for w in p["transcription"].split())
+    assert len(train) >= 20000
+    words, _ = echo.english_words()
+    assert {w for w, _ in train.most_common(5)} == set(words[:5])  # the, to, and, of, a: real frequencies
+    for split in echo.TEST_SPLITS:
+        sentences = [p["transcription"].split() for p in plan if p["split"] == split]
+        new = [sum(w not in train for w in s) / len(s) for s in sentences]
+        if split == "test_open":
+            assert min(new) >= 0.5
+        else:
+            assert np.mean(new) < 0.3, split
+
+
+def test_every_voice_speaks(tmp_path):
+    """Each accent and each voice variant the corpus uses gives audio."""
+    voices = [f"{a}+m1" for a in echo.ACCENTS] + [f"en+{v}" for v in echo.VARIANTS if v not in echo.DROPPED_VARIANTS]
+    (tmp_path / "x").mkdir()
+    items = [dict(file_name=f"x/{i}.flac", transcription="one two", voice=v, pitch=50, range=50, rate=200)
+             for i, v in enumerate(voices)]
+    assert echo.synthesize_chunk((str(tmp_path), items)) == []
+    for item in items:
+        wave, rate = soundfile.read(tmp_path / item["file_name"])
+        assert rate == echo.SAMPLE_RATE and len(wave) > 0.2 * rate and np.abs(wave).max() > 0.05, item["voice"]
 
 
 def test_corpus_audio_is_deterministic(tiny_corpus, tmp_path):
     _, root = tiny_corpus
     again = echo.build_corpus(str(tmp_path), 24, 0, num_proc=2)
     files = sorted(Path(root).rglob("*.flac"))
-    assert len(files) == 24 + 2
+    assert len(files) == 20 + 4 * 2
     for f in files:
         assert f.read_bytes() == (Path(again) / f.relative_to(root)).read_bytes(), f
     meta = (Path(root) / "train" / "metadata.csv").read_text().splitlines()
     assert meta[0] == "file_name,transcription,voice,pitch,range,rate"
+
+
+def test_damaged_corpus_cache_is_rebuilt(tiny_corpus, tmp_path, capsys):
+    _, root = tiny_corpus
+    copy = tmp_path / Path(root).name
+    shutil.copytree(root, copy)
+    victim = copy / "test" / "00001.flac"
+    original = victim.read_bytes()
+    victim.write_bytes(original[:len(original) // 2])  # a file cut short after the build
+    assert echo.build_corpus(str(tmp_path), 24, 0, num_proc=1) == str(copy)
+    assert "damaged corpus cache (test/00001.flac); rebuilding" in capsys.readouterr().err
+    assert victim.read_bytes() == original
+    (copy / "done").unlink()  # a build that never finished: its folder is not reused either
+    (copy / "train" / "00000.flac").unlink()
+    echo.build_corpus(str(tmp_path), 24, 0, num_proc=1)
+    assert (copy / "train" / "00000.flac").exists() and (copy / "done").exists()
+
+
+def test_refused_voice_is_skipped_with_a_warning(tmp_path, monkeypatch, capsys):
+    plan = echo.corpus_plan(24, 0)
+    for p in plan[:3]:
+        p["voice"] = "xx-nonexistent"
+    monkeypatch.setattr(echo, "corpus_plan", lambda size, seed: plan)
+    root = Path(echo.build_corpus(str(tmp_path), 24, 0, num_proc=1))
+    assert "eSpeak NG voice 'xx-nonexistent' refused or gave no audio: 3 utterances skipped" in capsys.readouterr().err
+    meta = (root / "train" / "metadata.csv").read_text().splitlines()
+    assert len(meta) == 1 + 20 - 3 and not (root / "train" / "00000.flac").exists()
 
 
 def test_log_mel_and_f0_are_aligned():
@@ -452,11 +515,16 @@ def test_length_batches_respect_the_frame_budget_and_cover_every_utterance():
     assert batches["shuffled"] != batches["sorted"]  # training batches come in shuffled order
 
 
+def augmentation(**on):
+    """The augmentation flags of a run with only these on."""
+    return argparse.Namespace(**echo.AUGMENT_OFF | on)
+
+
 def test_speed_perturbation_scales_f0_and_length_by_the_factor():
     item, factors = tone_item(), set()
     for seed in range(12):
         factor = float(np.random.default_rng(seed).choice((0.9, 1.0, 1.1)))  # the draw perturb_audio makes
-        (out,) = echo.perturb_audio([item], np.random.default_rng(seed), speed_perturb=True)
+        (out,) = echo.perturb_audio([item], np.random.default_rng(seed), augmentation(speed_perturb=True))
         f0 = np.median(out["f0"][out["voiced"]])
         assert abs(f0 / 150.0 - factor) < 0.02 * factor
         assert abs(len(item["mel"]) / len(out["mel"]) - factor) < 0.02
@@ -465,9 +533,39 @@ def test_speed_perturbation_scales_f0_and_length_by_the_factor():
     assert factors == {0.9, 1.0, 1.1}
 
 
+@pytest.mark.parametrize("flag", ["reverb", "bandpass", "noise_snr"])
+def test_channel_augmentations_keep_the_f0_track_of_the_audio(flag):
+    """A room, band limits or noise change the audio but not its pitch: the recomputed f0 track stays at the tone's
+    150 Hz on nearly every frame that was voiced, frame for frame with the log-mel."""
+    item = tone_item()
+    for seed in range(4):
+        (out,) = echo.perturb_audio([item], np.random.default_rng(seed), augmentation(**{flag: echo.AUGMENT_ON[flag]}))
+        assert len(out["f0"]) == len(out["voiced"]) == len(out["mel"]) == len(item["mel"])
+        assert not np.array_equal(out["wave"], item["wave"]) and not np.array_equal(out["mel"], item["mel"])
+        both = out["voiced"] & item["voiced"]
+        assert both.sum() >= 0.9 * item["voiced"].sum()
+        assert np.abs(np.log2(out["f0"][both] / 150.0)).max() < 0.03  # within half a semitone
+
+
+def test_bandpass_and_reverb_do_what_they_say():
+    wave = torch.from_numpy(np.random.default_rng(0).standard_normal(16000).astype(np.float32))
+    item = {"wave": wave.numpy(), "mel": np.zeros((101, 80)), "text": "noise"}
+    (limited,) = echo.perturb_audio([item], np.random.default_rng(0), augmentation(bandpass=True))
+    power = lambda w: np.abs(np.fft.rfft(np.asarray(w, dtype=np.float64))) ** 2  # 1 Hz per bin
+    before, after = power(wave), power(limited["wave"])
+    assert after[7500:].sum() / before[7500:].sum() < 0.5 and after[:50].sum() / before[:50].sum() < 0.5
+    assert 0.5 < after[1000:2000].sum() / before[1000:2000].sum() < 1.5  # the speech band passes
+    click = np.zeros(16000, np.float32)
+    click[1000] = 1.0
+    (room,) = echo.perturb_audio([{**item, "wave": click}], np.random.default_rng(0), augmentation(reverb=True))
+    room = np.asarray(room["wave"], dtype=np.float64)
+    assert np.all(room[:1000] == 0) and abs(room[1000] - 1.0) < 0.01  # the direct sound, on time
+    assert 0.9 < np.sum(room[1001:] ** 2) < 1.1  # then as much energy again, in the room's decaying tail
+
+
 def test_noise_is_added_at_the_requested_snr():
     item = tone_item()
-    (out,) = echo.perturb_audio([item], np.random.default_rng(0), noise_snr=(10.0, 10.0))
+    (out,) = echo.perturb_audio([item], np.random.default_rng(0), augmentation(noise_snr=(10.0, 10.0)))
     clean = np.asarray(item["wave"], dtype=np.float64)
     noise = np.asarray(out["wave"], dtype=np.float64) - clean
     assert abs(10 * np.log10(np.mean(clean ** 2) / np.mean(noise ** 2)) - 10.0) < 0.3
@@ -492,7 +590,7 @@ def test_spec_augment_masks_only_the_log_mel_inside_each_utterance():
 def test_augmented_training_is_seeded_and_changes_the_batches(tiny_corpus, tmp_path):
     cache, _ = tiny_corpus
     flags = ("--max_steps", "6", "--eval_every", "6", "--eval_utts", "1")
-    augment = ("--specaug", "--speed_perturb", "--noise_snr", "10,30")
+    augment = ("--specaug", "--speed_perturb", "--noise_snr", "10,30", "--reverb", "--bandpass")
     for name, extra in (("a", augment), ("b", augment), ("plain", ())):
         echo.train(train_args(cache, tmp_path, "--name", name, *flags, *extra))
     a, b, plain = (losses(tmp_path / "runs" / n) for n in ("a", "b", "plain"))
@@ -948,7 +1046,7 @@ def test_diagnostics_write_every_scalar_family_image_and_hparams(tiny_corpus, tm
         assert {f"grad/{block}.self/{p}" for p in "qkvo"} <= scalars
     assert {f"grad/decoder.0.cross/{p}" for p in "qkvo"} <= scalars and "grad/encoder.0.cross/q" not in scalars
     assert {"pitch/radius_alpha/head0", "pitch/bias_lambda_per_octave/head1", "pitch/zero_value_offset/head0",
-            "streams/c_gate_pitch", "train/grad_norm", "train/lr", "hparam/test_cer", "hparam/test_unseen_wer"} <= scalars
+            "streams/c_gate_pitch", "train/grad_norm", "train/lr", "hparam/test_cer", "hparam/test_unseen_wer", "hparam/test_open_cer"} <= scalars
     images = set(tb.Tags()["images"])
     assert {f"diagnostics/{t}" for t in ("pitch_vs_spectrogram", "rotary_similarity", "rope_curves", "attention")} <= images
     assert {"config", "environment", "val/samples"} <= {t.split("/text_summary")[0] for t in tb.Tags()["tensors"]}
@@ -985,7 +1083,7 @@ def test_tiny_training_run_loss_falls_and_resume_continues(tiny_corpus, tmp_path
     curve = list(losses(run_dir).values())
     assert curve[-1] < curve[0] - 0.5
     assert {"val/wer", "val/cer", "test/cer", "train/lr", "train/grad_norm"} <= set(events(run_dir).Tags()["scalars"])
-    assert "test" in results and "test_unseen" in results
+    assert set(echo.TEST_SPLITS) <= set(results)
     ckpt = echo.load_checkpoint(run_dir / "ckpt.pt")
     assert ckpt["step"] == 40 and ckpt["tokenizer"] and ckpt["code"]
     source = Path(echo.__file__)
@@ -1161,7 +1259,7 @@ def test_ablation_writes_a_mean_and_spread_table_and_a_chart(tmp_path, monkeypat
     def fake_train(run):
         seen.append((run.name, run.seed, run.f0_theta, run.radii, run.pitch_bias, run.zero_value))
         cer = 0.1 + 0.01 * run.seed + 0.05 * run.radii
-        return {split: {"cer": cer, "wer": 2 * cer} for split in ("test", "test_unseen")}
+        return {split: {"cer": cer, "wer": 2 * cer} for split in echo.TEST_SPLITS}
     monkeypatch.setattr(echo, "train", fake_train)
     args = echo.parse_args(["--runs_dir", str(tmp_path), "--name", "abl", "--seeds", "2", "--ablate"])
     echo.ablate(args)
@@ -1183,13 +1281,14 @@ def test_augment_ablation_reads_back_finished_runs_and_refuses_other_configs(tmp
         config = {k: v for k, v in vars(run).items() if k not in ("resume", "transcribe", "ckpt")}
         (run_dir / "config.json").write_text(json.dumps({"config": config}))
         cer = 0.2 if run.speed_perturb else 0.1
-        results = {split: {"cer": cer, "wer": 2 * cer} for split in ("test", "test_unseen")}
+        results = {split: {"cer": cer, "wer": 2 * cer} for split in echo.TEST_SPLITS}
         (run_dir / "results.json").write_text(json.dumps(results))
         return results
     monkeypatch.setattr(echo, "train", fake_train)
     args = echo.parse_args(["--runs_dir", str(tmp_path), "--name", "aug", "--seeds", "1", "--ablate", "augment"])
     echo.ablate(args)
-    assert trained == ["aug/none-seed0", "aug/specaug-seed0", "aug/speed_perturb-seed0", "aug/specaug+speed_perturb-seed0"]
+    assert trained == [f"aug/{label}-seed0" for label in ("none", "specaug", "speed_perturb", "noise_snr", "reverb",
+                                                          "bandpass")]
     assert "| speed_perturb | 20.00 ± 0.00 |" in (tmp_path / "aug" / "ablation.md").read_text()
     (tmp_path / "aug" / "specaug-seed0" / "results.json").unlink()  # interrupted
     trained.clear()
