@@ -131,7 +131,7 @@ def build_parser():
         a(f"--{f.name}", default=f.default, **(kind | dict(f.metadata)))
     a("--decode_ctc_weight", type=float, default=0.3, help="weight of CTC prefix scores in decoding (0 = attention only)")
     a("--beam", type=int, default=4, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
-    a("--max_steps", type=int, default=1200, help="optimizer steps")
+    a("--max_steps", type=int, default=1000, help="optimizer steps")
     a("--batch_frames", type=int, default=8000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--optimizer", choices=("adamw", "maxfactor"), default="adamw", help="AdamW or MaxFactor (factored state)")
@@ -139,7 +139,7 @@ def build_parser():
     a("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to lr/10")
     a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
-    a("--eval_every", type=int, default=300, help="steps between validation decoding and checkpoints")
+    a("--eval_every", type=int, default=250, help="steps between validation decoding and checkpoints")
     a("--eval_utts", type=int, default=100, help="validation utterances decoded at each evaluation")
     a("--log_every", type=int, default=50, help="steps between progress lines when stdout is not a terminal")
     a("--device", default="auto", help="auto, cpu or cuda")
@@ -218,7 +218,7 @@ class Tokenizer:
         """text without the characters the tokenizer cannot encode (for teacher-forced scoring of held-out text)."""
         return "".join(c for c in str(text) if c in self.index)
 
-# The embedded corpus: real English words at their real frequencies, spoken by every English voice of eSpeak NG.
+# The embedded corpus: real English words at Zipf-like frequencies, spoken by every English voice of eSpeak NG.
 ESPEAK_DATA = Path(espeakng_loader.get_data_path())
 ACCENTS = sorted(p.name.lower() for p in (ESPEAK_DATA / "lang" / "gmw").glob("en*"))  # eSpeak NG 1.52: 9 accents
 VARIANTS = sorted(p.name for p in (ESPEAK_DATA / "voices" / "!v").iterdir())  # eSpeak NG 1.52: 104 voice variants
@@ -244,9 +244,9 @@ def corpus_plan(size, seed):
     rng, held_out = random.Random(seed), max(2, size // 20)
     words, freqs = english_words()
     open_words = set(rng.sample(words[1000:], int(OPEN_SHARE * len(words[1000:]))))
-    pools = {is_open: ([w for w in words if (w in open_words) == is_open],
-                       list(itertools.accumulate(f ** ZIPF_POWER for w, f in zip(words, freqs) if (w in open_words) == is_open)))
+    pools = {is_open: [(w, f ** ZIPF_POWER) for w, f in zip(words, freqs) if (w in open_words) == is_open]
              for is_open in (False, True)}
+    pools = {k: ([w for w, _ in pool], list(itertools.accumulate(p for _, p in pool))) for k, pool in pools.items()}
     draw = lambda is_open, k: rng.choices(pools[is_open][0], cum_weights=pools[is_open][1], k=k)
     def sentence(split):
         n = rng.randint(4, 12)
