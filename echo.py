@@ -6,7 +6,7 @@ the method; test_echo.py proves it.
     python echo.py                      # build the embedded corpus, train, decode the test split
     python echo.py --transcribe a.wav --ckpt runs/<name>/ckpt.pt
 """
-import argparse, contextlib, csv, ctypes, dataclasses, functools, hashlib, inspect, io, itertools, json, math
+import argparse, collections, contextlib, csv, ctypes, dataclasses, functools, hashlib, inspect, io, itertools, json, math
 import multiprocessing, os, platform, random, re, shutil, signal, socket, string, subprocess, sys, threading, time, zlib
 from pathlib import Path
 
@@ -32,7 +32,7 @@ TEST_SPLITS = SPLITS[2:]  # decoded and reported at the end of every run
 ZIPF_POWER = 0.6  # the corpus draws words with p ~ frequency^0.6: Zipf-like, and flat enough that 20,000+ words occur
 OPEN_SHARE = 0.1  # share of the words below the 1,000 most frequent that only test_open's sentences use
 SILENCE_PEAK = 1e-4  # a waveform whose peak is below this (-80 dBFS) is silent
-F0_MIN, F0_MAX = 60.0, 500.0  # Hz searched by the pitch tracker; the embedded voices span about 60-330 Hz
+F0_MIN, F0_MAX = 60.0, 500.0  # Hz searched by the pitch tracker; the embedded voices span about 60-500 Hz
 YIN_DIP, YIN_VOICED = 0.15, 0.5  # YIN's threshold for the period's dip, and the dip depth below which a frame is voiced
 SILENCE_DB = -45.0  # frames this far below the utterance's loudest are unvoiced, whatever YIN says
 SPIKE_OCTAVES, MIN_RUN = 0.3, 3  # f0 this far from its run's 9-frame median is a spike; voiced runs are >= 30 ms
@@ -244,10 +244,9 @@ def corpus_plan(size, seed):
     rng, held_out = random.Random(seed), max(2, size // 20)
     words, freqs = english_words()
     open_words = set(rng.sample(words[1000:], int(OPEN_SHARE * len(words[1000:]))))
-    pools = {is_open: [(w, f ** ZIPF_POWER) for w, f in zip(words, freqs) if (w in open_words) == is_open]
-             for is_open in (False, True)}
-    pools = {k: ([w for w, _ in pool], list(itertools.accumulate(p for _, p in pool))) for k, pool in pools.items()}
-    draw = lambda is_open, k: rng.choices(pools[is_open][0], cum_weights=pools[is_open][1], k=k)
+    pools = {is_open: [i for i, w in enumerate(words) if (w in open_words) == is_open] for is_open in (False, True)}
+    weights = {k: list(itertools.accumulate(freqs[i] ** ZIPF_POWER for i in pool)) for k, pool in pools.items()}
+    draw = lambda is_open, k: [words[i] for i in rng.choices(pools[is_open], cum_weights=weights[is_open], k=k)]
     def sentence(split):
         n = rng.randint(4, 12)
         n_open = rng.randint((n + 1) // 2, n) if split == "test_open" else 0
@@ -327,17 +326,17 @@ def build_corpus(cache_dir, size, seed, num_proc=2):
     with multiprocessing.get_context("spawn").Pool(max(1, num_proc), maxtasksperchild=1) as pool:
         jobs = [(str(partial), plan[i:i + 1000]) for i in range(0, len(plan), 1000)]
         failed = dict(itertools.chain.from_iterable(pool.map(synthesize_chunk, jobs, chunksize=1)))
-    for voice in sorted(set(failed.values())):
-        print(f"echo: warning: eSpeak NG voice {voice!r} refused or gave no audio: "
-              f"{list(failed.values()).count(voice)} utterances skipped", file=sys.stderr)
+    for voice, count in sorted(collections.Counter(failed.values()).items()):
+        print(f"echo: warning: eSpeak NG voice {voice!r} refused or gave no audio: {count} utterances skipped",
+              file=sys.stderr)
     plan = [r for r in plan if r["file_name"] not in failed]
     for split in SPLITS:
         with open(partial / split / "metadata.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=[k for k in plan[0] if k != "split"], extrasaction="ignore")
             writer.writeheader()
             writer.writerows({**r, "file_name": os.path.basename(r["file_name"])} for r in plan if r["split"] == split)
-    files = {str(f.relative_to(partial)): crc(f) for f in sorted(partial.rglob("*")) if f.is_file()}
-    size_mb = sum(f.stat().st_size for f in partial.rglob("*")) / 2**20
+    paths = sorted(f for f in partial.rglob("*") if f.is_file())
+    files, size_mb = {str(f.relative_to(partial)): crc(f) for f in paths}, sum(f.stat().st_size for f in paths) / 2**20
     (partial / "done").write_text(json.dumps({"seconds": round(time.time() - t0, 1), "megabytes": round(size_mb, 1),
                                               "crc32": files}))
     partial.rename(root)
