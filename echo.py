@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from datasets.distributed import split_dataset_by_node
 from datasets.fingerprint import Hasher
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -42,6 +43,7 @@ RADIUS_MAX = 2.0  # variable radii stay in [1 / RADIUS_MAX, RADIUS_MAX]
 RADIUS_INIT = 0.1  # initial per-head radius strength: radii start near 1, so --radii starts as plain rotary
 PITCH_BIAS_INIT = -2.0  # initial per-head pitch-bias parameter: softplus(-2) = 0.13 logit per octave, a gentle start
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-9  # the transformer recipe (Vaswani et al.): faster-adapting second moments
+LEARNING_RATES = {"adamw": 3e-3, "maxfactor": 1e-2, "maxfactor_upstream": 1e-2, "adafactor": 1e-2}  # peak, per --optimizer
 BUCKET_WINDOW = 1000  # utterances shuffled, then sorted by length together: batches with little padding, random order
 EVAL_BATCH_FRAMES = 30000  # padded 10 ms frames per decoding batch (evaluation and --transcribe)
 SPECAUG_MASKS = (2, 27, 5, 0.05)  # ESPnet's LibriSpeech-100 SpecAugment: 2 masks <= 27 mel bins, 5 <= 5 % of the time
@@ -60,7 +62,8 @@ ABLATIONS = {  # --ablate: each configuration is a set of flag overrides
     "pitch": {"baseline": dict(f0_theta=False), "f0_theta": dict(f0_theta=True),
               "+radii": dict(f0_theta=True, radii=True), "+pitch_bias": dict(f0_theta=True, pitch_bias=True),
               "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)},
-    "augment": {"none": AUGMENT_OFF} | {name: AUGMENT_OFF | {name: on} for name, on in AUGMENT_ON.items()}}
+    "augment": {"none": AUGMENT_OFF} | {name: AUGMENT_OFF | {name: on} for name, on in AUGMENT_ON.items()},
+    "optimizer": {name: dict(optimizer=name, lr=lr) for name, lr in LEARNING_RATES.items()}}
 
 def streams_flag(value):
     names = value.split(",")
@@ -134,8 +137,9 @@ def build_parser():
     a("--max_steps", type=int, default=1000, help="optimizer steps")
     a("--batch_frames", type=int, default=8000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--optimizer", choices=("adamw", "maxfactor"), default="adamw", help="AdamW or MaxFactor (factored state)")
-    a("--lr", type=float, default=None, help="peak learning rate (default 3e-3 for AdamW, 1e-2 for MaxFactor)")
+    a("--optimizer", choices=tuple(LEARNING_RATES), default="adamw", help="AdamW, MaxFactor (Echo's or upstream's "
+      "formula) or torch.optim.Adafactor; the last three keep factored state")
+    a("--lr", type=float, default=None, help="peak learning rate (default: LEARNING_RATES[--optimizer])")
     a("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to lr/10")
     a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
@@ -182,7 +186,7 @@ def parse_args(argv=None):
     if not (args.resume or args.transcribe or args.bench or args.ablate or args.diagnose) and (
             Path(args.runs_dir) / args.name).exists():
         p.error(f"{Path(args.runs_dir) / args.name} exists: add --resume to continue that run, or pick another --name")
-    args.lr = args.lr or {"adamw": 3e-3, "maxfactor": 1e-2}[args.optimizer]
+    args.lr = args.lr or LEARNING_RATES[args.optimizer]
     return args
 
 def pick_device(name):
@@ -979,54 +983,67 @@ def build_model(config):
 
 # ---- optimizer
 class MaxFactor(torch.optim.Optimizer):
-    """Adafactor-family optimizer without momentum. Per parameter and per-parameter step t:
-    EMA weight b_t = clamp(t^-0.8, 0.001, 0.999); relative step a_t = max(eps2, RMS(theta)) * min(lr, 1/sqrt(t));
-    decoupled weight decay; second moments factored for >= 2-D tensors (a row and a column EMA of G^2, viewed as
-    rows x cols, V = R (x) C / max(R)) and plain for vectors; U = G / sqrt(V) scaled to infinity-norm 1; the step is
-    sign(U) * (row-wise max |U|) * a_t. State: O(rows + cols) per matrix, O(n) per vector."""
-    def __init__(self, params, lr=1e-2, weight_decay=0.0, eps=(1e-30, 1e-3)):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, eps=eps))
+    """MaxFactor (sine2pi/Maxfactor): Adafactor's factored second moments, no momentum, infinity-norm-scaled updates.
+    Per parameter, with its own step count t: V is an EMA of G^2 with weight b_t = clamp(t^-0.8, 0.001, 0.999),
+    factored for >= 2-D tensors (a row and a column EMA of the rows x cols view, V = R (x) C / max(R): state
+    O(rows + cols)); U = G / sqrt(V); decoupled weight decay. Then, as upstream specifies it (upstream=True):
+    vectors' V uses a fixed EMA weight 0.01; U is scaled to infinity-norm 1; a matrix steps by sign(U) * rowmax|U|,
+    a vector by U, times a_t = max(1e-4, RMS(theta)) * min(lr, 1/sqrt(t)). Echo's changes, measured in 300-step runs
+    of the default model (README, Optimizers):
+    - each row of U is scaled to infinity-norm 1 (a vector is one row): a row's largest entry moves by the full step,
+      the rest in proportion, where upstream's sign moves every entry by its row's share of the matrix's maximum;
+    - the step is the scheduled lr itself, not relative to RMS(theta) and 1/sqrt(t);
+    - vectors' V uses b_t like matrices (one rule for every tensor).
+    Upstream's damping max(1, RMS(U)) is left out, as it is always 1 (U's infinity norm is 1), and so is its 2x boost
+    of single-number parameters, which the default model does not have; those follow the vector rule here."""
+    def __init__(self, params, lr=1e-2, weight_decay=0.0, upstream=False):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self.upstream = upstream
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            eps1, eps2 = group["eps"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
+                state, matrix = self.state[p], p.dim() >= 2
                 if not state:
                     state["step"] = 0
-                    if p.dim() >= 2:
+                    if matrix:
                         state["row"] = torch.zeros(p.shape[0], device=p.device)
                         state["col"] = torch.zeros(p[0].numel(), device=p.device)
                     else:
                         state["second"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
                 t = state["step"]
-                beta = min(max(t ** -0.8, 0.001), 0.999)
-                alpha = max(eps2, p.float().pow(2).mean().sqrt().item()) * min(group["lr"], 1 / math.sqrt(t))
-                grad = p.grad.float().reshape(p.shape[0], -1) if p.dim() >= 2 else p.grad.float()
-                square = grad * grad + eps1
-                if p.dim() >= 2:
+                beta = 0.01 if self.upstream and not matrix else min(max(t ** -0.8, 0.001), 0.999)
+                grad = p.grad.float().reshape(p.shape[0] if matrix else 1, -1)
+                square = grad * grad + 1e-30
+                if matrix:
                     state["row"].lerp_(square.mean(1), beta)
                     state["col"].lerp_(square.mean(0), beta)
                     second = torch.outer(state["row"], state["col"]) / state["row"].max()
                 else:
-                    second = state["second"].lerp_(square, beta)
+                    second = state["second"].lerp_(square.view_as(p), beta).view(1, -1)
                 update = grad / second.sqrt()
-                update = update / update.abs().max().clamp(min=eps1)
-                scale = update.abs().amax(1, keepdim=True) if p.dim() >= 2 else update.abs().max()
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_((update.sign() * scale * alpha).view_as(p).to(p.dtype), alpha=-1.0)
+                if self.upstream:
+                    update = update / update.abs().max().clamp(min=1e-10)
+                    update = update.sign() * update.abs().amax(1, keepdim=True) if matrix else update
+                    step = max(1e-4, p.float().pow(2).mean().sqrt().item()) * min(group["lr"], 1 / math.sqrt(t))
+                else:
+                    update, step = update / update.abs().amax(1, keepdim=True).clamp(min=1e-10), group["lr"]
+                p.add_(update.view_as(p).to(p.dtype), alpha=-step)
 
 def build_optimizer(model, args, device):
-    """AdamW or MaxFactor; weight decay on matrices only."""
+    """--optimizer by name; weight decay on matrices only."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if args.optimizer == "maxfactor":
-        return MaxFactor(groups, lr=args.lr)
+    if args.optimizer.startswith("maxfactor"):
+        return MaxFactor(groups, lr=args.lr, upstream=args.optimizer == "maxfactor_upstream")
+    if args.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=args.lr)
     return torch.optim.AdamW(groups, lr=args.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, fused=device.type == "cuda")
 
 def optimizer_state_bytes(optimizer):
@@ -1612,15 +1629,22 @@ def ablation_run(run):
             return json.loads((run_dir / "results.json").read_text())
     return train(argparse.Namespace(**vars(run) | {"resume": (run_dir / "ckpt.pt").exists()}))
 
+def scalar_history(run_dir, tag):
+    """A TensorBoard scalar of a run -> {step: value}, the last value logged at each step (a resumed run logs again)."""
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars(tag)}
+
 def ablate(args):
     """Train every configuration of ABLATIONS[args.ablate] for args.seeds seeds; the decoded CER/WER of every test
-    split as mean ± std in runs/<name>/ablation.md and a bar chart in ablation.png."""
-    out, t0, results = Path(args.runs_dir) / args.name, time.time(), {}
+    split as mean ± std in runs/<name>/ablation.md, a bar chart and the mean validation loss curves in ablation.png."""
+    out, t0, results, curves = Path(args.runs_dir) / args.name, time.time(), {}, {}
     out.mkdir(parents=True, exist_ok=True)
     for label, flags in ABLATIONS[args.ablate].items():
         for seed in range(args.seeds):
             run = argparse.Namespace(**(vars(args) | flags | {"seed": seed, "name": f"{args.name}/{label}-seed{seed}"}))
             results.setdefault(label, []).append(ablation_run(run))
+            curves.setdefault(label, []).append(scalar_history(Path(args.runs_dir) / run.name, "val/loss"))
     metrics = [(split, metric) for split in TEST_SPLITS for metric in ("cer", "wer")]
     values = {label: {m: 100 * np.array([r[m[0]][m[1]] for r in runs]) for m in metrics} for label, runs in results.items()}
     table = ["| configuration | " + " | ".join(f"{s} {m.upper()} %" for s, m in metrics) + " |", "|---" * 7 + "|"]
@@ -1628,7 +1652,12 @@ def ablate(args):
               for label, v in values.items()]
     text = "\n".join(table) + f"\n\n{args.seeds} seeds each, mean ± std, {(time.time() - t0) / 60:.0f} min in all.\n"
     (out / "ablation.md").write_text(text)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, (ax, curve_ax) = plt.subplots(1, 2, figsize=(12, 3.5), width_ratios=(3, 2))
+    for label, histories in curves.items():
+        steps = sorted(set.intersection(*(set(h) for h in histories)))
+        curve_ax.plot(steps, [np.mean([h[s] for h in histories]) for s in steps], marker="o", label=label)
+    curve_ax.set(xlabel="step", ylabel="validation loss (teacher-forced)", title=f"mean of {args.seeds} seeds")
+    curve_ax.legend()
     for k, split in enumerate(TEST_SPLITS):
         cer = [v[(split, "cer")] for v in values.values()]
         ax.bar(np.arange(len(values)) + 0.27 * (k - 1), [c.mean() for c in cer], 0.27, yerr=[c.std() for c in cer],
@@ -1739,18 +1768,17 @@ def benchmark(args):
     for label, (sec, params) in timings.items():
         print(f"| {label} | {1000 * sec:.0f} | {sec / peer:.2f}x | {sec / base:.2f}x | {audio / 20 / sec:.0f} | "
               f"{params / 1e6:.2f} M |")
-    model, state = build_model(ModelConfig.from_args(args, len(tokenizer))), {}
-    for name in ("adamw", "maxfactor"):
-        optimizer = build_optimizer(model, argparse.Namespace(**(vars(args) | {"optimizer": name})), cpu)
-        model(batches[0])[0].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state[name] = optimizer_state_bytes(optimizer)
+    model = build_model(ModelConfig.from_args(args, len(tokenizer))).to(device)
+    model(to_device(batches[0], device))[0].backward()
+    print("\n| optimizer, default model | state | of AdamW's | optimizer.step() |\n|---|---|---|---|")
+    for name in LEARNING_RATES:  # the same gradients each time; the weights move, which does not change the cost
+        optimizer = build_optimizer(model, argparse.Namespace(**(vars(args) | {"optimizer": name})), device)
+        seconds, state = median_seconds(optimizer.step, device), optimizer_state_bytes(optimizer)
+        adamw = state if name == "adamw" else adamw
+        print(f"| {name} | {state / 2**20:.3f} MiB | {state / adamw:.3f} | {1000 * seconds:.1f} ms |")
     padded_frames = sum(max(frames[i] for i in b) * len(b) for b in all_batches)
-    print(f"\n| what | value |\n|---|---|\n| optimizer state, default model: AdamW | {state['adamw'] / 2**20:.2f} MiB |\n"
-          f"| optimizer state, default model: MaxFactor | {state['maxfactor'] / 2**20:.3f} MiB "
-          f"({state['maxfactor'] / state['adamw']:.3f} of AdamW) |\n"
-          f"| padding in length-bucketed batches | {100 * (1 - sum(frames) / padded_frames):.1f} % |")
+    print(f"\n| what | value |\n|---|---|\n| padding in length-bucketed batches | "
+          f"{100 * (1 - sum(frames) / padded_frames):.1f} % |")
     for label, seconds in f0_seconds.items():
         clock = "wall" if "batched" in label and device.type == "cuda" else "CPU"
         print(f"| {label} | {seconds / audio_f0:.4f} {clock}-s per audio-s |")
