@@ -43,7 +43,7 @@ RADIUS_MAX = 2.0  # variable radii stay in [1 / RADIUS_MAX, RADIUS_MAX]
 RADIUS_INIT = 0.1  # initial per-head radius strength: radii start near 1, so --radii starts as plain rotary
 PITCH_BIAS_INIT = -2.0  # initial per-head pitch-bias parameter: softplus(-2) = 0.13 logit per octave, a gentle start
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-9  # the transformer recipe (Vaswani et al.): faster-adapting second moments
-LEARNING_RATES = {"adamw": 3e-3, "maxfactor": 1e-2, "maxfactor_upstream": 1e-2, "adafactor": 1e-2}  # peak, per --optimizer
+LEARNING_RATES = {"adamw": 3e-3, "maxfactor": 3e-3, "maxfactor_upstream": 1e-2, "adafactor": 1e-2}  # peak; README, Optimizers
 BUCKET_WINDOW = 1000  # utterances shuffled, then sorted by length together: batches with little padding, random order
 EVAL_BATCH_FRAMES = 30000  # padded 10 ms frames per decoding batch (evaluation and --transcribe)
 SPECAUG_MASKS = (2, 27, 5, 0.05)  # ESPnet's LibriSpeech-100 SpecAugment: 2 masks <= 27 mel bins, 5 <= 5 % of the time
@@ -996,7 +996,7 @@ class MaxFactor(torch.optim.Optimizer):
     - vectors' V uses b_t like matrices (one rule for every tensor).
     Upstream's damping max(1, RMS(U)) is left out, as it is always 1 (U's infinity norm is 1), and so is its 2x boost
     of single-number parameters, which the default model does not have; those follow the vector rule here."""
-    def __init__(self, params, lr=1e-2, weight_decay=0.0, upstream=False):
+    def __init__(self, params, lr=3e-3, weight_decay=0.0, upstream=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.upstream = upstream
 
@@ -1630,10 +1630,11 @@ def ablation_run(run):
     return train(argparse.Namespace(**vars(run) | {"resume": (run_dir / "ckpt.pt").exists()}))
 
 def scalar_history(run_dir, tag):
-    """A TensorBoard scalar of a run -> {step: value}, the last value logged at each step (a resumed run logs again)."""
+    """A TensorBoard scalar of a run -> {step: value} ({} if never logged), the last value logged at each step (a
+    resumed run logs again)."""
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    return {e.step: e.value for e in events.Scalars(tag)}
+    return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
 
 def ablate(args):
     """Train every configuration of ABLATIONS[args.ablate] for args.seeds seeds; the decoded CER/WER of every test

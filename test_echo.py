@@ -24,6 +24,7 @@ import scipy.signal
 import soundfile
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
 import echo
 
@@ -903,17 +904,56 @@ def test_maxfactor_reduces_a_regression_loss_and_survives_zero_gradients():
     assert all(torch.isfinite(p).all() and torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
-def test_maxfactor_state_is_a_tenth_of_adamw_for_the_default_model():
+def test_factored_optimizers_keep_a_tenth_of_adamws_state_for_the_default_model():
     model = echo.build_model(echo.ModelConfig.from_args(echo.parse_args([]), 30))
     batch = fake_batch(vocab=30)
     sizes = {}
-    for name in ("adamw", "maxfactor"):
+    for name in echo.LEARNING_RATES:
         opt = echo.build_optimizer(model, echo.parse_args(["--optimizer", name]), torch.device("cpu"))
         model(batch)[0].backward()
         opt.step()
         opt.zero_grad()
         sizes[name] = echo.optimizer_state_bytes(opt)
-    assert sizes["maxfactor"] <= 0.1 * sizes["adamw"]
+    assert all(sizes[name] <= 0.1 * sizes["adamw"] for name in ("maxfactor", "maxfactor_upstream", "adafactor")), sizes
+
+
+def one_maxfactor_step(weight, grad, upstream, lr=0.01):
+    """The weight after one MaxFactor step from fresh state with this gradient (no weight decay)."""
+    p = torch.nn.Parameter(torch.tensor(weight))
+    opt = echo.MaxFactor([p], lr=lr, upstream=upstream)
+    p.grad = torch.tensor(grad)
+    opt.step()
+    return p.detach()
+
+
+def test_maxfactor_matrix_rule_on_a_hand_computed_case():
+    """G = [[1, 0], [0, 0.5]]: row EMAs 0.999 * (0.5, 0.125), column EMAs 0.999 * (0.5, 0.125), so V = R (x) C / max R =
+    0.999 * [[0.5, 0.125], [0.125, 0.03125]] and U = G / sqrt(V) = [[1.41, 0], [0, 2.83]] / sqrt(0.999). Echo scales
+    each row to infinity-norm 1 and steps by lr = 0.01; upstream scales U by its maximum (row 0 holds half of it),
+    takes sign * rowmax and steps by RMS(theta) * min(lr, 1/sqrt(1)) = 2 * 0.01."""
+    weight, grad = [[2.0, 2.0], [2.0, 2.0]], [[1.0, 0.0], [0.0, 0.5]]
+    assert torch.allclose(one_maxfactor_step(weight, grad, upstream=False), torch.tensor([[1.99, 2.0], [2.0, 1.99]]))
+    assert torch.allclose(one_maxfactor_step(weight, grad, upstream=True), torch.tensor([[1.99, 2.0], [2.0, 1.98]]))
+
+
+def test_maxfactor_vector_rule_on_a_hand_computed_case():
+    """A vector's update keeps the ratios of U = G / sqrt(V) (no sign): G = (1, 1) and then (1, -0.5). Echo's V after
+    step 1 is 0.999 * G^2 = (0.999, 0.999), after step 2 it moves by b_2 = 2^-0.8 towards (1, 0.25); upstream's V moves
+    by 0.01 from 0 at each step. The second step is lr * U / max|U| (Echo) or RMS(theta) * min(lr, 1/sqrt(2)) * U /
+    max|U| (upstream)."""
+    for upstream in (False, True):
+        p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        opt = echo.MaxFactor([p], lr=0.01, upstream=upstream)
+        for grad in ([1.0, 1.0], [1.0, -0.5]):
+            before, p.grad = p.detach().clone(), torch.tensor(grad)
+            opt.step()
+        b1, b2 = (0.01, 0.01) if upstream else (0.999, 2 ** -0.8)
+        second = (1 - b2) * b1 * torch.tensor([1.0, 1.0]) + b2 * torch.tensor([1.0, 0.25])
+        u = torch.tensor([1.0, -0.5]) / second.sqrt()
+        u = u / u.abs().max()
+        step = before.pow(2).mean().sqrt() * 0.01 if upstream else 0.01
+        assert torch.allclose(before - p.detach(), step * u, atol=1e-7), (upstream, before - p.detach(), step * u)
+        assert not torch.allclose(u.abs(), torch.ones(2))  # proportional, not sign * max
 
 
 # ---- decoding and evaluation
@@ -1102,11 +1142,12 @@ def test_tiny_training_run_loss_falls_and_resume_continues(tiny_corpus, tmp_path
     assert (run_dir / "ckpt.pt.prev").exists()
 
 
-def test_tiny_run_with_maxfactor_and_all_features_learns(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["maxfactor", "adafactor"])
+def test_tiny_run_with_a_factored_optimizer_and_all_features_learns(tiny_corpus, tmp_path, optimizer):
     cache, _ = tiny_corpus
-    run_dir = tmp_path / "runs" / "maxfactor"
-    echo.train(train_args(cache, tmp_path, "--name", "maxfactor", "--max_steps", "40", "--eval_every", "40",
-                          "--optimizer", "maxfactor", "--gate", "m", "--streams", "spectrogram,pitch,waveform", "--diag_every", "20",
+    run_dir = tmp_path / "runs" / optimizer
+    echo.train(train_args(cache, tmp_path, "--name", optimizer, "--max_steps", "40", "--eval_every", "40",
+                          "--optimizer", optimizer, "--gate", "m", "--streams", "spectrogram,pitch,waveform", "--diag_every", "20",
                           "--radii", "--pitch_bias", "--zero_value"))
     curve = list(losses(run_dir).values())
     assert curve[-1] < curve[0] - 0.5
@@ -1248,7 +1289,7 @@ def test_bench_prints_every_row(tiny_corpus, tmp_path, capsys):
     echo.benchmark(train_args(cache, tmp_path, "--bench", "--batch_frames", "800", "--beam", "2"))
     out = capsys.readouterr().out
     for row in ("peer: nn.TransformerEncoderLayer", "attention, --gate none: plain RoPE", "f0_theta + radii + pitch_bias + zero_value",
-                "--gate m", "--streams spectrogram,pitch,waveform", "optimizer state, default model: MaxFactor",
+                "--gate m", "--streams spectrogram,pitch,waveform", "| maxfactor_upstream |", "| adafactor |",
                 "padding in length-bucketed batches", "f0: YIN in torch", "f0: librosa.pyin", "greedy, joint CTC",
                 "beam 4, joint CTC", "diagnostics: the 4 figures", "diagnostics: per-block scalars"):
         assert row in out, row
@@ -1261,6 +1302,9 @@ def test_ablation_writes_a_mean_and_spread_table_and_a_chart(tmp_path, monkeypat
     def fake_train(run):
         seen.append((run.name, run.seed, run.f0_theta, run.radii, run.pitch_bias, run.zero_value))
         cer = 0.1 + 0.01 * run.seed + 0.05 * run.radii
+        with SummaryWriter(tmp_path / run.name) as writer:  # the validation curve that ablation.png draws
+            for step in (5, 10):
+                writer.add_scalar("val/loss", 10 * cer / step, step)
         return {split: {"cer": cer, "wer": 2 * cer} for split in echo.TEST_SPLITS}
     monkeypatch.setattr(echo, "train", fake_train)
     args = echo.parse_args(["--runs_dir", str(tmp_path), "--name", "abl", "--seeds", "2", "--ablate"])
@@ -1271,6 +1315,16 @@ def test_ablation_writes_a_mean_and_spread_table_and_a_chart(tmp_path, monkeypat
     assert (tmp_path / "abl" / "ablation.png").stat().st_size > 1000
 
 
+def test_scalar_history_keeps_the_last_value_of_each_step_across_a_resume(tmp_path):
+    for values in ({1: 3.0, 2: 2.0, 3: 9.0}, {3: 1.5, 4: 1.0}):  # the run, then its resumption from step 2
+        writer = SummaryWriter(tmp_path)
+        for step, value in values.items():
+            writer.add_scalar("val/loss", value, step)
+        writer.close()
+    assert echo.scalar_history(tmp_path, "val/loss") == {1: 3.0, 2: 2.0, 3: 1.5, 4: 1.0}
+    assert echo.scalar_history(tmp_path, "val/cer") == {}
+
+
 def test_augment_ablation_reads_back_finished_runs_and_refuses_other_configs(tmp_path, monkeypatch):
     """Run again, an ablation reads back its finished runs and trains only the unfinished one; a run with another
     config in its folder stops it instead of being overwritten."""
@@ -1279,7 +1333,7 @@ def test_augment_ablation_reads_back_finished_runs_and_refuses_other_configs(tmp
     def fake_train(run):
         trained.append(run.name)
         run_dir = tmp_path / run.name
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)  # no validation curve: ablation.png draws the bars alone
         config = {k: v for k, v in vars(run).items() if k not in ("resume", "transcribe", "ckpt")}
         (run_dir / "config.json").write_text(json.dumps({"config": config}))
         cer = 0.2 if run.speed_perturb else 0.1
