@@ -15,7 +15,6 @@ import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 from datasets.distributed import split_dataset_by_node
-from datasets.fingerprint import Hasher
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -162,8 +161,7 @@ def build_parser():
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    for flag in ("max_steps", "batch_frames", "grad_accum", "eval_every", "corpus_size", "d_model", "n_heads", "beam",
-                 "log_every"):
+    for flag in "max_steps batch_frames grad_accum eval_every corpus_size d_model n_heads beam log_every".split():
         if getattr(args, flag) <= 0:
             p.error(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.diag_every < 0:
@@ -210,8 +208,7 @@ class Tokenizer:
         return len(self.chars) + 3
 
     def encode(self, text):
-        unknown = set(text) - set(self.index)
-        if unknown:
+        if unknown := set(text) - set(self.index):
             raise BadInput(f"characters outside the tokenizer: {''.join(sorted(unknown))!r}")
         return [self.index[c] for c in text]
 
@@ -228,8 +225,7 @@ ACCENTS = sorted(p.name.lower() for p in (ESPEAK_DATA / "lang" / "gmw").glob("en
 VARIANTS = sorted(p.name for p in (ESPEAK_DATA / "voices" / "!v").iterdir())  # eSpeak NG 1.52: 104 voice variants
 DROPPED_VARIANTS = ()  # variants that make speech unintelligible: none (README, Data)
 UNSEEN_ACCENTS = ("en-029", "en-us-nyc")  # test_unseen speaks only these, with these variants, in these bands
-UNSEEN_VARIANTS = ("Annie", "Denis", "Lee", "aunty", "f5", "grandpa", "iven2", "klatt3", "m7", "robosoft3", "steph2",
-                   "travis")
+UNSEEN_VARIANTS = tuple("Annie Denis Lee aunty f5 grandpa iven2 klatt3 m7 robosoft3 steph2 travis".split())
 SETTINGS = {"pitch": (10, 90), "range": (5, 95), "rate": (90, 210)}  # eSpeak's parameters (rate: wpm), uniform
 UNSEEN_SETTINGS = {"pitch": ((2, 9), (91, 98)), "range": ((5, 95),), "rate": ((80, 89), (211, 230))}
 
@@ -550,7 +546,7 @@ def load_splits(args):
             out[split] = ds.map(_featurize_examples, fn_kwargs=kwargs | {"device": torch.device("cpu")}, **common)
             continue
         ds = ds.map(_featurize_examples, fn_kwargs=kwargs | {"device": device}, **common, desc=f"features {split}",
-                    new_fingerprint=Hasher.hash((ds._fingerprint, feature_code_hash(), kwargs)),
+                    new_fingerprint=datasets.fingerprint.Hasher.hash((ds._fingerprint, feature_code_hash(), kwargs)),
                     num_proc=args.num_proc if len(ds) >= 100 and device.type == "cpu" else None)
         skipped += ds.filter(lambda e: e != "", input_columns="error")["error"]
         out[split] = ds.filter(lambda e: e == "", input_columns="error").with_format("numpy")
@@ -587,11 +583,10 @@ def rows(dataset, indices):
 def collate(items, tokenizer=None):
     """Feature dicts -> padded batch. mel (B, T, 80) zero-padded, f0/voiced (B, T), frames (B,), wave (B, samples)
     when the items have it; with a tokenizer also tokens (B, L+1): BOS text EOS, PAD-filled."""
-    frames = torch.tensor([len(it["mel"]) for it in items])
     pad = lambda key, dtype: nn.utils.rnn.pad_sequence([torch.from_numpy(np.array(it[key], dtype=dtype)) for it in items],
                                                        batch_first=True)
-    batch = {"mel": pad("mel", np.float32), "f0": pad("f0", np.float32), "voiced": pad("voiced", bool), "frames": frames,
-             "text": [str(it["text"]) for it in items]}
+    batch = {"mel": pad("mel", np.float32), "f0": pad("f0", np.float32), "voiced": pad("voiced", bool),
+             "frames": torch.tensor([len(it["mel"]) for it in items]), "text": [str(it["text"]) for it in items]}
     if "wave" in items[0]:
         batch["wave"] = pad("wave", np.float32)
     if tokenizer is not None:
@@ -686,8 +681,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
@@ -710,9 +704,8 @@ def rotary(positions, freqs):
     return torch.polar(torch.ones_like(angle), angle).to(torch.complex64)[:, None]
 
 def apply_rotary(x, table):
-    """Multiply each consecutive channel pair of x (B, H, T, head_dim), read as a complex number, by the complex
-    table (B, 1 or H, T, head_dim/2), which carries the radius, if any: the exact complex product, in float32
-    (one complex kernel, several times faster than cos/sin arithmetic on the pairs)."""
+    """Multiply each consecutive channel pair of x (B, H, T, head_dim), read as a complex number, by the complex table
+    (B, 1 or H, T, head_dim/2), radius included: the exact product in float32, several times faster than cos/sin."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * table).flatten(-2).type_as(x)
 
@@ -721,14 +714,11 @@ def pitch_track(f0, voiced, frames, n_out):
     frames in each 40 ms group, voiced where at least two of the four are. A track a frame or two longer or
     shorter than the log-mel is cut or padded with unvoiced frames; NaN, Inf and f0 <= 0 count as unvoiced."""
     n = 4 * n_out
-    f0, voiced = f0[:, :n], voiced[:, :n]
-    f0, voiced = F.pad(f0, (0, n - f0.shape[1])), F.pad(voiced, (0, n - voiced.shape[1]))
-    inside = torch.arange(n, device=f0.device) < frames[:, None]
-    voiced = voiced.bool() & inside & torch.isfinite(f0) & (f0 > 0)
+    f0, voiced = fit_frames(f0, n), fit_frames(voiced, n)
+    voiced = voiced.bool() & (torch.arange(n, device=f0.device) < frames[:, None]) & torch.isfinite(f0) & (f0 > 0)
     log_f0 = torch.where(voiced, f0.float().nan_to_num(1.0).clamp(min=1.0).log2(), 0.0)
     count = voiced.view(len(f0), n_out, 4).sum(-1)
-    log_f0 = log_f0.view(len(f0), n_out, 4).sum(-1) / count.clamp(min=1)
-    voiced = count >= 2
+    log_f0, voiced = log_f0.view(len(f0), n_out, 4).sum(-1) / count.clamp(min=1), count >= 2
     return torch.where(voiced, log_f0, 0.0), voiced
 
 class PitchPrior(nn.Module):
@@ -773,8 +763,7 @@ class PitchPrior(nn.Module):
             return table, mask
         bias = torch.zeros(len(valid), 1, valid.shape[1], valid.shape[1], device=valid.device)
         if self.pitch_bias is not None:
-            both_voiced = voiced[:, :, None] & voiced[:, None, :]
-            octaves = (log_f0[:, :, None] - log_f0[:, None, :]).abs() * both_voiced
+            octaves = (log_f0[:, :, None] - log_f0[:, None, :]).abs() * (voiced[:, :, None] & voiced[:, None, :])
             bias = bias - F.softplus(self.pitch_bias)[None, :, None, None] * octaves[:, None]
         if self.zero_value is not None:
             bias = bias + self.zero_value[None, :, None, None] * (~voiced & valid)[:, None, None, :]
@@ -861,9 +850,8 @@ class Stem(nn.Module):
     zeroed after every conv, so an utterance sees the same zero border alone or inside a batch."""
     def __init__(self, channels, d_model):
         super().__init__()
-        self.convs = nn.ModuleList([nn.Conv1d(channels, d_model, 3, padding=1),
-                                    nn.Conv1d(d_model, d_model, 3, stride=2, padding=1),
-                                    nn.Conv1d(d_model, d_model, 3, stride=2, padding=1)])
+        self.convs = nn.ModuleList(nn.Conv1d(in_channels, d_model, 3, stride=stride, padding=1)
+                                   for in_channels, stride in ((channels, 1), (d_model, 2), (d_model, 2)))
 
     def forward(self, x, frames):
         for conv in self.convs:
@@ -940,8 +928,7 @@ class Decoder(nn.Module):
     def forward(self, tokens, audio, audio_valid, caches=None, offset=0):
         x = self.embed(tokens)
         positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        table = rotary(positions, self.freqs)
-        context_mask = audio_valid[:, None, None, :]
+        table, context_mask = rotary(positions, self.freqs), audio_valid[:, None, None, :]
         for i, block in enumerate(self.blocks):
             x = block(x, table=table, causal=True, context=audio, context_mask=context_mask,
                       cache=None if caches is None else caches[i])
@@ -962,13 +949,11 @@ class Echo(nn.Module):
     """The encoder-decoder with an auxiliary CTC head on the encoder, built from a ModelConfig."""
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.encoder, self.decoder = Encoder(config), Decoder(config)
+        self.config, self.encoder, self.decoder = config, Encoder(config), Decoder(config)
         self.ctc_head = nn.Linear(config.d_model, config.vocab) if config.ctc_weight > 0 else None
 
     def named_blocks(self):
-        return [(f"encoder.{i}", b) for i, b in enumerate(self.encoder.blocks)] + [
-            (f"decoder.{i}", b) for i, b in enumerate(self.decoder.blocks)]
+        return [(f"{part}.{i}", b) for part in ("encoder", "decoder") for i, b in enumerate(getattr(self, part).blocks)]
 
     def forward(self, batch):
         """Teacher-forced loss for a collated batch -> (total loss, cross-entropy, ctc loss or None)."""
@@ -1082,8 +1067,7 @@ class CTCPrefixScorer:
         r_n = cum + torch.logcumsumexp(torch.cat([(start - cum[:, 0])[:, None], phi[:, :-1] - cum[:, :-1]], 1), 1)
         r_b = self.cum_blank + torch.logcumsumexp(
             torch.cat([torch.full_like(start, self.NEG)[:, None], r_n[:, :-1] - self.cum_blank[:, :-1]], 1), 1)
-        psi = torch.logsumexp(torch.cat([start[:, None], phi[:, :-1] + log_p[:, 1:]], 1), 1)
-        return psi, r_n, r_b
+        return torch.logsumexp(torch.cat([start[:, None], phi[:, :-1] + log_p[:, 1:]], 1), 1), r_n, r_b
 
     def final(self):
         """log P(the whole audio reads exactly this prefix): the score of ending now, (B, 1)."""
@@ -1214,9 +1198,8 @@ def transcribe(args):
         except (BadInput, OSError) as e:
             print(f"echo: {path}: {e}", file=sys.stderr)
             failed += 1
-    keys = list(waves)
+    keys, texts = list(waves), {}
     pieces = [piece | {"text": ""} for piece in featurize(list(waves.values()), "waveform" in model.config.streams, device)]
-    texts = {}
     for indices in length_batches([len(piece["mel"]) for piece in pieces], EVAL_BATCH_FRAMES):
         batch = to_device(collate([pieces[i] for i in indices]), device)
         hyps = decode(model, batch, config["decode_ctc_weight"], args.beam)
@@ -1323,15 +1306,13 @@ def attention_figure(model, batch, frames):
         attention.keep_weights = True
     with torch.no_grad():
         model.eval()({key: value[:1] for key, value in batch.items()})
-    for _, _, attention in attentions:
-        attention.keep_weights = False
     model.train(was_training)
     fig, axes = plt.subplots(1, len(attentions), figsize=(2.2 * len(attentions), 2.8), dpi=100, squeeze=False)
     for ax, (kind, i, attention) in zip(axes[0], attentions):
         ax.imshow(attention.weights[0].float().cpu().numpy()[:, :frames], aspect="auto", origin="lower", cmap="viridis")
         ax.set_title(f"{kind} {i}", fontsize=8)
         ax.set(xlabel="audio frame", ylabel="token" if kind != "encoder" else "frame")
-        attention.weights = None
+        attention.keep_weights, attention.weights = False, None
     fig.suptitle("attention, head average")
     fig.tight_layout()
     return render(fig)
@@ -1342,8 +1323,7 @@ def first_validation_batch(data, tokenizer, device):
     return to_device(collate([item | {"text": tokenizer.known(item["text"])}], tokenizer), device)
 
 def figures(model, batch):
-    """The diagnostic figures for the first utterance of a collated batch (with tokens), as RGB arrays:
-    pitch vs spectrogram, how rotary positions see each other, standard vs f0 RoPE curves, attention maps."""
+    """The diagnostic figures, {tag: RGB array}, for the first utterance of a collated batch (with tokens)."""
     n, frames = int(batch["frames"][0]), (int(batch["frames"][0]) + 3) // 4
     mel, f0, voiced = (batch[key][0, :n].float().cpu().numpy() for key in ("mel", "f0", "voiced"))
     track = pitch_track(batch["f0"][:1].cpu(), batch["voiced"][:1].cpu(), batch["frames"][:1].cpu(), frames)
@@ -1390,8 +1370,7 @@ def environment(device, world):
             "processes": world, "device": str(device)}
 
 def training_state(model, optimizer, position, config, tokenizer, env):
-    """What a training checkpoint holds: the model and its ModelConfig, the optimizer, the data position (step, epoch,
-    batch_index), the run's flags, the tokenizer, the code version and source, the RNG states."""
+    """What a training checkpoint holds (restore() reads it back); position is (step, epoch, batch_index)."""
     return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
             "optimizer": optimizer.state_dict(), **dict(zip(("step", "epoch", "batch_index"), position)),
             "config": config, "tokenizer": tokenizer.chars, "code": env["code"], "source": SOURCE.decode(),
@@ -1507,8 +1486,7 @@ def log_step(writer, step, args, losses, grad_norm, step_seconds, diagnostics, s
               f"{stats['audio_seconds'] / elapsed:.0f} audio-s/s | elapsed {elapsed / 60:.1f} min", flush=True)
 
 def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, args, n_utts=None):
-    """Decode (the first n_utts of) a split; log its decoded WER/CER, teacher-forced loss and token accuracy and 5
-    samples; print one line -> the result."""
+    """Decode (the first n_utts of) a split; log evaluate()'s metrics and 5 samples; print one line -> the result."""
     result = evaluate(model, dataset, tokenizer, device, n_utts, args.decode_ctc_weight, args.beam)
     for key, tag in (("wer", "wer"), ("cer", "cer"), ("loss", "loss"), ("token_accuracy", "token_accuracy_teacher_forced")):
         writer.add_scalar(f"{split}/{tag}", result[key], step)
@@ -1799,7 +1777,6 @@ def benchmark(args):
     model(batch)[0].backward()
     seconds = median_seconds(lambda: block_scalars(model, activations, hooks), device)
     print(f"| diagnostics: per-block scalars, every --diag_every steps | {1000 * seconds:.1f} ms |")
-
 
 # ---- CLI
 def main(argv=None):
