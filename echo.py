@@ -1011,13 +1011,13 @@ class MaxFactor(torch.optim.Optimizer):
                 else:
                     second = state["second"].lerp_(square.view_as(p), beta).view(1, -1)
                 update = grad / second.sqrt()
-                p.mul_(1 - group["lr"] * group["weight_decay"])
                 if self.upstream:
                     update = update / update.abs().max().clamp(min=1e-10)
                     update = update.sign() * update.abs().amax(1, keepdim=True) if matrix else update
                     step = max(1e-4, p.float().pow(2).mean().sqrt().item()) * min(group["lr"], 1 / math.sqrt(t))
                 else:
                     update, step = update / update.abs().amax(1, keepdim=True).clamp(min=1e-10), group["lr"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.view_as(p).to(p.dtype), alpha=-step)
 
 def build_optimizer(model, args, device):
