@@ -42,7 +42,8 @@ RADIUS_MAX = 2.0  # variable radii stay in [1 / RADIUS_MAX, RADIUS_MAX]
 RADIUS_INIT = 0.1  # initial per-head radius strength: radii start near 1, so --radii starts as plain rotary
 PITCH_BIAS_INIT = -2.0  # initial per-head pitch-bias parameter: softplus(-2) = 0.13 logit per octave, a gentle start
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-9  # the transformer recipe (Vaswani et al.): faster-adapting second moments
-LEARNING_RATES = {"adamw": 3e-3, "maxfactor": 3e-3, "maxfactor_upstream": 1e-2, "adafactor": 1e-2}  # peak; README, Optimizers
+# peak learning rate per --optimizer: MaxFactor's from a sweep, upstream's and Adafactor's defaults (README, Optimizers)
+LEARNING_RATES = {"adamw": 3e-3, "maxfactor": 3e-3, "maxfactor_upstream": 1e-2, "adafactor": 1e-2}
 BUCKET_WINDOW = 1000  # utterances shuffled, then sorted by length together: batches with little padding, random order
 EVAL_BATCH_FRAMES = 30000  # padded 10 ms frames per decoding batch (evaluation and --transcribe)
 SPECAUG_MASKS = (2, 27, 5, 0.05)  # ESPnet's LibriSpeech-100 SpecAugment: 2 masks <= 27 mel bins, 5 <= 5 % of the time
