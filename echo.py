@@ -7,14 +7,15 @@ the method; test_echo.py proves it.
     python echo.py --transcribe a.wav --ckpt runs/<name>/ckpt.pt
 """
 import argparse, collections, contextlib, csv, ctypes, dataclasses, functools, hashlib, inspect, io, itertools, json, math
-import multiprocessing, os, platform, random, re, shutil, signal, socket, string, subprocess, sys, threading, time, zlib
+import multiprocessing.connection, os, platform, random, re, shutil, signal, socket, string, subprocess, sys, threading, time, zlib
 from pathlib import Path
 
-import datasets, espeakng_loader, jiwer, librosa, matplotlib, soundfile, torch, torchaudio, wordfreq
+import datasets, espeakng_loader, jiwer, librosa, matplotlib, pypinyin, scipy.stats, soundfile, torch, torchaudio, wordfreq
 import numpy as np
 import torch.nn as nn
 import torch.nn.functional as F
 from datasets.distributed import split_dataset_by_node
+from pypinyin.contrib.tone_convert import to_normal
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -58,10 +59,18 @@ CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
 
 AUGMENT_ON = dict(specaug=True, speed_perturb=True, noise_snr=(10.0, 30.0), reverb=True, bandpass=True)
 AUGMENT_OFF = {name: None if name == "noise_snr" else False for name in AUGMENT_ON}
+PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, streams="spectrogram,pitch"),
+         "f0_theta": dict(f0_theta=True), "+radii": dict(f0_theta=True, radii=True),  # pitch_stream: f0 as an input
+         "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
+         "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
+STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
+    "mandarin": (dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=4000, max_steps=600, eval_every=100,
+                      optimizer="maxfactor", lr=LEARNING_RATES["maxfactor"]), tuple(PITCH)),
+    "english": (dict(dataset="embedded"), ("baseline", "f0_theta", "all", "pitch_stream"))}
+STUDY_RUNS = {f"{corpus}/{label}": budget | PITCH[label] for corpus, (budget, labels) in STUDY.items() for label in labels}
 ABLATIONS = {  # --ablate: each configuration is a set of flag overrides
-    "pitch": {"baseline": dict(f0_theta=False), "f0_theta": dict(f0_theta=True),
-              "+radii": dict(f0_theta=True, radii=True), "+pitch_bias": dict(f0_theta=True, pitch_bias=True),
-              "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)},
+    "pitch": PITCH,
+    "study": STUDY_RUNS, "control": {k: STUDY_RUNS[k] for k in ("mandarin/baseline", "mandarin/pitch_stream")},
     "augment": {"none": AUGMENT_OFF} | {name: AUGMENT_OFF | {name: on} for name, on in AUGMENT_ON.items()},
     "optimizer": {name: dict(optimizer=name, lr=lr) for name, lr in LEARNING_RATES.items()}}
 
@@ -86,8 +95,7 @@ def flag(default, help, **argparse_options):
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Everything that shapes the model (whisper's ModelDimensions). Its fields are the model's flags; it is built
-    from them and stored in every checkpoint as a plain dict, so that a checkpoint rebuilds its model without argparse."""
+    """The model's shape (whisper's ModelDimensions), from its flags; checkpoints store it to rebuild without argparse."""
     vocab: int  # characters of the tokenizer + PAD, BOS, EOS: from the training text, not a flag
     d_model: int = flag(192, "model width")
     n_heads: int = flag(4, "attention heads")
@@ -115,7 +123,8 @@ def build_parser():
     a("--name", default=None, help="run name: logs and checkpoint go to runs/<name>/ (default: a timestamp)")
     a("--runs_dir", default="runs", help="parent folder of all runs")
     a("--seed", type=int, default=0, help="seed for initialisation and data order")
-    a("--dataset", default="embedded", help="embedded (eSpeak corpus), a folder (README, Data) or a hub dataset id")
+    a("--dataset", default="embedded", help="embedded (eSpeak's English), embedded-mandarin (pinyin with tones), a "
+      "folder (README, Data) or a hub dataset id")
     a("--dataset_config", default=None, help="hub dataset config, e.g. clean (LibriSpeech) or en_us (FLEURS)")
     a("--splits", default="train,validation,test", help="train,validation,test split names of the dataset")
     a("--cache_dir", default=os.path.expanduser("~/.cache/echo"), help="corpus and feature cache")
@@ -179,7 +188,7 @@ def parse_args(argv=None):
             p.error(f"{path}: no such checkpoint")
     if args.resume and not args.name:
         p.error("--resume needs --name of the run to continue")
-    if args.dataset != "embedded" and os.path.isdir(args.dataset) and not list(Path(args.dataset).rglob("metadata.csv")):
+    if args.dataset not in CORPORA and os.path.isdir(args.dataset) and not list(Path(args.dataset).rglob("metadata.csv")):
         p.error(f"--dataset {args.dataset}: folder has no metadata.csv (file_name,transcription)")
     args.name = args.name or time.strftime("%Y%m%d-%H%M%S")
     if not (args.resume or args.transcribe or args.bench or args.ablate or args.diagnose) and (
@@ -220,7 +229,7 @@ class Tokenizer:
         """text without the characters the tokenizer cannot encode (for teacher-forced scoring of held-out text)."""
         return "".join(c for c in str(text) if c in self.index)
 
-# The embedded corpus: real English words at Zipf-like frequencies, spoken by every English voice of eSpeak NG.
+# The embedded corpora (README, Data): English words or pinyin syllables spoken by eSpeak NG's voices and variants.
 ESPEAK_DATA = Path(espeakng_loader.get_data_path())
 ACCENTS = sorted(p.name.lower() for p in (ESPEAK_DATA / "lang" / "gmw").glob("en*"))  # eSpeak NG 1.52: 9 accents
 VARIANTS = sorted(p.name for p in (ESPEAK_DATA / "voices" / "!v").iterdir())  # eSpeak NG 1.52: 104 voice variants
@@ -229,34 +238,55 @@ UNSEEN_ACCENTS = ("en-029", "en-us-nyc")  # test_unseen speaks only these, with 
 UNSEEN_VARIANTS = tuple("Annie Denis Lee aunty f5 grandpa iven2 klatt3 m7 robosoft3 steph2 travis".split())
 SETTINGS = {"pitch": (10, 90), "range": (5, 95), "rate": (90, 210)}  # eSpeak's parameters (rate: wpm), uniform
 UNSEEN_SETTINGS = {"pitch": ((2, 9), (91, 98)), "range": ((5, 95),), "rate": ((80, 89), (211, 230))}
+MANDARIN = "cmn-latn-pinyin"  # reads pinyin with tone digits; the plain cmn voice reads Latin letters as English
+TONE_RANGE = (60, 95)  # Mandarin's pitch range: below about 60 eSpeak's four tone contours shrink towards each other
 
 @functools.cache
 def english_words():
-    """wordfreq's 50,000 most frequent English words that are a-z with at most one apostrophe and hold a vowel
-    (eSpeak spells 'msm' letter by letter), most frequent first, and their frequencies."""
+    """wordfreq's top 50,000 English words that are a-z (at most one apostrophe) with a vowel, and their frequencies."""
     words = [w for w in wordfreq.top_n_list("en", 50000) if re.fullmatch(r"[a-z]+('[a-z]+)?", w) and re.search("[aeiouy]", w)]
     return words, [wordfreq.word_frequency(w, "en") for w in words]
 
-def corpus_plan(size, seed):
-    """Deterministic list of utterances: split, text and voice settings. Sentences are 4-12 words drawn with
-    probability ~ frequency^ZIPF_POWER and are never in two splits. OPEN_SHARE of the words outside the 1,000 most
-    frequent occur only in test_open, whose sentences are at least half such words. Only test_unseen has the UNSEEN
-    accents, variants and pitch and rate bands."""
-    rng, held_out = random.Random(seed), max(2, size // 20)
-    words, freqs = english_words()
-    open_words = set(rng.sample(words[1000:], int(OPEN_SHARE * len(words[1000:]))))
+@functools.cache
+def pinyin_syllables():
+    """pypinyin's toneless syllables that hold a vowel (ü as v; not m, n, ng, hm, hng), sorted: 420, each weight 1."""
+    readings = (p for value in pypinyin.pinyin_dict.pinyin_dict.values() for p in value.split(","))
+    syllables = sorted({s for s in map(to_normal, readings) if re.search("[aeiouv]", s)})
+    return syllables, [1.0] * len(syllables)
+
+def pinyin_tones(syllables, rng):
+    """A tone 1-5 drawn independently for each syllable, written as eSpeak speaks it: a tone 3 before a tone 3 is
+    said as tone 2 (third-tone sandhi), so the transcript holds the tone the audio carries."""
+    tones = [rng.randint(1, 5) for _ in syllables]
+    return [f"{s}{2 if t == next_t == 3 else t}" for s, t, next_t in zip(syllables, tones, tones[1:] + [0])]
+
+CORPORA = {  # --dataset: the words, sentence lengths, accents and settings of each embedded corpus (README, Data)
+    "embedded": dict(words=english_words, lengths=(4, 12), common=1000, accents=ACCENTS, unseen_accents=UNSEEN_ACCENTS,
+                     settings=SETTINGS, unseen_settings=UNSEEN_SETTINGS),
+    "embedded-mandarin": dict(words=pinyin_syllables, lengths=(3, 8), common=0, accents=(MANDARIN,),
+                              unseen_accents=(MANDARIN,), settings=SETTINGS | {"range": TONE_RANGE},
+                              unseen_settings=UNSEEN_SETTINGS | {"range": (TONE_RANGE,)})}
+
+def corpus_plan(size, seed, corpus="embedded"):
+    """Deterministic list of utterances of CORPORA[corpus]: split, text and voice settings. Sentences of 4-12 words
+    (3-8 syllables) drawn with probability ~ frequency^ZIPF_POWER are never in two splits. OPEN_SHARE of the words
+    outside the `common` most frequent occur only in test_open, whose sentences are at least half such words. Only
+    test_unseen has the unseen accents, variants and pitch and rate bands. Mandarin syllables get random tones."""
+    rng, held_out, recipe = random.Random(seed), max(2, size // 20), CORPORA[corpus]
+    words, freqs = recipe["words"]()
+    open_words = set(rng.sample(words[recipe["common"]:], int(OPEN_SHARE * len(words[recipe["common"]:]))))
     pools = {is_open: [i for i, w in enumerate(words) if (w in open_words) == is_open] for is_open in (False, True)}
     weights = {k: list(itertools.accumulate(freqs[i] ** ZIPF_POWER for i in pool)) for k, pool in pools.items()}
     draw = lambda is_open, k: [words[i] for i in rng.choices(pools[is_open], cum_weights=weights[is_open], k=k)]
     def sentence(split):
-        n = rng.randint(4, 12)
+        n = rng.randint(*recipe["lengths"])
         n_open = rng.randint((n + 1) // 2, n) if split == "test_open" else 0
         tokens = draw(True, n_open) + draw(False, n - n_open)
         rng.shuffle(tokens)
-        return " ".join(tokens)
-    accents = {False: [a for a in ACCENTS if a not in UNSEEN_ACCENTS], True: UNSEEN_ACCENTS}
+        return " ".join(pinyin_tones(tokens, rng) if corpus == "embedded-mandarin" else tokens)
+    accents = {False: [a for a in recipe["accents"] if a not in UNSEEN_ACCENTS], True: recipe["unseen_accents"]}
     variants = {False: [v for v in VARIANTS if v not in UNSEEN_VARIANTS + DROPPED_VARIANTS], True: UNSEEN_VARIANTS}
-    bands = {False: {k: (band,) for k, band in SETTINGS.items()}, True: UNSEEN_SETTINGS}
+    bands = {False: {k: (band,) for k, band in recipe["settings"].items()}, True: recipe["unseen_settings"]}
     counts = {"train": size - 2 * held_out} | {split: held_out for split in SPLITS[1:]}
     seen, plan = set(), []
     for split in SPLITS:
@@ -273,9 +303,10 @@ def corpus_plan(size, seed):
 
 def synthesize_chunk(job):
     """Speak a list of utterances in a fresh process: eSpeak's jitter state is deterministic only from
-    process start, so each chunk is always spoken by a new process in the same order. Returns the utterances that
-    eSpeak refused or left silent, as (file_name, voice)."""
-    root, items = job
+    process start, so each chunk is always spoken by a new process in the same order. Each file name is appended to
+    the log before it is spoken (and again, marked, if eSpeak refused it or left it silent), so that build_corpus
+    can name the utterance of a crash. Returns the refused or silent utterances, as (file_name, voice)."""
+    root, items, log = job
     torch.set_num_threads(1)  # one process per core
     lib = ctypes.CDLL(espeakng_loader.get_library_path())
     native_rate = lib.espeak_Initialize(0x02, 0, str(ESPEAK_DATA).encode(), 0)  # synchronous
@@ -284,8 +315,9 @@ def synthesize_chunk(job):
         lambda wav, n, events: chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy()) or 0 if n > 0 else 0)
     lib.espeak_SetSynthCallback(callback)
     resample = torchaudio.transforms.Resample(native_rate, SAMPLE_RATE)
-    libc = ctypes.CDLL(None)
+    libc, progress = ctypes.CDLL(None), open(log, "a")
     for number, item in enumerate(items):
+        print(item["file_name"], file=progress, flush=True)
         chunks.clear()
         lib.espeak_ng_SetRandSeed(ctypes.c_long(number))  # breathy voices draw noise from both generators
         libc.srand(number)
@@ -298,19 +330,18 @@ def synthesize_chunk(job):
         wave = np.concatenate(chunks or [np.zeros(0, np.int16)]).astype(np.float32) / 32768
         if np.abs(wave).max(initial=0) < SILENCE_PEAK:
             failed.append((item["file_name"], item["voice"]))
+            print(item["file_name"], "silent", file=progress, flush=True)
             continue
         soundfile.write(os.path.join(root, item["file_name"]), resample(torch.from_numpy(wave)).numpy(), SAMPLE_RATE,
                         subtype="PCM_16")
     return failed
 
-def build_corpus(cache_dir, size, seed, num_proc=2):
-    """Synthesise the embedded corpus once into cache_dir/corpus-<size>-<seed>-<recipe>/<split>/ (audio, metadata.csv);
-    <recipe> hashes the plan and the synthesis code, so that changing either builds a new corpus. It is built in a
-    '.partial' folder, renamed when complete, and its 'done' file holds every file's CRC: a cache that is incomplete
-    or damaged is rebuilt, never reused. A voice that eSpeak refuses or that stays silent is skipped with a warning."""
-    plan = corpus_plan(size, seed)
+def build_corpus(cache_dir, size, seed, num_proc=2, corpus="embedded"):
+    """Synthesise an embedded corpus once -> cache_dir/corpus[-mandarin]-<size>-<seed>-<recipe>, <recipe> a hash of the
+    plan and the synthesis code (README, Data: written as '.partial', CRC-checked on reuse, bad voices skipped)."""
+    plan = corpus_plan(size, seed, corpus)
     recipe = hashlib.sha256(json.dumps([plan, inspect.getsource(synthesize_chunk)]).encode()).hexdigest()[:8]
-    root = Path(cache_dir, f"corpus-{size}-{seed}-{recipe}")
+    root = Path(cache_dir, f"{corpus.replace('embedded', 'corpus')}-{size}-{seed}-{recipe}")
     crc = lambda path: zlib.crc32(path.read_bytes())
     if (root / "done").exists():
         files = json.loads((root / "done").read_text()).get("crc32", {})
@@ -324,11 +355,30 @@ def build_corpus(cache_dir, size, seed, num_proc=2):
         shutil.rmtree(folder, ignore_errors=True)
     for split in SPLITS:
         (partial / split).mkdir(parents=True)
-    with multiprocessing.get_context("spawn").Pool(max(1, num_proc), maxtasksperchild=1) as pool:
-        jobs = [(str(partial), plan[i:i + 1000]) for i in range(0, len(plan), 1000)]
-        failed = dict(itertools.chain.from_iterable(pool.map(synthesize_chunk, jobs, chunksize=1)))
-    for voice, count in sorted(collections.Counter(failed.values()).items()):
-        print(f"echo: warning: eSpeak NG voice {voice!r} refused or gave no audio: {count} utterances skipped",
+    # each chunk in a fresh process; eSpeak segfaults on a few rare Mandarin utterances (voice, pitch and syllables
+    # together): that one is skipped and the rest of its chunk spoken by a new process, so the build stays deterministic
+    queue, running, failed, logs = [plan[i:i + 1000] for i in range(0, len(plan), 1000)], {}, set(), itertools.count()
+    while queue or running:
+        while queue and len(running) < max(1, num_proc):
+            items, log = queue.pop(0), partial / f"job{next(logs)}.log"
+            process = multiprocessing.get_context("spawn").Process(target=synthesize_chunk, args=((str(partial), items,
+                                                                                                  str(log)),))
+            process.start()
+            running[process] = items, log
+        multiprocessing.connection.wait([process.sentinel for process in running])
+        for process in [process for process in running if process.exitcode is not None]:
+            items, log = running.pop(process)
+            lines = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+            log.unlink(missing_ok=True)
+            failed |= {line[0] for line in lines if len(line) > 1}  # refused or silent
+            started = sum(len(line) == 1 for line in lines)
+            if process.exitcode and not started:
+                raise SystemExit(f"echo: {root}: corpus synthesis failed (exit code {process.exitcode})")
+            if process.exitcode:  # eSpeak crashed on the last utterance it started
+                failed.add(items[started - 1]["file_name"])
+                queue += [items[started:]] if items[started:] else []
+    for voice, count in sorted(collections.Counter(r["voice"] for r in plan if r["file_name"] in failed).items()):
+        print(f"echo: warning: eSpeak NG voice {voice!r} refused, crashed or gave no audio: {count} utterances skipped",
               file=sys.stderr)
     plan = [r for r in plan if r["file_name"] not in failed]
     for split in SPLITS:
@@ -424,8 +474,7 @@ def fit_frames(x, n):
 
 def extract_f0(wave, sample_rate=SAMPLE_RATE):
     """f0 in Hz and a voicing flag per 10 ms frame (frame k centred at k*10 ms), aligned 1:1 with log_mel:
-    (samples,) array or tensor at any rate -> two (samples * 16000 // rate // 160 + 1,) tensors. YIN in torch
-    (yin_f0): as accurate as Praat and pyin on speech and over 30x cheaper than librosa.pyin (README)."""
+    (samples,) array or tensor at any rate -> two (samples * 16000 // rate // 160 + 1,) tensors, by yin_f0."""
     wave = torch.as_tensor(np.asarray(wave, dtype=np.float32)).reshape(-1)
     n_frames = len(wave) * SAMPLE_RATE // sample_rate // HOP + 1
     if sample_rate != SAMPLE_RATE:
@@ -479,8 +528,7 @@ def _featurize_examples(batch, text_column, keep_wave, max_seconds, device):
                                                                     "n_frames": [len(u["mel"]) for u in utterances]}
 
 def local_folder(folder, hf_cache):
-    """A folder of audio files + metadata.csv (file_name,transcription,...) -> Dataset with an 'audio' column
-    of file paths, the same Audio(decode=False) type a hub dataset has."""
+    """A folder's metadata.csv (file_name,transcription,...) -> Dataset, its 'audio' column of paths as on the hub."""
     ds = datasets.load_dataset("csv", data_files=os.path.join(folder, "metadata.csv"), split="train", cache_dir=hf_cache,
                                keep_default_na=False)
     if "file_name" not in ds.column_names:
@@ -491,9 +539,9 @@ def raw_splits(args, hf_cache):
     """{split: Dataset of audio + transcript} from the embedded corpus, a local folder (split subfolders, or one flat
     folder split 90/5/5) or the hub (a one-line error offline, after a 3 s reachability check, not 26 s of retries)."""
     names = dict(zip(("train", "validation", "test"), args.splits.split(",")))
-    if args.dataset == "embedded" or os.path.isdir(args.dataset):
-        root = (build_corpus(args.cache_dir, args.corpus_size, args.corpus_seed, args.num_proc)
-                if args.dataset == "embedded" else args.dataset)
+    if args.dataset in CORPORA or os.path.isdir(args.dataset):
+        root = (build_corpus(args.cache_dir, args.corpus_size, args.corpus_seed, args.num_proc, args.dataset)
+                if args.dataset in CORPORA else args.dataset)
         raw = {split: local_folder(os.path.join(root, names.get(split, split)), hf_cache) for split in SPLITS
                if os.path.exists(os.path.join(root, names.get(split, split), "metadata.csv"))}
         if "train" not in raw and os.path.exists(os.path.join(root, "metadata.csv")):
@@ -523,9 +571,8 @@ def feature_code_hash():
     return hashlib.sha256(repr((code, constants)).encode()).hexdigest()[:16]
 
 def load_splits(args):
-    """Every source goes through Hugging Face datasets: raw audio (decode=False) -> cached features per split.
-    Returns {split: Dataset with mel, f0, voiced, text, n_frames} and the skipped utterances; with --streaming the
-    train split is an IterableDataset that computes the same columns (and 'error') as it is read."""
+    """-> {split: Dataset with mel, f0, voiced, text, n_frames}, cached per split, and the skipped utterances; with
+    --streaming the train split is an IterableDataset that computes the same columns (and 'error') as it is read."""
     datasets.disable_progress_bars()
     threads, device = torch.get_num_threads(), pick_device(args.device)  # on a GPU: f0 batched, in this process
     if args.num_proc > 1 and device.type == "cpu":  # forked feature workers inherit this: one thread per core each
@@ -555,23 +602,19 @@ def load_splits(args):
     return out, skipped
 
 def length_batches(lengths, batch_frames, rng=None):
-    """Batches of indices whose padded size (longest x count) stays within batch_frames. With rng (random.Random,
-    training): shuffle, sort inside windows of BUCKET_WINDOW, cut, shuffle the batches; deterministic in the rng's
-    seed, so a resumed run sees the same order. Without (evaluation, transcription): all sorted by length, then cut."""
+    """Batches of indices, sorted by length, whose padded size (longest x count) stays within batch_frames. With rng
+    (training): sorted within shuffled windows of BUCKET_WINDOW, batches shuffled; a resumed run gets the same order."""
     order = list(range(len(lengths)))
     if rng is not None:
         rng.shuffle(order)
     window = BUCKET_WINDOW if rng is not None else max(1, len(order))
     batches = []
     for start in range(0, len(order), window):
-        batch, longest = [], 0
-        for i in sorted(order[start:start + window], key=lambda i: lengths[i]):
-            if batch and max(longest, lengths[i]) * (len(batch) + 1) > batch_frames:
-                batches.append(batch)
-                batch, longest = [], 0
-            batch.append(i)
-            longest = max(longest, lengths[i])
-        batches.append(batch)
+        batches.append([])
+        for i in sorted(order[start:start + window], key=lambda i: lengths[i]):  # so i is its batch's longest
+            if batches[-1] and lengths[i] * (len(batches[-1]) + 1) > batch_frames:
+                batches.append([])
+            batches[-1].append(i)
     if rng is not None:
         rng.shuffle(batches)
     return batches
@@ -603,11 +646,8 @@ def audio_augmented(args):
     return bool(args.speed_perturb or args.noise_snr or args.reverb or args.bandpass)
 
 def perturb_audio(items, rng, args):
-    """Training audio augmentation, seeded by rng, in the order a signal meets them: speed perturbation (a factor of
-    SPEED_FACTORS by resampling: tempo and pitch move together), a room (the direct sound plus as much energy again in
-    exponentially decaying noise, RT60 drawn from REVERB_RT60), band limits (biquad high- and low-pass, cut-offs
-    drawn from BANDPASS_HZ) and white noise at a random SNR (dB). Items need 'wave'; a changed utterance gets its
-    log-mel and f0 recomputed from the new audio, so the f0 track is that of the audio the model hears."""
+    """Training audio augmentation seeded by rng, in the order a signal meets them (README, Augmentation). Items need
+    'wave'; a changed one gets its log-mel and f0 recomputed, so the f0 track is that of the audio the model hears."""
     changed = {}
     for i, item in enumerate(items):
         wave = torch.from_numpy(np.asarray(item["wave"], dtype=np.float32))
@@ -631,8 +671,7 @@ def perturb_audio(items, rng, args):
     return [item | features.get(i, {}) for i, item in enumerate(items)]
 
 def spec_augment(batch, rng):
-    """SpecAugment as ESPnet's LibriSpeech-100 recipe (no time warping): per utterance, SPECAUG_MASKS frequency and time
-    masks filled with its mean log-mel. Only the log-mel inside each utterance changes: never f0, waveform, padding."""
+    """SpecAugment as ESPnet's LibriSpeech-100 recipe (SPECAUG_MASKS, no time warping): only log-mel inside utterances."""
     freq_masks, max_bins, time_masks, max_time = SPECAUG_MASKS
     mel = batch["mel"].clone()
     for i, n in enumerate(batch["frames"].tolist()):
@@ -657,9 +696,8 @@ def cached_batch(train_set, tokenizer, args, epoch, indices):
     return training_batch(rows(train_set, indices), tokenizer, args, (epoch, indices[0]))
 
 class StreamingBatches(torch.utils.data.IterableDataset):
-    """--streaming: training micro-batches from load_splits' featurising stream, shuffled and length-bucketed
-    BUCKET_WINDOW utterances at a time; each DataLoader worker reads its own shards. Unusable utterances are skipped;
-    each batch carries how many were skipped since the one before."""
+    """--streaming: micro-batches of load_splits' featurising stream, shuffled and length-bucketed BUCKET_WINDOW
+    utterances at a time, each DataLoader worker on its own shards; each says how many unusable ones it skipped."""
     def __init__(self, stream, tokenizer, args, epoch):
         super().__init__()
         self.stream, self.tokenizer, self.args, self.epoch = stream, tokenizer, args, epoch
@@ -688,9 +726,8 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 def rope_freqs(head_dim, kind="standard", theta=10000.0):
-    """Rotary angular steps per position, one per channel pair, highest first: (head_dim/2,) float64.
-    standard: theta^(-2k/d), top step 1 rad. mel: mel-spaced (as between 20 Hz and 8 kHz) with the top step
-    0.99 pi / SPEED_RANGE[1], so no step exceeds pi at any allowed pitch speed."""
+    """Rotary angular steps per position, one per channel pair, highest first: (head_dim/2,) float64. mel: mel-spaced
+    (as between 20 Hz and 8 kHz) with the top step 0.99 pi / SPEED_RANGE[1]: no step exceeds pi at any pitch speed."""
     k = torch.arange(head_dim // 2, dtype=torch.float64)
     if kind == "standard":
         return theta ** (-2 * k / head_dim)
@@ -723,9 +760,8 @@ def pitch_track(f0, voiced, frames, n_out):
     return torch.where(voiced, log_f0, 0.0), voiced
 
 class PitchPrior(nn.Module):
-    """What encoder self-attention knows about pitch, computed once per batch for every block: the rotary table (pitch-
-    warped phase, variable radius) and the attention mask (padding, pitch-similarity bias, zero-value offset). With
-    every flag off it is standard RoPE and a key-padding mask."""
+    """What encoder self-attention knows about pitch, once per batch: the rotary table (pitch-warped phase, radius) and
+    the mask (padding, pitch bias, zero-value offset). With every flag off, standard RoPE and a key-padding mask."""
     def __init__(self, head_dim, n_heads, f0_theta=False, radii=False, pitch_bias=False, zero_value=False,
                  freqs="standard"):
         super().__init__()
@@ -805,8 +841,7 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).flatten(2))
 
 class Gate(nn.Module):
-    """A scalar gate per position on a block's MLP output: (B, T, D) -> (B, T, 1) in (0, 1). mlp: sigmoid(W x). t: softmax
-    mixture of 4 sigmoid gates. m: mean of a sigmoid MLP gate and a sigmoid read of a memory, softmax(x K^T / sqrt(d)) V."""
+    """A scalar gate per position on a block's MLP output, (B, T, D) -> (B, T, 1) in (0, 1): README's --gate kinds."""
     def __init__(self, kind, d_model, memory=64):
         super().__init__()
         self.kind = kind
@@ -862,20 +897,21 @@ class Stem(nn.Module):
         return x.transpose(1, 2)
 
 def pitch_input(f0, voiced, n):
-    """(B, T') f0 and voicing -> (B, 2, n): log2(f0 / 220 Hz) on voiced frames (0 elsewhere) and the voicing flag."""
+    """(B, T') f0 and voicing -> (B, 3, n) on voiced frames (0 elsewhere): log2(f0 / 220 Hz); log2 f0 less the
+    utterance's mean over voiced frames, as Kaldi's pitch features subtract a mean, so that a tone's height reads the
+    same for every speaker; and the voicing flag."""
     f0 = fit_frames(f0, n)
     voiced = fit_frames(voiced, n).bool() & torch.isfinite(f0) & (f0 > 0)
-    octaves = (f0.nan_to_num(F0_REF).clamp(min=1.0) / F0_REF).log2()
-    return torch.stack([torch.where(voiced, octaves, 0.0), voiced.float()], 1)
+    octaves = torch.where(voiced, (f0.nan_to_num(F0_REF).clamp(min=1.0) / F0_REF).log2(), 0.0)
+    relative = octaves - octaves.sum(1, keepdim=True) / voiced.sum(1, keepdim=True).clamp(min=1)
+    return torch.stack([octaves, torch.where(voiced, relative, 0.0), voiced.float()], 1)
 
 class Streams(nn.Module):
-    """Feature streams -> encoder input (B, T/4, D). spectrogram: the log-mel. pitch: log2(f0 / 220 Hz) and voicing,
-    from the cached f0 track the rotary uses. waveform: a learned 25 ms / 10 ms filterbank conv. Each stream has its
-    own Stem; several are fused by c_gate, a per-stream sigmoid weight computed from all of them."""
+    """Feature streams -> encoder input (B, T/4, D): a Stem each, several fused by c_gate (README, Gates, streams)."""
     def __init__(self, names, d_model):
         super().__init__()
         self.names = names
-        channels = {"spectrogram": N_MELS, "pitch": 2, "waveform": 64}
+        channels = {"spectrogram": N_MELS, "pitch": 3, "waveform": 64}
         self.stems = nn.ModuleDict({name: Stem(channels[name], d_model) for name in names})
         if "waveform" in names:
             self.filterbank = nn.Conv1d(1, 64, 400, stride=HOP, padding=200)
@@ -895,8 +931,7 @@ class Streams(nn.Module):
         return sum(weights[..., i:i + 1] * stream for i, stream in enumerate(streams))
 
 class Encoder(nn.Module):
-    """Feature streams + f0 track -> (B, ceil(T/4), D): conv stems (stride 4, 40 ms frames), then transformer
-    blocks whose self-attention takes its rotary and mask from the PitchPrior."""
+    """Streams + f0 -> (B, ceil(T/4), D): conv stems (40 ms frames), blocks with the PitchPrior's rotary and mask."""
     def __init__(self, c):
         super().__init__()
         self.streams = Streams(tuple(c.streams.split(",")), c.d_model)
@@ -915,8 +950,7 @@ class Encoder(nn.Module):
         return self.norm(x), valid
 
 class Decoder(nn.Module):
-    """tokens (B, L) + audio (B, S, D) -> logits (B, L, vocab): causal RoPE self-attention over token
-    positions, cross-attention without rotary (tokens and frames share no position axis), tied output."""
+    """tokens (B, L) + audio (B, S, D) -> logits (B, L, vocab): causal RoPE self-attention, plain cross-attention."""
     def __init__(self, c):
         super().__init__()
         self.embed = nn.Embedding(c.vocab, c.d_model)
@@ -969,19 +1003,11 @@ def build_model(config):
 
 # ---- optimizer
 class MaxFactor(torch.optim.Optimizer):
-    """MaxFactor (sine2pi/Maxfactor): Adafactor's factored second moments, no momentum, infinity-norm-scaled updates.
-    Per parameter, with its own step count t: V is an EMA of G^2 with weight b_t = clamp(t^-0.8, 0.001, 0.999),
-    factored for >= 2-D tensors (a row and a column EMA of the rows x cols view, V = R (x) C / max(R): state
-    O(rows + cols)); U = G / sqrt(V); decoupled weight decay. Then, as upstream specifies it (upstream=True):
-    vectors' V uses a fixed EMA weight 0.01; U is scaled to infinity-norm 1; a matrix steps by sign(U) * rowmax|U|,
-    a vector by U, times a_t = max(1e-4, RMS(theta)) * min(lr, 1/sqrt(t)). Echo's changes, measured in 300-step runs
-    of the default model (README, Optimizers):
-    - each row of U is scaled to infinity-norm 1 (a vector is one row): a row's largest entry moves by the full step,
-      the rest in proportion, where upstream's sign moves every entry by its row's share of the matrix's maximum;
-    - the step is the scheduled lr itself, not relative to RMS(theta) and 1/sqrt(t);
-    - vectors' V uses b_t like matrices (one rule for every tensor).
-    Upstream's damping max(1, RMS(U)) is left out, as it is always 1 (U's infinity norm is 1), and so is its 2x boost
-    of single-number parameters, which the default model does not have; those follow the vector rule here."""
+    """MaxFactor (sine2pi/Maxfactor) as README's Gates, streams, optimizers states it, no momentum: per parameter, with
+    its own step count t, V is an EMA of G^2 with weight b_t = clamp(t^-0.8, 0.001, 0.999), for a matrix a row and a
+    column EMA (V = R (x) C / max(R)); U = G / sqrt(V), each row scaled to infinity-norm 1, steps by the scheduled lr;
+    decoupled weight decay. upstream=True: upstream's formula, where vectors' V has a fixed EMA weight 0.01. Upstream's
+    damping max(1, RMS(U)) is left out, as it is always 1, and its 2x boost of single numbers (the vector rule here)."""
     def __init__(self, params, lr=3e-3, weight_decay=0.0, upstream=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.upstream = upstream
@@ -994,12 +1020,9 @@ class MaxFactor(torch.optim.Optimizer):
                     continue
                 state, matrix = self.state[p], p.dim() >= 2
                 if not state:
-                    state["step"] = 0
-                    if matrix:
-                        state["row"] = torch.zeros(p.shape[0], device=p.device)
-                        state["col"] = torch.zeros(p[0].numel(), device=p.device)
-                    else:
-                        state["second"] = torch.zeros_like(p, dtype=torch.float32)
+                    state |= ({"step": 0, "row": torch.zeros(p.shape[0], device=p.device),
+                               "col": torch.zeros(p[0].numel(), device=p.device)} if matrix else
+                              {"step": 0, "second": torch.zeros_like(p, dtype=torch.float32)})
                 state["step"] += 1
                 t = state["step"]
                 beta = 0.01 if self.upstream and not matrix else min(max(t ** -0.8, 0.001), 0.999)
@@ -1023,9 +1046,9 @@ class MaxFactor(torch.optim.Optimizer):
 
 def build_optimizer(model, args, device):
     """--optimizer by name; weight decay on matrices only."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if args.optimizer.startswith("maxfactor"):
         return MaxFactor(groups, lr=args.lr, upstream=args.optimizer == "maxfactor_upstream")
     if args.optimizer == "adafactor":
@@ -1083,10 +1106,9 @@ class CTCPrefixScorer:
 @torch.no_grad()
 def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=None):
     """Autoregressive beam search with a KV cache -> token-id lists (no BOS, EOS); beam=1 is greedy. Each hypothesis
-    is extended by its decoder's top candidates, scored (1 - w) log p_attention + w * (gain in CTC prefix score), which
-    stops the loops and early ends of a young attention decoder. The best `beam` go on; one that ends (EOS or length
-    cap) leaves the beam, and the ended one with the best score per token wins. An utterance stops once its live
-    hypotheses all score END_MARGIN below its best ended one (ESPnet's end detection): scores only fall from there."""
+    is extended by its decoder's top candidates, scored (1 - w) log p_attention + w * (gain in CTC prefix score); the
+    best `beam` go on. One that ends (EOS or length cap) leaves the beam; the ended one with the best score per token
+    wins. An utterance stops once its live hypotheses all score END_MARGIN below its best ended one, as in ESPnet."""
     model.eval()
     audio, valid = model.encoder(batch) if encoded is None else encoded  # evaluate() has encoded it already
     n, width = len(audio), beam
@@ -1127,12 +1149,26 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
             ctc.choose(choice, top.indices[parent], psi[parent], r_n[parent], r_b[parent])
         if torch.isinf(scores).all():
             break
-    hyps = [max(options)[1] for options in ended]
-    return [seq[:seq.index(EOS)] if EOS in seq else seq for seq in hyps]
+    return [seq[:seq.index(EOS)] if EOS in seq else seq for _, seq in map(max, ended)]  # best score per token
+
+TONED = re.compile(r"[a-z]+[1-5]( [a-z]+[1-5])*")  # a pinyin transcript: every syllable ends in its tone digit
+TONE_METRICS = ("ser", "ter", "toned_ser")  # syllable error rate without tones, tone error rate, with tones
+
+def tone_scores(refs, hyps):
+    """Pinyin references and hypotheses -> ser: syllable error rate with the tones stripped; ter: among the reference
+    syllables that the alignment of base syllables (jiwer's Levenshtein) pairs with an equal one, the share whose tone
+    differs; toned_ser: syllable error rate of the syllables with their tones."""
+    base = lambda text: " ".join(s.rstrip("12345") for s in text.split())
+    aligned, matched, wrong = jiwer.process_words([base(r) for r in refs], [base(h) for h in hyps]), 0, 0
+    for ref, hyp, chunks in zip(refs, hyps, aligned.alignments):
+        for c in (c for c in chunks if c.type == "equal"):
+            pairs = zip(ref.split()[c.ref_start_idx:c.ref_end_idx], hyp.split()[c.hyp_start_idx:c.hyp_end_idx])
+            matched, wrong = matched + c.ref_end_idx - c.ref_start_idx, wrong + sum(r[-1] != h[-1] for r, h in pairs)
+    return {"ser": aligned.wer, "ter": wrong / max(1, matched), "toned_ser": jiwer.wer(refs, hyps)}
 
 @torch.no_grad()
 def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, beam=1):
-    """Decoded WER/CER (jiwer) on the first n_utts utterances, teacher-forced loss and token accuracy."""
+    """Decoded WER/CER (and tone metrics on pinyin) of the first n_utts; teacher-forced loss and token accuracy."""
     model.eval()
     n = len(dataset) if n_utts is None else min(n_utts, len(dataset))
     lengths = dataset.select(range(n))["n_frames"]
@@ -1143,6 +1179,7 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bea
         batch = to_device(collate([it | {"text": tokenizer.known(it["text"])} for it in items], tokenizer), device)
         t0 = time.time()
         audio, valid = model.encoder(batch)
+        hyps += [tokenizer.decode(h) for h in decode(model, batch, ctc_weight, beam, encoded=(audio, valid))]
         decode_seconds += time.time() - t0  # transcription time = encoding + decoding
         logits = model.decoder(batch["tokens"][:, :-1], audio, valid).float()
         targets = batch["tokens"][:, 1:]
@@ -1150,17 +1187,14 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bea
         loss_sum += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
         correct += (logits.argmax(-1)[keep] == targets[keep]).sum().item()
         tokens_total += keep.sum().item()
-        t0 = time.time()
-        hyps += [tokenizer.decode(h) for h in decode(model, batch, ctc_weight, beam, encoded=(audio, valid))]
-        decode_seconds += time.time() - t0
         refs += [str(it["text"]) for it in items]
-    return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "loss": loss_sum / max(1, tokens_total),
-            "token_accuracy": correct / max(1, tokens_total), "samples": list(zip(refs, hyps)), "n": len(refs),
-            "rtfx": sum(lengths) / 100 / max(decode_seconds, 1e-9)}
+    tones = tone_scores(refs, hyps) if all(TONED.fullmatch(r) for r in refs) else {}
+    return tones | {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "loss": loss_sum / max(1, tokens_total),
+                    "token_accuracy": correct / max(1, tokens_total), "samples": list(zip(refs, hyps)), "n": len(refs),
+                    "rtfx": sum(lengths) / 100 / max(decode_seconds, 1e-9)}
 
 def save_checkpoint(path, state):
-    """Write to a temporary file, fsync, keep the previous checkpoint as .prev, then rename: a crash at any
-    moment leaves a complete checkpoint on disk."""
+    """Write a temporary file, fsync, keep the previous checkpoint as .prev, rename: a crash never leaves half a one."""
     path, tmp = Path(path), Path(f"{path}.tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -1212,17 +1246,14 @@ def transcribe(args):
 
 # ---- diagnostics: what pitch does inside the model, as TensorBoard scalars and figures (and PNGs, --diagnose)
 def record_activations(model):
-    """Forward hooks that store each block's mean gate activation and mean |MLP output| in a dict, read-only.
-    Returns (that dict, the hook handles to remove)."""
+    """Read-only forward hooks storing each block's mean gate and mean |MLP output| -> (that dict, the hook handles)."""
     stats = {}
     store = lambda tag: lambda module, inputs, output: stats.__setitem__(tag, output.detach().float().abs().mean().item())
     return stats, [module.register_forward_hook(store(f"blocks/{name}/{what}")) for name, block in model.named_blocks()
                    for what, module in (("mlp_abs_mean", block.mlp), ("gate_mean", block.gate)) if module is not None]
 
 def block_scalars(model, activations, hooks=()):
-    """{tag: value} after a backward pass: per block the gate/MLP activation ratio, the gate/MLP gradient-norm ratio
-    and the gradient norm of every attention projection (q, k, v, o of self- and cross-attention); the per-head pitch
-    parameters as the attention uses them, and the mean c_gate weight per stream. Removes the recording hooks."""
+    """{tag: value} after a backward pass, as README's What TensorBoard shows lists them; removes the hooks."""
     for hook in hooks:
         hook.remove()
     def norm(module):
@@ -1422,10 +1453,9 @@ def training_data(args, rank, world, ckpt):
             data["validation"]["text"]))
         return data, split_dataset_by_node(data["train"], rank, world), tokenizer, skipped
     tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else "".join(data["train"]["text"]))
-    usable = [i for i, t in enumerate(data["train"]["text"]) if set(t) <= set(tokenizer.chars)]
-    skipped += [f"train utterance {i}: characters outside the tokenizer" for i in
-                sorted(set(range(len(data["train"]))) - set(usable))]
-    return data, data["train"].select(usable), tokenizer, skipped
+    known = [set(t) <= set(tokenizer.chars) for t in data["train"]["text"]]
+    skipped += [f"train utterance {i}: characters outside the tokenizer" for i, ok in enumerate(known) if not ok]
+    return data, data["train"].select([i for i, ok in enumerate(known) if ok]), tokenizer, skipped
 
 def training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index, device):
     """Yields (epoch, batch_index after the step, this process's micro-batches) for each optimizer step from the data
@@ -1489,10 +1519,12 @@ def log_step(writer, step, args, losses, grad_norm, step_seconds, diagnostics, s
 def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, args, n_utts=None):
     """Decode (the first n_utts of) a split; log evaluate()'s metrics and 5 samples; print one line -> the result."""
     result = evaluate(model, dataset, tokenizer, device, n_utts, args.decode_ctc_weight, args.beam)
-    for key, tag in (("wer", "wer"), ("cer", "cer"), ("loss", "loss"), ("token_accuracy", "token_accuracy_teacher_forced")):
-        writer.add_scalar(f"{split}/{tag}", result[key], step)
+    for key in ("wer", "cer", *TONE_METRICS, "loss", "token_accuracy"):
+        if key in result:
+            writer.add_scalar(f"{split}/{key}{'_teacher_forced' if key == 'token_accuracy' else ''}", result[key], step)
     writer.add_text(f"{split}/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
-    tqdm.write(f"step {step}, {split}: CER {100 * result['cer']:.2f} %  WER {100 * result['wer']:.2f} %  loss "
+    tones = "".join(f"  {key.upper()} {100 * result[key]:.2f} %" for key in TONE_METRICS if key in result)
+    tqdm.write(f"step {step}, {split}: CER {100 * result['cer']:.2f} %  WER {100 * result['wer']:.2f} %{tones}  loss "
                f"{result['loss']:.3f}  ({result['n']} utterances, decoded, RTFx {result['rtfx']:.0f})")
     return result
 
@@ -1504,20 +1536,21 @@ def test_and_report(writer, step, model, data, tokenizer, device, args, config, 
     for split in TEST_SPLITS:
         if split in data:
             result = evaluate_and_log(writer, step, split, model, data[split], tokenizer, device, args)
-            results[split] = {k: round(result[k], 4) for k in ("wer", "cer", "rtfx")} | {"utterances": result["n"]}
+            results[split] = {k: round(result[k], 4) for k in ("wer", "cer", *TONE_METRICS, "rtfx") if k in result}
+            results[split]["utterances"] = result["n"]
     if results["skipped_utterances"]:
         print(f"skipped {results['skipped_utterances']} unusable utterances in all")
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
     writer.add_hparams(hparams, {f"hparam/{split}_{metric}": results[split][metric] for split in TEST_SPLITS
-                                 if split in results for metric in ("cer", "wer")}, run_name=".", global_step=step)
+                                 if split in results for metric in ("cer", "wer", *TONE_METRICS)
+                                 if metric in results[split]}, run_name=".", global_step=step)
     (Path(args.runs_dir) / args.name / "results.json").write_text(json.dumps(results, indent=1))
     writer.close()
     return results
 
 def train(args):
-    """Train, evaluate and checkpoint: set-up, then one loop over optimizer steps. Under torchrun each step's
-    --grad_accum micro-batches are shared out among the processes (DistributedDataParallel averages their gradients);
-    rank 0 alone logs, evaluates and checkpoints. Returns rank 0's decoded test results."""
+    """Train, evaluate and checkpoint. Under torchrun each step's --grad_accum micro-batches are shared out among the
+    processes (DDP averages their gradients); rank 0 alone logs, evaluates, checkpoints and returns the test results."""
     rank, world, device = init_distributed(args.device)
     if args.grad_accum % world:
         raise SystemExit(f"echo: --grad_accum {args.grad_accum} must be a multiple of the {world} processes")
@@ -1600,7 +1633,7 @@ def ablation_run(run):
     finished. A different run already in its folder is an error, never overwritten."""
     run_dir = Path(run.runs_dir) / run.name
     if (run_dir / "config.json").exists():
-        ignore = ("name", "ablate", "seeds", "resume", "transcribe", "ckpt")
+        ignore = ("name", "runs_dir", "ablate", "seeds", "resume", "transcribe", "ckpt")  # a run may have been moved
         earlier = json.loads((run_dir / "config.json").read_text())["config"]
         if any(earlier.get(k, v) != json.loads(json.dumps(v)) for k, v in vars(run).items() if k not in ignore):
             raise SystemExit(f"echo: {run_dir} holds a run with another config: pick another --name")
@@ -1609,50 +1642,70 @@ def ablation_run(run):
     return train(argparse.Namespace(**vars(run) | {"resume": (run_dir / "ckpt.pt").exists()}))
 
 def scalar_history(run_dir, tag):
-    """A TensorBoard scalar of a run -> {step: value} ({} if never logged), the last value logged at each step (a
-    resumed run logs again)."""
+    """A run's TensorBoard scalar -> {step: last value logged at it} ({} if never logged; a resumed run logs again)."""
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
 
+def seed_difference(values, reference):
+    """Per-seed values of a configuration against its reference's -> 'difference (Welch's t-test p, difference in
+    pooled sample standard deviations of the seeds)'; the difference alone with one seed or no spread."""
+    d, pooled = values.mean() - reference.mean(), math.sqrt((values.var(ddof=1) + reference.var(ddof=1)) / 2)
+    if min(len(values), len(reference)) < 2 or pooled == 0:
+        return f"{d:+.2f}"
+    return f"{d:+.2f} (p {scipy.stats.ttest_ind(values, reference, equal_var=False).pvalue:.3f}, {d / pooled:+.1f} sd)"
+
 def ablate(args):
-    """Train every configuration of ABLATIONS[args.ablate] for args.seeds seeds; the decoded CER/WER of every test
-    split as mean ± std in runs/<name>/ablation.md, a bar chart and the mean validation loss curves in ablation.png."""
-    out, t0, results, curves = Path(args.runs_dir) / args.name, time.time(), {}, {}
+    """Train every configuration of ABLATIONS[args.ablate] for args.seeds seeds -> runs/<name>/ablation.md (per corpus,
+    decoded error rates, mean ± std, differences to the first with Welch's p) and ablation.png (bars, loss curves)."""
+    out, t0, results, curves, corpus_of = Path(args.runs_dir) / args.name, time.time(), {}, {}, {}
     out.mkdir(parents=True, exist_ok=True)
     for label, flags in ABLATIONS[args.ablate].items():
+        corpus_of[label] = flags.get("dataset", args.dataset)
         for seed in range(args.seeds):
             run = argparse.Namespace(**(vars(args) | flags | {"seed": seed, "name": f"{args.name}/{label}-seed{seed}"}))
             results.setdefault(label, []).append(ablation_run(run))
             curves.setdefault(label, []).append(scalar_history(Path(args.runs_dir) / run.name, "val/loss"))
-    metrics = [(split, metric) for split in TEST_SPLITS for metric in ("cer", "wer")]
-    values = {label: {m: 100 * np.array([r[m[0]][m[1]] for r in runs]) for m in metrics} for label, runs in results.items()}
-    table = ["| configuration | " + " | ".join(f"{s} {m.upper()} %" for s, m in metrics) + " |", "|---" * 7 + "|"]
-    table += [f"| {label} | " + " | ".join(f"{v[m].mean():.2f} ± {v[m].std():.2f}" for m in metrics) + " |"
-              for label, v in values.items()]
-    text = "\n".join(table) + f"\n\n{args.seeds} seeds each, mean ± std, {(time.time() - t0) / 60:.0f} min in all.\n"
-    (out / "ablation.md").write_text(text)
-    fig, (ax, curve_ax) = plt.subplots(1, 2, figsize=(12, 3.5), width_ratios=(3, 2))
-    for label, histories in curves.items():
-        steps = sorted(set.intersection(*(set(h) for h in histories)))
-        curve_ax.plot(steps, [np.mean([h[s] for h in histories]) for s in steps], marker="o", label=label)
-    curve_ax.set(xlabel="step", ylabel="validation loss (teacher-forced)", title=f"mean of {args.seeds} seeds")
-    curve_ax.legend()
-    for k, split in enumerate(TEST_SPLITS):
-        cer = [v[(split, "cer")] for v in values.values()]
-        ax.bar(np.arange(len(values)) + 0.27 * (k - 1), [c.mean() for c in cer], 0.27, yerr=[c.std() for c in cer],
-               capsize=3, label=split)
-    ax.set_xticks(range(len(values)), list(values))
-    ax.set(ylabel="CER % (decoded)", title=f"Echo {args.ablate} ablation, {args.seeds} seeds, mean ± std")
-    ax.legend()
+    corpora, text = list(dict.fromkeys(corpus_of.values())), []
+    fig, axes = plt.subplots(len(corpora), 2, figsize=(12, 3.5 * len(corpora)), width_ratios=(3, 2), squeeze=False)
+    for (ax, curve_ax), corpus in zip(axes, corpora):
+        labels = [label for label in results if corpus_of[label] == corpus]
+        first = results[labels[0]][0]
+        metrics = [(s, m) for s in TEST_SPLITS if s in first for m in ("cer", "wer", *TONE_METRICS) if m in first[s]]
+        values = {label: {m: 100 * np.array([r[m[0]][m[1]] for r in results[label]]) for m in metrics} for label in labels}
+        header = ["| configuration | " + " | ".join(f"{s} {m.upper()} %" for s, m in metrics) + " |",
+                  "|---" * (len(metrics) + 1) + "|"]
+        row = lambda label, cell: f"| {label.split('/')[-1]} | " + " | ".join(map(cell, metrics)) + " |"
+        text += [f"### {corpus}", "", *header, *(row(label, lambda m: f"{v[m].mean():.2f} ± {v[m].std():.2f}")
+                                                for label, v in values.items())]
+        text += ["", f"Difference to {labels[0].split('/')[-1]}, in points: difference (Welch's t-test p, difference "
+                 "in pooled sample standard deviations of the seeds)", "", *header]
+        text += [row(label, lambda m: seed_difference(v[m], values[labels[0]][m])) for label, v in values.items()][1:]
+        text.append("")
+        headline = "ter" if "ter" in first["test"] else "cer"
+        bars = [(s, m) for s, m in metrics if m == headline]
+        for k, m in enumerate(bars):
+            ax.bar(np.arange(len(values)) + (k - (len(bars) - 1) / 2) * 0.8 / len(bars),
+                   [v[m].mean() for v in values.values()], 0.8 / len(bars), yerr=[v[m].std() for v in values.values()],
+                   capsize=3, label=m[0])
+        ax.set_xticks(range(len(values)), [label.split("/")[-1] for label in values])
+        ax.set(ylabel=f"{headline.upper()} % (decoded)", title=f"{corpus}: {args.seeds} seeds, mean ± std")
+        ax.legend()
+        for label in labels:
+            steps = sorted(set.intersection(*(set(h) for h in curves[label])))
+            curve_ax.plot(steps, [np.mean([h[s] for h in curves[label]]) for s in steps], marker="o", label=label)
+        curve_ax.set(xlabel="step", ylabel="validation loss (teacher-forced)", title=f"mean of {args.seeds} seeds")
+        curve_ax.legend(fontsize=7)
+    text.append(f"{args.seeds} seeds each, mean ± std (population), {(time.time() - t0) / 60:.0f} min in all.\n")
+    (out / "ablation.md").write_text("\n".join(text))
+    fig.suptitle(f"Echo {args.ablate} ablation")
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=120)
-    print(text)
+    print("\n".join(text))
 
 class TextbookTransformer(nn.Module):
-    """--bench's peer: the encoder-decoder a user would otherwise write from PyTorch's own nn.TransformerEncoderLayer
-    and nn.TransformerDecoderLayer (pre-norm, GELU, no dropout) at Echo's sizes, with Echo's conv stem, CTC head,
-    tied output and losses, and learned absolute positions in place of rotary."""
+    """--bench's peer: PyTorch's own nn.TransformerEncoderLayer and DecoderLayer (pre-norm, GELU, no dropout) at Echo's
+    sizes, with Echo's conv stem, CTC head, tied output and losses, and learned absolute positions for rotary."""
     def __init__(self, c):
         super().__init__()
         layer = dict(d_model=c.d_model, nhead=c.n_heads, dim_feedforward=4 * c.d_model, dropout=0.0, activation="gelu",
@@ -1712,10 +1765,7 @@ def time_train_steps(args, batches, variants, vocab, device, warmup=3):
             for label, s in seconds.items()}
 
 def benchmark(args):
-    """Side-by-side speed on this device: train step per attention variant, gate and stream set (same batches,
-    round-robin, warm-up excluded), optimizer state, padding of the batches, f0 by YIN (one utterance at a time and
-    batched on the device) against librosa.pyin (one thread, as in the feature workers), decoding real-time factor
-    (of --ckpt if given, else of an untrained model, which decodes to the length cap) and the diagnostics' cost."""
+    """README's Speed, side by side, on this device; without --ckpt, an untrained model decodes (to the length cap)."""
     device, cpu = pick_device(args.device), torch.device("cpu")
     data, _ = load_splits(argparse.Namespace(**(vars(args) | {"streams": "spectrogram,pitch,waveform"})))
     tokenizer, frames = Tokenizer("".join(data["train"]["text"])), data["train"]["n_frames"]

@@ -260,13 +260,92 @@ def test_corpus_text_is_open_vocabulary():
             assert np.mean(new) < 0.3, split
 
 
+def test_mandarin_corpus_plan_draws_tones_independently_and_keeps_the_split_rules():
+    """Pinyin syllables from the inventory with tone digits 1-5, drawn independently of their neighbours (third-tone
+    sandhi written as spoken: never two 3s in a row, so a written 2 is followed by a 3 more often), range >= 60, held-out variants and bands only in test_unseen,
+    test_open's sentences at least half syllables that training never has, no sentence in two splits."""
+    plan = echo.corpus_plan(2000, seed=1, corpus="embedded-mandarin")
+    assert plan == echo.corpus_plan(2000, seed=1, corpus="embedded-mandarin")
+    syllables = set(echo.pinyin_syllables()[0])
+    assert len(syllables) > 400 and {"ma", "lv", "lve", "zhuang", "er"} <= syllables and "ng" not in syllables
+    assert len({p["transcription"] for p in plan}) == len(plan)
+    tones = [[int(s[-1]) for s in p["transcription"].split()] for p in plan]
+    for p in plan:
+        assert echo.TONED.fullmatch(p["transcription"]) and " ".join(p["transcription"]).find("3 3") < 0, p
+        assert {s[:-1] for s in p["transcription"].split()} <= syllables and 3 <= len(p["transcription"].split()) <= 8
+        accent, variant = p["voice"].split("+")
+        held_out = variant in echo.UNSEEN_VARIANTS, not 10 <= p["pitch"] <= 90, not 90 <= p["rate"] <= 210
+        assert accent == echo.MANDARIN and 60 <= p["range"] <= 95
+        assert all(held_out) if p["split"] == "test_unseen" else not any(held_out), p
+    pairs = Counter((a, b) for t in tones for a, b in zip(t, t[1:]))
+    assert pairs[3, 3] == 0 and pairs[2, 3] > pairs[2, 1]  # a 3 before a 3 is written 2, as it is spoken
+    for before in (1, 4, 5):
+        after = np.array([pairs[before, t] for t in range(1, 6)]) / sum(pairs[before, t] for t in range(1, 6))
+        assert np.abs(after - 0.2).max() < 0.04, (before, after)  # uniform whatever the neighbour
+    train = {s[:-1] for p in plan if p["split"] == "train" for s in p["transcription"].split()}
+    for p in plan:
+        new = np.mean([s[:-1] not in train for s in p["transcription"].split()])
+        assert new >= 0.5 if p["split"] == "test_open" else new == 0, p
+
+
+def test_pinyin_transcripts_round_trip_through_the_tokenizer_and_the_syllable_split():
+    text = "wo3 shuo1 lve4 nv3 zhuang5 er2"
+    tokenizer = echo.Tokenizer("".join(p["transcription"] for p in echo.corpus_plan(200, 0, "embedded-mandarin")))
+    assert set("12345 v") <= set(tokenizer.chars) and echo.normalize_text(text) == text
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text and len(ids) == len(text)  # one token per letter, tone digit and space
+    assert echo.tone_scores([text], [tokenizer.decode(ids)]) == {"ser": 0.0, "ter": 0.0, "toned_ser": 0.0}
+
+
+@pytest.mark.parametrize("hyp, ser, ter, toned_ser", [
+    ("ma1 ba3 ka3 ta4", 0, 1 / 4, 1 / 4),  # a tone alone is wrong
+    ("ma1 da2 ka3 ta4", 1 / 4, 0, 1 / 4),  # a syllable alone is wrong: its tone is not scored
+    ("ma1 ba2 xi1 ka3 ta4", 1 / 4, 0, 1 / 4),  # an insertion
+    ("ma1 ka3 ta1", 1 / 4, 1 / 3, 2 / 4),  # a deletion, and a wrong tone among the three matched
+    ("ma1 ba ka3 ta4", 0, 1 / 4, 1 / 4),  # a syllable without its tone has the wrong tone
+])
+def test_tone_metrics_on_hand_made_alignments(hyp, ser, ter, toned_ser):
+    scores = echo.tone_scores(["ma1 ba2 ka3 ta4"], [hyp])
+    assert scores == pytest.approx({"ser": ser, "ter": ter, "toned_ser": toned_ser})
+
+
+def test_tone_1_and_tone_4_have_different_f0_slopes_in_the_cached_features(tmp_path):
+    """The tonal control rests on this: eSpeak speaks tone 1 level and tone 4 falling, and the cached f0 track says so."""
+    (tmp_path / "train").mkdir()
+    items = [dict(file_name=f"train/{i}{t}.flac", transcription=f"ka{t} ka{t} ka{t}", voice=f"{echo.MANDARIN}+{v}",
+                  pitch=50, range=80, rate=130) for t in (1, 4) for i, v in enumerate(("m1", "f2"))]
+    assert echo.synthesize_chunk((str(tmp_path), items, str(tmp_path / "log"))) == []
+    with open(tmp_path / "train" / "metadata.csv", "w") as f:
+        f.write("file_name,transcription\n" + "".join(f"{os.path.basename(i['file_name'])},{i['transcription']}\n"
+                                                     for i in items))
+    args = echo.parse_args(["--dataset", str(tmp_path), "--cache_dir", str(tmp_path / "cache"), "--num_proc", "1"])
+    train = echo.load_splits(args)[0]["train"]
+    slopes = {}
+    for f0, voiced, text in zip(train["f0"], train["voiced"], train["text"]):
+        runs = np.split(np.arange(len(f0)), np.flatnonzero(np.diff(voiced.astype(int))) + 1)
+        for run in (r for r in runs if voiced[r[0]] and len(r) >= 8):  # each voiced run: octaves per second
+            slopes.setdefault(text[2], []).append(np.polyfit(run / 100, np.log2(f0[run]), 1)[0])
+    assert len(slopes["1"]) >= 3 and len(slopes["4"]) >= 3  # voiced runs of 80 ms or more
+    assert max(slopes["4"]) < min(slopes["1"]) and np.median(slopes["4"]) < -1.0 < -0.2 < np.median(slopes["1"]), slopes
+
+
+def test_mandarin_corpus_audio_is_deterministic(tmp_path):
+    roots = [echo.build_corpus(str(tmp_path / name), 24, 0, num_proc=n, corpus="embedded-mandarin")
+             for name, n in (("a", 1), ("b", 2))]
+    files = sorted(Path(roots[0]).rglob("*.flac"))
+    assert len(files) >= 26 and Path(roots[0]).name.startswith("corpus-mandarin-24-0-")
+    for f in files:
+        assert f.read_bytes() == (Path(roots[1]) / f.relative_to(roots[0])).read_bytes(), f
+
+
 def test_every_voice_speaks(tmp_path):
     """Each accent and each voice variant the corpus uses gives audio."""
-    voices = [f"{a}+m1" for a in echo.ACCENTS] + [f"en+{v}" for v in echo.VARIANTS if v not in echo.DROPPED_VARIANTS]
+    voices = [f"{a}+m1" for a in (*echo.ACCENTS, echo.MANDARIN)] + [f"{a}+{v}" for v in echo.VARIANTS
+                                                                     if v not in echo.DROPPED_VARIANTS for a in ("en", echo.MANDARIN)]
     (tmp_path / "x").mkdir()
     items = [dict(file_name=f"x/{i}.flac", transcription="one two", voice=v, pitch=50, range=50, rate=200)
              for i, v in enumerate(voices)]
-    assert echo.synthesize_chunk((str(tmp_path), items)) == []
+    assert echo.synthesize_chunk((str(tmp_path), items, str(tmp_path / "log"))) == []
     for item in items:
         wave, rate = soundfile.read(tmp_path / item["file_name"])
         assert rate == echo.SAMPLE_RATE and len(wave) > 0.2 * rate and np.abs(wave).max() > 0.05, item["voice"]
@@ -303,11 +382,23 @@ def test_refused_voice_is_skipped_with_a_warning(tmp_path, monkeypatch, capsys):
     plan = echo.corpus_plan(24, 0)
     for p in plan[:3]:
         p["voice"] = "xx-nonexistent"
-    monkeypatch.setattr(echo, "corpus_plan", lambda size, seed: plan)
+    monkeypatch.setattr(echo, "corpus_plan", lambda *args: plan)
     root = Path(echo.build_corpus(str(tmp_path), 24, 0, num_proc=1))
-    assert "eSpeak NG voice 'xx-nonexistent' refused or gave no audio: 3 utterances skipped" in capsys.readouterr().err
+    assert "eSpeak NG voice 'xx-nonexistent' refused, crashed or gave no audio: 3 utterances skipped" in capsys.readouterr().err
     meta = (root / "train" / "metadata.csv").read_text().splitlines()
     assert len(meta) == 1 + 20 - 3 and not (root / "train" / "00000.flac").exists()
+
+
+def test_an_espeak_crash_skips_that_utterance_and_the_rest_of_its_chunk_is_spoken(tmp_path, monkeypatch, capsys):
+    """eSpeak NG 1.52 segfaults on this Mandarin utterance (a neutral tone first, voice rob, pitch 17): the build
+    names the voice, skips that one utterance and speaks every other, the ones after it in its chunk included."""
+    plan = echo.corpus_plan(24, 0, "embedded-mandarin")
+    plan[1] |= dict(transcription="nong5", voice=f"{echo.MANDARIN}+rob", pitch=17, range=69, rate=104)
+    monkeypatch.setattr(echo, "corpus_plan", lambda *args: plan)
+    root = Path(echo.build_corpus(str(tmp_path), 24, 0, num_proc=2, corpus="embedded-mandarin"))
+    assert f"voice '{echo.MANDARIN}+rob' refused, crashed or gave no audio: 1 utterances skipped" in capsys.readouterr().err
+    assert sorted(f.name for f in (root / "train").glob("*.flac")) == [f"{i:05d}.flac" for i in range(20) if i != 1]
+    assert not list(root.glob("*.log"))
 
 
 def test_log_mel_and_f0_are_aligned():
@@ -1309,10 +1400,33 @@ def test_ablation_writes_a_mean_and_spread_table_and_a_chart(tmp_path, monkeypat
     monkeypatch.setattr(echo, "train", fake_train)
     args = echo.parse_args(["--runs_dir", str(tmp_path), "--name", "abl", "--seeds", "2", "--ablate"])
     echo.ablate(args)
-    assert len(seen) == 10 and ("abl/baseline-seed1", 1, False, False, False, False) in seen
+    assert len(seen) == 14 and ("abl/baseline-seed1", 1, False, False, False, False) in seen
     table = (tmp_path / "abl" / "ablation.md").read_text()
     assert "| baseline | 10.50 ± 0.50 | 21.00 ± 1.00 |" in table and "| +radii | 15.50 ± 0.50 |" in table
     assert (tmp_path / "abl" / "ablation.png").stat().st_size > 1000
+
+
+def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch_p(tmp_path, monkeypatch):
+    """--ablate study: Mandarin's configurations at its own budget, with the tone metrics; English's without; each
+    configuration against its corpus's baseline: the difference, Welch's p and the difference in pooled seed sds."""
+    seen = []
+
+    def fake_train(run):
+        seen.append((run.name, run.dataset, run.max_steps, run.streams))
+        (tmp_path / run.name).mkdir(parents=True)  # no validation curve: ablation.png draws the bars alone
+        ter = 0.3 - 0.2 * (run.streams != "spectrogram") + 0.01 * run.seed  # seeds 30, 31, 32 %; the control 20 lower
+        tones = {"ser": 0.5, "ter": ter, "toned_ser": 0.6} if run.dataset == "embedded-mandarin" else {}
+        return {split: {"cer": 0.1, "wer": 0.2} | tones for split in echo.TEST_SPLITS}
+    monkeypatch.setattr(echo, "train", fake_train)
+    echo.ablate(echo.parse_args(["--runs_dir", str(tmp_path), "--name", "study", "--seeds", "3", "--ablate", "study"]))
+    assert len(seen) == 3 * (7 + 4) and ("study/mandarin/pitch_stream-seed2", "embedded-mandarin", 600,
+                                         "spectrogram,pitch") in seen and ("study/english/all-seed0", "embedded", 1000,
+                                                                           "spectrogram") in seen
+    mandarin, english = (tmp_path / "study" / "ablation.md").read_text().split("### embedded\n")
+    assert "test TER %" in mandarin and "test TER %" not in english and "test_open CER %" in english
+    means, difference = [line.split(" | ") for line in mandarin.splitlines() if line.startswith("| pitch_stream |")]
+    assert means[1:5] == ["10.00 ± 0.00", "20.00 ± 0.00", "50.00 ± 0.00", "11.00 ± 0.82"]  # test CER, WER, SER, TER
+    assert difference[1] == "+0.00" and difference[4] == "-20.00 (p 0.000, -20.0 sd)"  # TER 11 against 31 %, sd 1 each
 
 
 def test_scalar_history_keeps_the_last_value_of_each_step_across_a_resume(tmp_path):
