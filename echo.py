@@ -70,7 +70,7 @@ STUDY = {  # --ablate study: the tonal positive control first, then English (REA
 STUDY_RUNS = {f"{corpus}/{label}": budget | PITCH[label] for corpus, (budget, labels) in STUDY.items() for label in labels}
 ABLATIONS = {  # --ablate: each configuration is a set of flag overrides
     "pitch": PITCH,
-    "study": STUDY_RUNS, "control": {k: STUDY_RUNS[k] for k in ("mandarin/baseline", "mandarin/pitch_stream")},
+    "study": STUDY_RUNS, **{f"study-{c}": {k: v for k, v in STUDY_RUNS.items() if k.startswith(c)} for c in STUDY},
     "augment": {"none": AUGMENT_OFF} | {name: AUGMENT_OFF | {name: on} for name, on in AUGMENT_ON.items()},
     "optimizer": {name: dict(optimizer=name, lr=lr) for name, lr in LEARNING_RATES.items()}}
 

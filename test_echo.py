@@ -1422,6 +1422,8 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
     assert len(seen) == 3 * (7 + 4) and ("study/mandarin/pitch_stream-seed2", "embedded-mandarin", 600,
                                          "spectrogram,pitch") in seen and ("study/english/all-seed0", "embedded", 1000,
                                                                            "spectrogram") in seen
+    assert len(echo.ABLATIONS["study-mandarin"]) == 7 and echo.ABLATIONS["study"] == echo.ABLATIONS[
+        "study-mandarin"] | echo.ABLATIONS["study-english"]  # the same runs, one corpus at a time
     mandarin, english = (tmp_path / "study" / "ablation.md").read_text().split("### embedded\n")
     assert "test TER %" in mandarin and "test TER %" not in english and "test_open CER %" in english
     means, difference = [line.split(" | ") for line in mandarin.splitlines() if line.startswith("| pitch_stream |")]
