@@ -116,9 +116,8 @@ class ModelConfig:
         return cls(vocab, **{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name != "vocab"})
 
 def build_parser():
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     a = p.add_argument
     a("--name", default=None, help="run name: logs and checkpoint go to runs/<name>/ (default: a timestamp)")
     a("--runs_dir", default="runs", help="parent folder of all runs")
@@ -361,8 +360,7 @@ def build_corpus(cache_dir, size, seed, num_proc=2, corpus="embedded"):
     while queue or running:
         while queue and len(running) < max(1, num_proc):
             items, log = queue.pop(0), partial / f"job{next(logs)}.log"
-            process = multiprocessing.get_context("spawn").Process(target=synthesize_chunk, args=((str(partial), items,
-                                                                                                  str(log)),))
+            process = multiprocessing.get_context("spawn").Process(target=synthesize_chunk, args=((partial, items, log),))
             process.start()
             running[process] = items, log
         multiprocessing.connection.wait([process.sentinel for process in running])
@@ -415,8 +413,7 @@ def decode_audio(audio):
 
 @functools.cache
 def mel_filterbank():
-    return torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=400, hop_length=HOP, n_mels=N_MELS, f_min=0.0,
-                                                f_max=8000.0, power=2.0)
+    return torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=400, hop_length=HOP, n_mels=N_MELS, f_max=8000.0)
 
 def log_mel(wave):
     """(samples,) float32 at 16 kHz -> (frames, 80) log-mel, 25 ms window, 10 ms hop, 0-8 kHz, Whisper scaling."""
@@ -631,8 +628,7 @@ def collate(items, tokenizer=None):
                                                        batch_first=True)
     batch = {"mel": pad("mel", np.float32), "f0": pad("f0", np.float32), "voiced": pad("voiced", bool),
              "frames": torch.tensor([len(it["mel"]) for it in items]), "text": [str(it["text"]) for it in items]}
-    if "wave" in items[0]:
-        batch["wave"] = pad("wave", np.float32)
+    batch |= {"wave": pad("wave", np.float32)} if "wave" in items[0] else {}
     if tokenizer is not None:
         ids = [torch.tensor([BOS] + tokenizer.encode(t) + [EOS]) for t in batch["text"]]
         batch["tokens"] = nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=PAD)
@@ -1003,11 +999,10 @@ def build_model(config):
 
 # ---- optimizer
 class MaxFactor(torch.optim.Optimizer):
-    """MaxFactor (sine2pi/Maxfactor) as README's Gates, streams, optimizers states it, no momentum: per parameter, with
-    its own step count t, V is an EMA of G^2 with weight b_t = clamp(t^-0.8, 0.001, 0.999), for a matrix a row and a
-    column EMA (V = R (x) C / max(R)); U = G / sqrt(V), each row scaled to infinity-norm 1, steps by the scheduled lr;
-    decoupled weight decay. upstream=True: upstream's formula, where vectors' V has a fixed EMA weight 0.01. Upstream's
-    damping max(1, RMS(U)) is left out, as it is always 1, and its 2x boost of single numbers (the vector rule here)."""
+    """MaxFactor (sine2pi/Maxfactor), no momentum: per parameter, with its own step count t, V is an EMA of G^2 with
+    weight clamp(t^-0.8, 0.001, 0.999), for a matrix a row and a column EMA (V = R (x) C / max(R)); U = G / sqrt(V),
+    each row scaled to infinity-norm 1, steps by the scheduled lr; decoupled weight decay. upstream=True: upstream's
+    formula (README, Optimizers), less its damping max(1, RMS(U)), which is always 1, and its 2x boost of scalars."""
     def __init__(self, params, lr=3e-3, weight_decay=0.0, upstream=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.upstream = upstream
@@ -1105,10 +1100,9 @@ class CTCPrefixScorer:
 
 @torch.no_grad()
 def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=None):
-    """Autoregressive beam search with a KV cache -> token-id lists (no BOS, EOS); beam=1 is greedy. Each hypothesis
-    is extended by its decoder's top candidates, scored (1 - w) log p_attention + w * (gain in CTC prefix score); the
-    best `beam` go on. One that ends (EOS or length cap) leaves the beam; the ended one with the best score per token
-    wins. An utterance stops once its live hypotheses all score END_MARGIN below its best ended one, as in ESPnet."""
+    """Beam search with a KV cache -> token-id lists (no BOS, EOS); beam=1 is greedy. Hypotheses grow by their top
+    candidates, scored (1 - w) log p_attention + w * (gain in CTC prefix score); at EOS or the length cap they leave
+    the beam, the best score per token wins; an utterance stops once its live ones score END_MARGIN below its best ended."""
     model.eval()
     audio, valid = model.encoder(batch) if encoded is None else encoded  # evaluate() has encoded it already
     n, width = len(audio), beam
@@ -1391,11 +1385,8 @@ def lr_at(step, args):
 
 def environment(device, world):
     """Code version (git commit, if any, + hash of this file), software and hardware, kept with every run."""
-    try:
-        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        git = ""
+    git = shutil.which("git") and subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                                 cwd=Path(__file__).resolve().parent).stdout.strip()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     return {"code": f"{git or 'no-git'}+{CODE_HASH}", "python": platform.python_version(), "torch": torch.__version__,
             "platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
@@ -1680,8 +1671,7 @@ def ablate(args):
                                                 for label, v in values.items())]
         text += ["", f"Difference to {labels[0].split('/')[-1]}, in points: difference (Welch's t-test p, difference "
                  "in pooled sample standard deviations of the seeds)", "", *header]
-        text += [row(label, lambda m: seed_difference(v[m], values[labels[0]][m])) for label, v in values.items()][1:]
-        text.append("")
+        text += [row(label, lambda m: seed_difference(v[m], values[labels[0]][m])) for label, v in values.items()][1:] + [""]
         headline = "ter" if "ter" in first["test"] else "cer"
         bars = [(s, m) for s, m in metrics if m == headline]
         for k, m in enumerate(bars):
@@ -1703,33 +1693,9 @@ def ablate(args):
     fig.savefig(out / "ablation.png", dpi=120)
     print("\n".join(text))
 
-class TextbookTransformer(nn.Module):
-    """--bench's peer: PyTorch's own nn.TransformerEncoderLayer and DecoderLayer (pre-norm, GELU, no dropout) at Echo's
-    sizes, with Echo's conv stem, CTC head, tied output and losses, and learned absolute positions for rotary."""
-    def __init__(self, c):
-        super().__init__()
-        layer = dict(d_model=c.d_model, nhead=c.n_heads, dim_feedforward=4 * c.d_model, dropout=0.0, activation="gelu",
-                     batch_first=True, norm_first=True)
-        self.stem, self.positions = Stem(N_MELS, c.d_model), nn.Embedding(4096, c.d_model)
-        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), c.enc_layers, nn.LayerNorm(c.d_model),
-                                             enable_nested_tensor=False)
-        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), c.dec_layers, nn.LayerNorm(c.d_model))
-        self.embed, self.ctc_head = nn.Embedding(c.vocab, c.d_model), nn.Linear(c.d_model, c.vocab)
-        self.ctc_weight = c.ctc_weight
-
-    def forward(self, batch):
-        x = self.stem(batch["mel"].transpose(1, 2), batch["frames"])
-        valid = torch.arange(x.shape[1], device=x.device) < ((batch["frames"] + 3) // 4)[:, None]
-        audio = self.encoder(x + self.positions.weight[:x.shape[1]], src_key_padding_mask=~valid)
-        tokens = batch["tokens"][:, :-1]
-        causal = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=x.device)
-        text = self.decoder(self.embed(tokens) + self.positions.weight[:tokens.shape[1]], audio, tgt_mask=causal,
-                            tgt_is_causal=True, memory_key_padding_mask=~valid)
-        return joint_loss(text @ self.embed.weight.T, self.ctc_head(audio), batch["tokens"], valid, self.ctc_weight)
-
 def median_seconds(run, device, repeats=3):
-    """Median seconds of run() over repeats, after a warm-up (in which numba compiles pyin's kernels, say): CPU time
-    on a CPU, so that other processes do not count; wall time after the queued work on a GPU."""
+    """Median seconds of run() over repeats after a warm-up (numba compiles pyin's kernels): CPU time on a CPU, so
+    that other processes do not count; wall time after the queued work on a GPU."""
     now = (lambda: torch.cuda.synchronize() or time.perf_counter()) if device.type == "cuda" else time.process_time
     seconds = []
     for _ in range(repeats + 1):
@@ -1739,14 +1705,14 @@ def median_seconds(run, device, repeats=3):
     return float(np.median(seconds[1:]))
 
 def time_train_steps(args, batches, variants, vocab, device, warmup=3):
-    """Median train-step seconds and parameter count per variant ({label: flag overrides, or a model class}) on the
+    """Median train-step seconds and parameter count per variant ({label: ModelConfig overrides}) on the
     same batches, round-robin so that every variant sees the same machine load; warm-up steps not timed."""
     models, seconds = {}, {label: [] for label in variants}
     for label, flags in variants.items():
         torch.manual_seed(args.seed)
         config = ModelConfig.from_args(args, vocab)
-        model = flags(config) if isinstance(flags, type) else build_model(dataclasses.replace(config, **flags))
-        models[label] = (model.to(device).train(), build_optimizer(model, args, device))
+        model = build_model(dataclasses.replace(config, **flags)).to(device).train()
+        models[label] = (model, build_optimizer(model, args, device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i, batch in enumerate(batches):
         batch = to_device(batch, device)
@@ -1784,20 +1750,17 @@ def benchmark(args):
     torch.set_num_threads(threads)
     print(f"device: {device} ({environment(device, 1)['gpu']}), {threads} threads, --batch_frames "
           f"{args.batch_frames}, 20 timed steps after 3 warm-up, defaults otherwise\n")
-    # the attention rows use the peer's block (no gate), so that they compare like with like
-    variants = {"peer: nn.TransformerEncoderLayer/DecoderLayer, same sizes": TextbookTransformer}
-    variants |= {f"attention, --gate none: {label}": ABLATIONS["pitch"][key] | {"gate": "none"} for label, key in
+    variants = {f"attention, --gate none: {label}": ABLATIONS["pitch"][key] | {"gate": "none"} for label, key in
                  (("plain RoPE (--no-f0_theta)", "baseline"), ("f0_theta", "f0_theta"),
                   ("f0_theta + radii + pitch_bias + zero_value", "all"))}
     variants |= {f"--gate {gate}": {"gate": gate} for gate in ("mlp", "t", "m")}
     variants |= {f"--streams {s}": {"streams": s} for s in ("spectrogram", "spectrogram,pitch", "spectrogram,waveform",
                                                             "spectrogram,pitch,waveform")}
     timings = time_train_steps(args, batches, variants, len(tokenizer), device)
-    peer, base = timings[next(iter(variants))][0], timings["attention, --gate none: plain RoPE (--no-f0_theta)"][0]
-    print("| train step | ms | vs peer | vs plain RoPE | audio-s/s | parameters |\n|---|---|---|---|---|---|")
+    base = timings["attention, --gate none: plain RoPE (--no-f0_theta)"][0]
+    print("| train step | ms | vs plain RoPE | audio-s/s | parameters |\n|---|---|---|---|---|")
     for label, (sec, params) in timings.items():
-        print(f"| {label} | {1000 * sec:.0f} | {sec / peer:.2f}x | {sec / base:.2f}x | {audio / 20 / sec:.0f} | "
-              f"{params / 1e6:.2f} M |")
+        print(f"| {label} | {1000 * sec:.0f} | {sec / base:.2f}x | {audio / 20 / sec:.0f} | {params / 1e6:.2f} M |")
     model = build_model(ModelConfig.from_args(args, len(tokenizer))).to(device)
     model(to_device(batches[0], device))[0].backward()
     print("\n| optimizer, default model | state | of AdamW's | optimizer.step() |\n|---|---|---|---|")
@@ -1812,10 +1775,7 @@ def benchmark(args):
     for label, seconds in f0_seconds.items():
         clock = "wall" if "batched" in label and device.type == "cuda" else "CPU"
         print(f"| {label} | {seconds / audio_f0:.4f} {clock}-s per audio-s |")
-    if args.ckpt:
-        model, tokenizer, config = load_model(args.ckpt, device)
-    else:
-        model, config = build_model(ModelConfig.from_args(args, len(tokenizer))).to(device), vars(args)
+    model, tokenizer, config = load_model(args.ckpt, device) if args.ckpt else (model, tokenizer, vars(args))
     for weight, beam in ((0.0, 1), (config["decode_ctc_weight"], 1), (config["decode_ctc_weight"], 4)):
         result = evaluate(model, data["validation"], tokenizer, device, 100, weight, beam)
         print(f"| decoding RTFx, KV cache, {'greedy' if beam == 1 else f'beam {beam}'}, "

@@ -1379,7 +1379,7 @@ def test_bench_prints_every_row(tiny_corpus, tmp_path, capsys):
     cache, _ = tiny_corpus
     echo.benchmark(train_args(cache, tmp_path, "--bench", "--batch_frames", "800", "--beam", "2"))
     out = capsys.readouterr().out
-    for row in ("peer: nn.TransformerEncoderLayer", "attention, --gate none: plain RoPE", "f0_theta + radii + pitch_bias + zero_value",
+    for row in ("attention, --gate none: plain RoPE", "f0_theta + radii + pitch_bias + zero_value",
                 "--gate m", "--streams spectrogram,pitch,waveform", "| maxfactor_upstream |", "| adafactor |",
                 "padding in length-bucketed batches", "f0: YIN in torch", "f0: librosa.pyin", "greedy, joint CTC",
                 "beam 4, joint CTC", "diagnostics: the 4 figures", "diagnostics: per-block scalars"):
