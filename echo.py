@@ -64,7 +64,7 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
-    "mandarin": (dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=4000, max_steps=600, eval_every=100,
+    "mandarin": (dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=4000, max_steps=1200, eval_every=300,
                       optimizer="maxfactor", lr=LEARNING_RATES["maxfactor"]), tuple(PITCH)),
     "english": (dict(dataset="embedded"), ("baseline", "f0_theta", "all", "pitch_stream"))}
 STUDY_RUNS = {f"{corpus}/{label}": budget | PITCH[label] for corpus, (budget, labels) in STUDY.items() for label in labels}

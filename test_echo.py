@@ -1419,7 +1419,7 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
         return {split: {"cer": 0.1, "wer": 0.2} | tones for split in echo.TEST_SPLITS}
     monkeypatch.setattr(echo, "train", fake_train)
     echo.ablate(echo.parse_args(["--runs_dir", str(tmp_path), "--name", "study", "--seeds", "3", "--ablate", "study"]))
-    assert len(seen) == 3 * (7 + 4) and ("study/mandarin/pitch_stream-seed2", "embedded-mandarin", 600,
+    assert len(seen) == 3 * (7 + 4) and ("study/mandarin/pitch_stream-seed2", "embedded-mandarin", 1200,
                                          "spectrogram,pitch") in seen and ("study/english/all-seed0", "embedded", 1000,
                                                                            "spectrogram") in seen
     assert len(echo.ABLATIONS["study-mandarin"]) == 7 and echo.ABLATIONS["study"] == echo.ABLATIONS[
