@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 matplotlib.use("Agg")  # figures are rendered to arrays and files, never to a screen
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention plans every new batch shape, ~17 ms a call (README, GPUs)
 
 # ---- config: every tunable constant, the model's dimensions, the flags
 SAMPLE_RATE = 16000  # Hz of all audio inside Echo; files at other rates are resampled when read
@@ -197,7 +198,6 @@ def parse_args(argv=None):
     return args
 
 def pick_device(name):
-    torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention plans every new shape: ~17 ms a call (README, GPUs)
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 # ---- data: text, embedded corpus, audio and features (log-mel and f0, aligned 1:1)
