@@ -6,8 +6,9 @@ the method; test_echo.py proves it.
     python echo.py                      # build the embedded corpus, train, decode the test split
     python echo.py --transcribe a.wav --ckpt runs/<name>/ckpt.pt
 """
-import argparse, collections, contextlib, csv, ctypes, dataclasses, functools, hashlib, inspect, io, itertools, json, math
-import multiprocessing.connection, os, platform, random, re, shutil, signal, socket, string, subprocess, sys, threading, time, zlib
+import argparse, collections, concurrent.futures, contextlib, csv, ctypes, dataclasses, functools, hashlib, inspect, io
+import itertools, json, math, multiprocessing.connection, os, platform, random, re, shutil, signal, socket, string
+import subprocess, sys, threading, time, zlib
 from pathlib import Path
 
 import datasets, espeakng_loader, jiwer, librosa, matplotlib, pypinyin, scipy.stats, soundfile, torch, torchaudio, wordfreq
@@ -65,7 +66,7 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
-    "mandarin": (dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=4000, max_steps=1200, eval_every=300,
+    "mandarin": (dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200, eval_every=300,
                       optimizer="maxfactor", lr=LEARNING_RATES["maxfactor"]), tuple(PITCH)),
     "english": (dict(dataset="embedded"), ("baseline", "f0_theta", "all", "pitch_stream"))}
 STUDY_RUNS = {f"{corpus}/{label}": budget | PITCH[label] for corpus, (budget, labels) in STUDY.items() for label in labels}
@@ -162,6 +163,7 @@ def build_parser():
     a("--bench", action="store_true", help="print the speed of train steps, f0 and decoding on this device, then exit")
     a("--ablate", nargs="?", const="pitch", choices=tuple(ABLATIONS), help="train an ablation (ABLATIONS); resumable")
     a("--seeds", type=int, default=3, help="seeds per configuration for --ablate")
+    a("--jobs", type=int, default=1, help="--ablate's runs trained at a time, as processes sharing the threads")
     a("--diag_every", type=int, default=100, help="steps between per-block diagnostic scalars (0 = off)")
     a("--diagnose", nargs=2, metavar=("CKPT", "AUDIO"), help="write diagnostic figures to runs/<name>/ and exit")
     a("--transcribe", nargs="+", metavar="AUDIO", help="print '<path>\\t<transcript>' for each file and exit")
@@ -171,7 +173,7 @@ def build_parser():
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    for flag in "max_steps batch_frames grad_accum eval_every corpus_size d_model n_heads beam log_every".split():
+    for flag in "max_steps batch_frames grad_accum eval_every corpus_size d_model n_heads beam log_every jobs".split():
         if getattr(args, flag) <= 0:
             p.error(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.diag_every < 0:
@@ -474,8 +476,7 @@ def extract_f0(wave, sample_rate=SAMPLE_RATE):
     (samples,) array or tensor at any rate -> two (samples * 16000 // rate // 160 + 1,) tensors, by yin_f0."""
     wave = torch.as_tensor(np.asarray(wave, dtype=np.float32)).reshape(-1)
     n_frames = len(wave) * SAMPLE_RATE // sample_rate // HOP + 1
-    if sample_rate != SAMPLE_RATE:
-        wave = torchaudio.functional.resample(wave, sample_rate, SAMPLE_RATE)
+    wave = torchaudio.functional.resample(wave, sample_rate, SAMPLE_RATE)  # the same tensor at 16 kHz
     f0, voiced = yin_f0(wave[None])  # resampling may add a frame: cut or pad to the count at the input rate
     return fit_frames(f0, n_frames)[0], fit_frames(voiced.float(), n_frames)[0] > 0
 
@@ -683,9 +684,7 @@ def training_batch(items, tokenizer, args, key):
     """One training micro-batch, augmented and collated. Its randomness is seeded by the run's seed and key (epoch and
     first utterance), so any DataLoader worker or torchrun rank builds the same batch."""
     rng = np.random.default_rng([args.seed, *key])
-    if audio_augmented(args):
-        items = perturb_audio(items, rng, args)
-    batch = collate(items, tokenizer)
+    batch = collate(perturb_audio(items, rng, args) if audio_augmented(args) else items, tokenizer)
     return spec_augment(batch, rng) if args.specaug else batch
 
 def cached_batch(train_set, tokenizer, args, epoch, indices):
@@ -909,8 +908,7 @@ class Streams(nn.Module):
         self.names = names
         channels = {"spectrogram": N_MELS, "pitch": 3, "waveform": 64}
         self.stems = nn.ModuleDict({name: Stem(channels[name], d_model) for name in names})
-        if "waveform" in names:
-            self.filterbank = nn.Conv1d(1, 64, 400, stride=HOP, padding=200)
+        self.filterbank = nn.Conv1d(1, 64, 400, stride=HOP, padding=200) if "waveform" in names else None
         self.c_gate = nn.Linear(len(names) * d_model, len(names)) if len(names) > 1 else None
         self.weights = None  # mean c_gate weight per stream of the last batch, for logging
 
@@ -1018,8 +1016,7 @@ class MaxFactor(torch.optim.Optimizer):
                     state |= ({"step": 0, "row": torch.zeros(p.shape[0], device=p.device),
                                "col": torch.zeros(p[0].numel(), device=p.device)} if matrix else
                               {"step": 0, "second": torch.zeros_like(p, dtype=torch.float32)})
-                state["step"] += 1
-                t = state["step"]
+                t = state["step"] = state["step"] + 1
                 beta = 0.01 if self.upstream and not matrix else min(max(t ** -0.8, 0.001), 0.999)
                 grad = p.grad.float().reshape(p.shape[0] if matrix else 1, -1)
                 square = grad * grad + 1e-30
@@ -1259,9 +1256,8 @@ def block_scalars(model, activations, hooks=()):
             out[f"blocks/{name}/gate_over_mlp"] = activations[f"blocks/{name}/gate_mean"] / max(
                 activations[f"blocks/{name}/mlp_abs_mean"], 1e-12)
             out[f"blocks/{name}/gate_over_mlp_grad_norm"] = norm(block.gate) / max(norm(block.mlp), 1e-12)
-        for kind, attention in (("self", block.attn), ("cross", block.cross)):
-            if attention is not None:
-                out |= {f"grad/{name}.{kind}/{p}": norm(getattr(attention, p)) for p in "qkvo"}
+        out |= {f"grad/{name}.{kind}/{p}": norm(getattr(attention, p)) for kind, attention in
+                (("self", block.attn), ("cross", block.cross)) if attention is not None for p in "qkvo"}
     pitch, streams = model.encoder.pitch, model.encoder.streams
     per_head = {"radius_alpha": None if pitch.radius_strength is None else
                 0.5 * math.log(RADIUS_MAX) * torch.tanh(pitch.radius_strength),
@@ -1282,7 +1278,7 @@ def render(fig):
 def pitch_figure(mel, f0, voiced):
     """The log-mel (frames, 80) with the f0 track and the unvoiced frames on one time axis."""
     n = len(mel)
-    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+    fig, ax = plt.subplots(figsize=(8, 3), dpi=100, layout="tight")
     ax.imshow(mel.T, origin="lower", aspect="auto", cmap="magma", extent=(0, n / 100, 0, N_MELS))
     ax.set(xlabel="seconds", ylabel="mel bin", title="log-mel with the f0 track (white: voiced)")
     hz = ax.twinx()
@@ -1290,7 +1286,6 @@ def pitch_figure(mel, f0, voiced):
     hz.plot(np.arange(n) / 100, np.where(voiced > 0, np.nan, F0_MIN), color="tab:cyan", lw=3, label="unvoiced")
     hz.set(ylim=(F0_MIN - 10, F0_MAX), ylabel="f0 (Hz)")
     hz.legend(loc="upper right", fontsize=7)
-    fig.tight_layout()
     return render(fig)
 
 def rotary_figures(pitch, log_f0, voiced):
@@ -1314,13 +1309,12 @@ def rotary_figures(pitch, log_f0, voiced):
     fig.colorbar(image, ax=axes, shrink=0.8)
     fig.suptitle("how positions see each other")
     similarity = render(fig)
-    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+    fig, ax = plt.subplots(figsize=(8, 3), dpi=100, layout="tight")
     for dim in range(4):
         for label, lw in (("standard RoPE", 2.5), ("f0-modulated", 1.0)):
             ax.plot(tables[label][dim % 2][:, dim // 2], lw=lw, color=f"C{dim // 2}", ls="-" if dim % 2 == 0 else "--")
     ax.set(xlabel="encoder frame (40 ms)", ylabel="rotary component",
            title="first 4 rotary dims: thick standard, thin f0-modulated; solid even, dashed odd")
-    fig.tight_layout()
     return similarity, render(fig)
 
 def attention_figure(model, batch, frames):
@@ -1333,14 +1327,12 @@ def attention_figure(model, batch, frames):
     with torch.no_grad():
         model.eval()({key: value[:1] for key, value in batch.items()})
     model.train(was_training)
-    fig, axes = plt.subplots(1, len(attentions), figsize=(2.2 * len(attentions), 2.8), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(1, len(attentions), figsize=(2.2 * len(attentions), 2.8), squeeze=False, layout="tight")
     for ax, (kind, i, attention) in zip(axes[0], attentions):
         ax.imshow(attention.weights[0].float().cpu().numpy()[:, :frames], aspect="auto", origin="lower", cmap="viridis")
-        ax.set_title(f"{kind} {i}", fontsize=8)
-        ax.set(xlabel="audio frame", ylabel="token" if kind != "encoder" else "frame")
+        ax.set(xlabel="audio frame", ylabel="token" if kind != "encoder" else "frame", title=f"{kind} {i}")
         attention.keep_weights, attention.weights = False, None
     fig.suptitle("attention, head average")
-    fig.tight_layout()
     return render(fig)
 
 def first_validation_batch(data, tokenizer, device):
@@ -1368,8 +1360,7 @@ def diagnose(args):
     batch = to_device(collate([features | {"text": ""}]), device)
     text = tokenizer.decode(decode(model, batch, config["decode_ctc_weight"], args.beam)[0])
     batch = to_device(collate([features | {"text": text}], tokenizer), device)  # attention maps over its own transcript
-    out = Path(args.runs_dir) / args.name
-    out.mkdir(parents=True, exist_ok=True)
+    (out := Path(args.runs_dir) / args.name).mkdir(parents=True, exist_ok=True)
     for tag, image in figures(model, batch).items():
         plt.imsave(out / f"{tag}.png", image)
         print(out / f"{tag}.png")
@@ -1624,13 +1615,18 @@ def ablation_run(run):
     finished. A different run already in its folder is an error, never overwritten."""
     run_dir = Path(run.runs_dir) / run.name
     if (run_dir / "config.json").exists():
-        ignore = ("name", "runs_dir", "ablate", "seeds", "resume", "transcribe", "ckpt")  # a run may have been moved
+        ignore = ("name", "runs_dir", "ablate", "seeds", "jobs", "resume", "transcribe", "ckpt")  # runs may move
         earlier = json.loads((run_dir / "config.json").read_text())["config"]
         if any(earlier.get(k, v) != json.loads(json.dumps(v)) for k, v in vars(run).items() if k not in ignore):
             raise SystemExit(f"echo: {run_dir} holds a run with another config: pick another --name")
         if (run_dir / "results.json").exists():
             return json.loads((run_dir / "results.json").read_text())
     return train(argparse.Namespace(**vars(run) | {"resume": (run_dir / "ckpt.pt").exists()}))
+
+def ablation_lane(runs, jobs):
+    """One of --jobs processes: its runs one after another (ablation_run), on a 1/jobs share of the threads."""
+    torch.set_num_threads(max(1, torch.get_num_threads() // jobs))
+    return [ablation_run(run) for run in runs]
 
 def scalar_history(run_dir, tag):
     """A run's TensorBoard scalar -> {step: last value logged at it} ({} if never logged; a resumed run logs again)."""
@@ -1647,16 +1643,24 @@ def seed_difference(values, reference):
     return f"{d:+.2f} (p {scipy.stats.ttest_ind(values, reference, equal_var=False).pvalue:.3f}, {d / pooled:+.1f} sd)"
 
 def ablate(args):
-    """Train every configuration of ABLATIONS[args.ablate] for args.seeds seeds -> runs/<name>/ablation.md (per corpus,
-    decoded error rates, mean ± std, differences to the first with Welch's p) and ablation.png (bars, loss curves)."""
+    """Train every configuration of ABLATIONS[args.ablate] for args.seeds seeds (--jobs > 1: in that many processes,
+    each every --jobs-th run) -> runs/<name>/ablation.md (per corpus, decoded error rates, mean ± std, differences to
+    the first with Welch's p) and ablation.png (bars, loss curves)."""
     out, t0, results, curves, corpus_of = Path(args.runs_dir) / args.name, time.time(), {}, {}, {}
     out.mkdir(parents=True, exist_ok=True)
-    for label, flags in ABLATIONS[args.ablate].items():
-        corpus_of[label] = flags.get("dataset", args.dataset)
-        for seed in range(args.seeds):
-            run = argparse.Namespace(**(vars(args) | flags | {"seed": seed, "name": f"{args.name}/{label}-seed{seed}"}))
-            results.setdefault(label, []).append(ablation_run(run))
-            curves.setdefault(label, []).append(scalar_history(Path(args.runs_dir) / run.name, "val/loss"))
+    runs = [argparse.Namespace(**(vars(args) | flags | {"seed": seed, "name": f"{args.name}/{label}-seed{seed}"}))
+            for label, flags in ABLATIONS[args.ablate].items() for seed in range(args.seeds)]
+    for run in {run.dataset: run for run in runs}.values() if args.jobs > 1 else ():
+        load_splits(run)  # each corpus is built and featurised here, once: the processes only read the cache
+    lanes = [runs[i::args.jobs] for i in range(args.jobs)]  # whole lanes, so that Ctrl-C leaves no run queued
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn")) as pool:
+        done = (pool.map if args.jobs > 1 else map)(ablation_lane, lanes, [args.jobs] * args.jobs)
+        outcomes = dict(zip([run.name for lane in lanes for run in lane], itertools.chain(*done)))
+    for run in runs:
+        label = run.name.removeprefix(f"{args.name}/").rsplit("-seed", 1)[0]
+        corpus_of[label] = run.dataset
+        results.setdefault(label, []).append(outcomes[run.name])
+        curves.setdefault(label, []).append(scalar_history(Path(args.runs_dir) / run.name, "val/loss"))
     corpora, text = list(dict.fromkeys(corpus_of.values())), []
     fig, axes = plt.subplots(len(corpora), 2, figsize=(12, 3.5 * len(corpora)), width_ratios=(3, 2), squeeze=False)
     for (ax, curve_ax), corpus in zip(axes, corpora):
@@ -1697,12 +1701,8 @@ def median_seconds(run, device, repeats=3):
     """Median seconds of run() over repeats after a warm-up (numba compiles pyin's kernels): CPU time on a CPU, so
     that other processes do not count; wall time after the queued work on a GPU."""
     now = (lambda: torch.cuda.synchronize() or time.perf_counter()) if device.type == "cuda" else time.process_time
-    seconds = []
-    for _ in range(repeats + 1):
-        t0 = now()
-        run()
-        seconds.append(now() - t0)
-    return float(np.median(seconds[1:]))
+    stamps = [now()] + [(run(), now())[1] for _ in range(repeats + 1)]  # the time after each call
+    return float(np.median(np.diff(stamps)[1:]))
 
 def time_train_steps(args, batches, variants, vocab, device, warmup=3):
     """Median train-step seconds and parameter count per variant ({label: ModelConfig overrides}) on the
@@ -1710,8 +1710,7 @@ def time_train_steps(args, batches, variants, vocab, device, warmup=3):
     models, seconds = {}, {label: [] for label in variants}
     for label, flags in variants.items():
         torch.manual_seed(args.seed)
-        config = ModelConfig.from_args(args, vocab)
-        model = build_model(dataclasses.replace(config, **flags)).to(device).train()
+        model = build_model(dataclasses.replace(ModelConfig.from_args(args, vocab), **flags)).to(device).train()
         models[label] = (model, build_optimizer(model, args, device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i, batch in enumerate(batches):

@@ -1432,6 +1432,21 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
     assert difference[1] == "+0.00" and difference[4] == "-20.00 (p 0.000, -20.0 sd)"  # TER 11 against 31 %, sd 1 each
 
 
+@pytest.mark.slow
+def test_ablation_jobs_trains_runs_in_processes_of_a_thread_share_with_the_same_losses(tiny_corpus, tmp_path):
+    """--jobs 2: the runs train two at a time, each a process with half the threads, and learn as in one process."""
+    cache, _ = tiny_corpus
+    flags = ("--ablate", "optimizer", "--seeds", "1", "--max_steps", "4", "--eval_every", "4", "--beam", "1")
+    echo.ablate(train_args(cache, tmp_path, "--name", "parallel", "--jobs", "2", *flags))
+    echo.ablate(train_args(cache, tmp_path, "--name", "serial", *flags))
+    for name in echo.ABLATIONS["optimizer"]:
+        parallel, serial = (tmp_path / "runs" / folder / f"{name}-seed0" for folder in ("parallel", "serial"))
+        threads = json.loads((parallel / "config.json").read_text())["environment"]["threads"]
+        assert threads == max(1, torch.get_num_threads() // 2) and (parallel / "results.json").exists()
+        losses = echo.scalar_history(parallel, "train/loss")
+        assert len(losses) == 4 and losses == pytest.approx(echo.scalar_history(serial, "train/loss"), rel=1e-4)
+
+
 def test_scalar_history_keeps_the_last_value_of_each_step_across_a_resume(tmp_path):
     for values in ({1: 3.0, 2: 2.0, 3: 9.0}, {3: 1.5, 4: 1.0}):  # the run, then its resumption from step 2
         writer = SummaryWriter(tmp_path)
