@@ -1496,7 +1496,7 @@ def log_step(writer, step, args, losses, grad_norm, step_seconds, diagnostics, s
         writer.add_scalar(tag, value, step)
     if not sys.stdout.isatty() and (step % args.log_every == 0 or step == args.max_steps):
         print(f"step {step}/{args.max_steps} | loss {losses[0]:.4f} | lr {lr_at(step - 1, args):.2e} | "
-              f"{stats['audio_seconds'] / elapsed:.0f} audio-s/s | elapsed {elapsed / 60:.1f} min", flush=True)
+              f"{stats['audio_seconds'] / elapsed:.0f} audio-s/s | elapsed {elapsed / 60:.1f} min | {args.name}", flush=True)
 
 def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, args, n_utts=None):
     """Decode (the first n_utts of) a split; log evaluate()'s metrics and 5 samples; print one line -> the result."""
@@ -1507,7 +1507,7 @@ def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, arg
     writer.add_text(f"{split}/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
     tones = "".join(f"  {key.upper()} {100 * result[key]:.2f} %" for key in TONE_METRICS if key in result)
     tqdm.write(f"step {step}, {split}: CER {100 * result['cer']:.2f} %  WER {100 * result['wer']:.2f} %{tones}  loss "
-               f"{result['loss']:.3f}  ({result['n']} utterances, decoded, RTFx {result['rtfx']:.0f})")
+               f"{result['loss']:.3f}  ({result['n']} utterances, decoded, RTFx {result['rtfx']:.0f}) | {args.name}")
     return result
 
 def test_and_report(writer, step, model, data, tokenizer, device, args, config, stats, skipped):
@@ -1552,7 +1552,7 @@ def train(args):
     writer = open_run(run_dir, config, env, model, train_set, tokenizer, skipped, step) if rank == 0 else None
     batches = training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index, device)
     stats = {"start": time.time(), "audio_seconds": 0.0, "nonfinite_steps": 0, "skipped_in_stream": 0}
-    progress = tqdm(total=args.max_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout,
+    progress = tqdm(total=args.max_steps, initial=step, desc=args.name, dynamic_ncols=True, file=sys.stdout,
                     disable=rank > 0 or not sys.stdout.isatty())  # without a terminal, log_step prints lines
     with deferred_signals() as stop:
         for step in range(step + 1, args.max_steps + 1):  # step: the number of this optimizer step, from 1
