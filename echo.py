@@ -1656,8 +1656,7 @@ def ablate(args):
     with concurrent.futures.ProcessPoolExecutor(args.jobs, multiprocessing.get_context("spawn")) as pool:
         done = (pool.map if args.jobs > 1 else map)(ablation_lane, lanes, [args.jobs] * args.jobs)
         outcomes = dict(zip([run.name for lane in lanes for run in lane], itertools.chain(*done)))
-    for run in runs:
-        label = run.name.removeprefix(f"{args.name}/").rsplit("-seed", 1)[0]
+    for label, run in zip([label for label in ABLATIONS[args.ablate] for _ in range(args.seeds)], runs):
         corpus_of[label] = run.dataset
         results.setdefault(label, []).append(outcomes[run.name])
         curves.setdefault(label, []).append(scalar_history(Path(args.runs_dir) / run.name, "val/loss"))
