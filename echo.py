@@ -54,6 +54,7 @@ SPEED_FACTORS = (0.9, 1.0, 1.1)  # Kaldi's speed perturbation factors (tempo and
 REVERB_RT60 = (0.1, 0.5)  # s: --reverb's rooms, from a small office to a classroom
 BANDPASS_HZ = ((50, 400), (2500, 7500))  # --bandpass: ranges of the high-pass and the low-pass cut-off
 CANDIDATES = 5  # tokens each hypothesis is extended by per decoding step, before the beam keeps the best
+LM_ORDER = 8  # order of the character n-gram that decoding adds (README, Evaluation is decoded): 7 tokens of context
 END_MARGIN = 10.0  # beam search drops an utterance's live hypotheses this far below its best ended one
 MAX_CHARS_PER_SECOND = 30  # decoding length cap (speech rarely exceeds 20 characters per second), plus 10
 SOURCE = Path(__file__).read_bytes()  # the exact code this process runs: saved with every run and checkpoint
@@ -67,8 +68,8 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200, eval_every=300,
-                      optimizer="maxfactor", lr=LEARNING_RATES["maxfactor"]), tuple(PITCH)),
-    "english": (dict(dataset="embedded"), ("baseline", "f0_theta", "all", "pitch_stream"))}
+                      optimizer="maxfactor", lr=LEARNING_RATES["maxfactor"], lm_weight=0.0), tuple(PITCH)),
+    "english": (dict(dataset="embedded", lm_weight=0.0), ("baseline", "f0_theta", "all", "pitch_stream"))}
 STUDY_RUNS = {f"{corpus}/{label}": budget | PITCH[label] for corpus, (budget, labels) in STUDY.items() for label in labels}
 ABLATIONS = {  # --ablate: each configuration is a set of flag overrides
     "pitch": PITCH,
@@ -143,6 +144,7 @@ def build_parser():
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         a(f"--{f.name}", default=f.default, **(kind | dict(f.metadata)))
     a("--decode_ctc_weight", type=float, default=0.5, help="weight of CTC prefix scores in decoding (0 = attention only)")
+    a("--lm_weight", type=float, default=0.3, help="weight of the training text's character 8-gram in decoding (0 = off)")
     a("--beam", type=int, default=4, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
     a("--max_steps", type=int, default=2200, help="optimizer steps")
     a("--batch_frames", type=int, default=4000, help="padded 10 ms frames per batch (length-bucketed)")
@@ -475,10 +477,9 @@ def extract_f0(wave, sample_rate=SAMPLE_RATE):
     """f0 in Hz and a voicing flag per 10 ms frame (frame k centred at k*10 ms), aligned 1:1 with log_mel:
     (samples,) array or tensor at any rate -> two (samples * 16000 // rate // 160 + 1,) tensors, by yin_f0."""
     wave = torch.as_tensor(np.asarray(wave, dtype=np.float32)).reshape(-1)
-    n_frames = len(wave) * SAMPLE_RATE // sample_rate // HOP + 1
-    wave = torchaudio.functional.resample(wave, sample_rate, SAMPLE_RATE)  # the same tensor at 16 kHz
-    f0, voiced = yin_f0(wave[None])  # resampling may add a frame: cut or pad to the count at the input rate
-    return fit_frames(f0, n_frames)[0], fit_frames(voiced.float(), n_frames)[0] > 0
+    n_frames = len(wave) * SAMPLE_RATE // sample_rate // HOP + 1  # the frame count at the input rate
+    f0, voiced = yin_f0(torchaudio.functional.resample(wave, sample_rate, SAMPLE_RATE)[None])
+    return fit_frames(f0, n_frames)[0], fit_frames(voiced.float(), n_frames)[0] > 0  # resampling may add a frame
 
 def featurize(waves, keep_wave=False, device=torch.device("cpu")):
     """16 kHz waveforms -> per utterance a dict of log-mel (frames, 80), f0 and voiced (frames,), and the waveform
@@ -563,10 +564,9 @@ def feature_code_hash():
     """The feature code's own source and constants: part of each split's cache key, so that editing them recomputes
     the features (datasets' fingerprint of the map function does not follow the functions it calls)."""
     functions = (normalize_text, decode_audio, mel_filterbank, log_mel, yin_f0, featurize, _featurize_examples)
-    code = [inspect.getsource(f) for f in functions]
     constants = (SAMPLE_RATE, HOP, N_MELS, F0_MIN, F0_MAX, YIN_DIP, YIN_VOICED, SILENCE_DB, SILENCE_PEAK, SPIKE_OCTAVES,
                  MIN_RUN)
-    return hashlib.sha256(repr((code, constants)).encode()).hexdigest()[:16]
+    return hashlib.sha256(repr(([inspect.getsource(f) for f in functions], constants)).encode()).hexdigest()[:16]
 
 def load_splits(args):
     """-> {split: Dataset with mel, f0, voiced, text, n_frames}, cached per split, and the skipped utterances; with
@@ -652,9 +652,8 @@ def perturb_audio(items, rng, args):
         if speed != 1.0:  # read as if sampled at speed * 16 kHz, then played at 16 kHz
             wave = torchaudio.functional.resample(wave, round(100 * speed), 100)
         if args.reverb:
-            rt60 = rng.uniform(*REVERB_RT60)
-            tail = torch.from_numpy(rng.standard_normal(int(rt60 * SAMPLE_RATE), dtype=np.float32))
-            tail *= 10 ** (-3 * torch.arange(len(tail)) / len(tail))  # -60 dB after rt60
+            tail = torch.from_numpy(rng.standard_normal(int(rng.uniform(*REVERB_RT60) * SAMPLE_RATE), dtype=np.float32))
+            tail *= 10 ** (-3 * torch.arange(len(tail)) / len(tail))  # -60 dB at its end: a room of that RT60
             wave = torchaudio.functional.fftconvolve(wave, F.pad(tail / tail.norm(), (1, 0), value=1.0))[:len(wave)]
         if args.bandpass:
             wave = torchaudio.functional.highpass_biquad(wave, SAMPLE_RATE, rng.uniform(*BANDPASS_HZ[0]))
@@ -694,7 +693,6 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     """--streaming: micro-batches of load_splits' featurising stream, shuffled and length-bucketed BUCKET_WINDOW
     utterances at a time, each DataLoader worker on its own shards; each says how many unusable ones it skipped."""
     def __init__(self, stream, tokenizer, args, epoch):
-        super().__init__()
         self.stream, self.tokenizer, self.args, self.epoch = stream, tokenizer, args, epoch
 
     def __iter__(self):
@@ -739,8 +737,7 @@ def rotary(positions, freqs):
 def apply_rotary(x, table):
     """Multiply each consecutive channel pair of x (B, H, T, head_dim), read as a complex number, by the complex table
     (B, 1 or H, T, head_dim/2), radius included: the exact product in float32, several times faster than cos/sin."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * table).flatten(-2).type_as(x)
+    return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * table).flatten(-2).type_as(x)
 
 def pitch_track(f0, voiced, frames, n_out):
     """Per-10 ms f0 (B, T') and voicing -> per encoder frame (B, n_out): mean log2 f0 of the voiced 10 ms
@@ -785,9 +782,8 @@ class PitchPrior(nn.Module):
     def forward(self, log_f0, voiced, valid):
         """log_f0, voiced, valid: (B, T) -> rotary table (complex (B, 1 or H, T, head_dim/2)) and attention mask
         (bool (B, 1, 1, T), or float (B, H, T, T) with -inf on padding when a bias is on)."""
-        speed = self.speed(log_f0, voiced)
-        positions = speed.double().cumsum(1) - speed.double()  # phase_t = omega * sum_{tau < t} s_tau
-        table = rotary(positions, self.freqs)
+        speed = self.speed(log_f0, voiced).double()
+        table = rotary(speed.cumsum(1) - speed, self.freqs)  # phase_t = omega * sum_{tau < t} s_tau
         if self.radius_strength is not None:
             table = table * self.radius(log_f0, voiced)[..., None]
         mask = valid[:, None, None, :]
@@ -905,8 +901,7 @@ class Streams(nn.Module):
     """Feature streams -> encoder input (B, T/4, D): a Stem each, several fused by c_gate (README, Gates, streams)."""
     def __init__(self, names, d_model):
         super().__init__()
-        self.names = names
-        channels = {"spectrogram": N_MELS, "pitch": 3, "waveform": 64}
+        self.names, channels = names, {"spectrogram": N_MELS, "pitch": 3, "waveform": 64}
         self.stems = nn.ModuleDict({name: Stem(channels[name], d_model) for name in names})
         self.filterbank = nn.Conv1d(1, 64, 400, stride=HOP, padding=200) if "waveform" in names else None
         self.c_gate = nn.Linear(len(names) * d_model, len(names)) if len(names) > 1 else None
@@ -955,41 +950,35 @@ class Decoder(nn.Module):
         self.register_buffer("freqs", rope_freqs(c.d_model // c.n_heads), persistent=False)
 
     def forward(self, tokens, audio, audio_valid, caches=None, offset=0):
-        x = self.embed(tokens)
         positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        table, context_mask = rotary(positions, self.freqs), audio_valid[:, None, None, :]
+        x, table, context_mask = self.embed(tokens), rotary(positions, self.freqs), audio_valid[:, None, None, :]
         for i, block in enumerate(self.blocks):
             x = block(x, table=table, causal=True, context=audio, context_mask=context_mask,
                       cache=None if caches is None else caches[i])
         return self.norm(x) @ self.embed.weight.T
 
-def joint_loss(logits, ctc_logits, tokens, valid, ctc_weight):
-    """(1 - w) * cross-entropy of the decoder + w * CTC of the encoder -> (total, cross-entropy, ctc or None).
-    tokens (B, L+1) BOS text EOS PAD..., logits (B, L, V), ctc_logits (B, S, V) or None, valid (B, S)."""
-    targets = tokens[:, 1:]  # text ids first, then EOS and PAD, which the CTC target lengths leave out
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD)
-    if ctc_logits is None:
-        return ce, ce, None
-    log_probs = ctc_logits.float().log_softmax(-1).transpose(0, 1)
-    ctc = F.ctc_loss(log_probs, targets, valid.sum(1), (targets > EOS).sum(1), blank=PAD, zero_infinity=True)
-    return (1 - ctc_weight) * ce + ctc_weight * ctc, ce, ctc
-
 class Echo(nn.Module):
-    """The encoder-decoder with an auxiliary CTC head on the encoder, built from a ModelConfig."""
+    """The encoder-decoder with an auxiliary CTC head on the encoder, from a ModelConfig; lm: decode()'s CharLM or None."""
     def __init__(self, config):
         super().__init__()
-        self.config, self.encoder, self.decoder = config, Encoder(config), Decoder(config)
+        self.config, self.encoder, self.decoder, self.lm = config, Encoder(config), Decoder(config), None
         self.ctc_head = nn.Linear(config.d_model, config.vocab) if config.ctc_weight > 0 else None
 
     def named_blocks(self):
         return [(f"{part}.{i}", b) for part in ("encoder", "decoder") for i, b in enumerate(getattr(self, part).blocks)]
 
     def forward(self, batch):
-        """Teacher-forced loss for a collated batch -> (total loss, cross-entropy, ctc loss or None)."""
+        """Teacher-forced loss for a collated batch (tokens (B, L+1): BOS text EOS PAD...) -> (total, cross-entropy,
+        ctc or None), total = (1 - w) * cross-entropy of the decoder + w * CTC of the encoder, w = ctc_weight."""
         audio, valid = self.encoder(batch)
         logits = self.decoder(batch["tokens"][:, :-1], audio, valid)
-        return joint_loss(logits, None if self.ctc_head is None else self.ctc_head(audio), batch["tokens"], valid,
-                          self.config.ctc_weight)
+        targets = batch["tokens"][:, 1:]  # text ids first, then EOS and PAD, which the CTC target lengths leave out
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD)
+        if self.ctc_head is None:
+            return ce, ce, None
+        log_probs = self.ctc_head(audio).float().log_softmax(-1).transpose(0, 1)
+        ctc = F.ctc_loss(log_probs, targets, valid.sum(1), (targets > EOS).sum(1), blank=PAD, zero_infinity=True)
+        return (1 - self.config.ctc_weight) * ce + self.config.ctc_weight * ctc, ce, ctc
 
 def build_model(config):
     """A ModelConfig (or its dict, as checkpoints store it) -> Echo."""
@@ -1008,9 +997,7 @@ class MaxFactor(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            for p in (p for p in group["params"] if p.grad is not None):
                 state, matrix = self.state[p], p.dim() >= 2
                 if not state:
                     state |= ({"step": 0, "row": torch.zeros(p.shape[0], device=p.device),
@@ -1053,7 +1040,6 @@ def optimizer_state_bytes(optimizer):
 
 # ---- decoding and evaluation
 def max_tokens_for(frames):
-    """Length cap for decoding: MAX_CHARS_PER_SECOND characters per second of audio plus 10."""
     return (frames.float() / 100 * MAX_CHARS_PER_SECOND).long() + 10
 
 class CTCPrefixScorer:
@@ -1095,10 +1081,30 @@ class CTCPrefixScorer:
         pick = index[:, None, :].expand(-1, r_n.shape[1], -1)
         self.r_n, self.r_b = r_n.gather(2, pick), r_b.gather(2, pick)
 
+class CharLM:
+    """A character n-gram of the training transcripts (LM_ORDER, Witten-Bell interpolation) that decode() adds to its
+    scores with its weight: it knows the training text's spelling better than a decoder trained for minutes."""
+    def __init__(self, texts, tokenizer, weight):
+        self.texts, self.weight, self.counts = [str(t) for t in texts], weight, collections.Counter()
+        self.uniform = torch.ones(len(tokenizer)).index_fill(0, torch.tensor([PAD, BOS]), 0) / (len(tokenizer) - 2)
+        for text in self.texts:  # each n-gram of order 1 .. LM_ORDER ending at each token (BOS-padded; EOS last)
+            ids = (BOS,) * (LM_ORDER - 1) + tuple(tokenizer.encode(text)) + (EOS,)
+            self.counts.update(ids[i - k:i + 1] for i in range(LM_ORDER - 1, len(ids)) for k in range(LM_ORDER))
+        self.followers = collections.Counter(gram[:-1] for gram in self.counts)  # distinct tokens after a context
+        self.probs = functools.lru_cache(2 ** 18)(self.probs)
+
+    def probs(self, context):
+        """The last LM_ORDER - 1 token ids (fewer: a lower order) -> P(next token) (vocab,), each order interpolated
+        with the one below by its count and its number of distinct next tokens; below order 1, uniform over the text."""
+        lower, types = self.probs(context[1:]) if context else self.uniform, self.followers[context]
+        seen = torch.tensor([self.counts[context + (t,)] for t in range(len(self.uniform))], dtype=torch.float)
+        return (seen + types * lower) / (seen.sum() + types) if types else lower
+
 @torch.no_grad()
 def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=None):
     """Beam search with a KV cache -> token-id lists (no BOS, EOS); beam=1 is greedy. Hypotheses grow by their top
-    candidates, scored (1 - w) log p_attention + w * (gain in CTC prefix score); at EOS or the length cap they leave
+    candidates, scored (1 - w) log p_attention + w * (gain in CTC prefix score) + the weighted log P of the model's
+    CharLM, if it has one; at EOS or the length cap they leave
     the beam, the best score per token wins; an utterance stops once its live ones score END_MARGIN below its best ended."""
     model.eval()
     audio, valid = model.encoder(batch) if encoded is None else encoded  # evaluate() has encoded it already
@@ -1113,6 +1119,7 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
     token = torch.full((n * width, 1), BOS, device=audio.device)
     history = torch.zeros(n * width, 0, dtype=torch.long, device=audio.device)
     ended = [[] for _ in range(n)]  # (score per token, tokens)
+    context = [(BOS,) * (LM_ORDER - 1)] * (n * width)  # each hypothesis's last tokens, for the CharLM
     best_ended = torch.full((n,), float("-inf"), dtype=torch.float64, device=audio.device)  # total score
     for position in range(int(limit.max())):
         log_p = model.decoder(token, audio, valid, caches, offset=position)[:, -1].float().log_softmax(-1)
@@ -1123,11 +1130,14 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
             psi, r_n, r_b = ctc.extend(top.indices)
             step = (1 - ctc_weight) * step + ctc_weight * torch.where(top.indices == EOS, ctc.final() - ctc.score,
                                                                       psi - ctc.score)
+        if model.lm is not None:
+            step = step + model.lm.weight * torch.stack([model.lm.probs(c) for c in context]).log().gather(1, top.indices)
         best = (scores.view(-1, 1) + step).view(n, -1).topk(width, -1)  # over every slot's candidates
         parent = (best.indices // top.indices.shape[1] + torch.arange(n, device=audio.device)[:, None] * width).flatten()
         choice = (best.indices % top.indices.shape[1]).view(-1, 1)
         token = top.indices[parent].gather(1, choice)
         history = torch.cat([history[parent], token], 1)
+        context = [(context[p] + (t,))[1:] for p, t in zip(parent.tolist(), token.flatten().tolist())]
         finished = ((token.view(n, width) == EOS) | (position + 1 >= limit)) & (best.values > float("-inf"))
         for i, slot in finished.nonzero().tolist():
             ended[i].append((best.values[i, slot].item() / (position + 1), history[i * width + slot].tolist()))
@@ -1161,8 +1171,7 @@ def tone_scores(refs, hyps):
 def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, beam=1):
     """Decoded WER/CER (and tone metrics on pinyin) of the first n_utts; teacher-forced loss and token accuracy."""
     model.eval()
-    n = len(dataset) if n_utts is None else min(n_utts, len(dataset))
-    lengths = dataset.select(range(n))["n_frames"]
+    lengths = dataset.select(range(len(dataset) if n_utts is None else min(n_utts, len(dataset))))["n_frames"]
     refs, hyps, loss_sum, correct, tokens_total, decode_seconds = [], [], 0.0, 0, 0, 0.0
     for indices in length_batches(lengths, EVAL_BATCH_FRAMES):
         items = rows(dataset, indices)
@@ -1205,9 +1214,10 @@ def load_checkpoint(path):
 def load_model(path, device):
     """A checkpoint -> (model in eval mode, tokenizer, the run's flags as a dict)."""
     ckpt = load_checkpoint(path)
-    model = build_model(ckpt["model_config"])
+    model, tokenizer = build_model(ckpt["model_config"]), Tokenizer(ckpt["tokenizer"])
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), Tokenizer(ckpt["tokenizer"]), ckpt["config"]
+    model.lm = CharLM(ckpt["lm_text"], tokenizer, ckpt["config"]["lm_weight"]) if ckpt.get("lm_text") else None
+    return model.to(device).eval(), tokenizer, ckpt["config"]
 
 def transcribe(args):
     """Print '<path>\\t<transcript>' per file in input order (empty for silent or all-unvoiced audio, as other
@@ -1300,8 +1310,7 @@ def rotary_figures(pitch, log_f0, voiced):
     tables = {}
     for ax, (label, prior) in zip(axes, variants.items()):
         prior.freqs = pitch.freqs.cpu()
-        with torch.no_grad():
-            table = prior(log_f0, voiced, torch.ones_like(voiced))[0][0, 0]
+        table = prior(log_f0, voiced, torch.ones_like(voiced))[0][0, 0]  # figures() runs without autograd
         tables[label] = cos, sin = table.real.numpy(), table.imag.numpy()
         # Re sum_k z_t conj(z_s) / K: cosine similarity of the rotary vectors, times r_t r_s with radii
         image = ax.imshow((cos @ cos.T + sin @ sin.T) / cos.shape[-1], cmap="RdBu_r", vmin=-1.5, vmax=1.5, origin="lower")
@@ -1324,8 +1333,7 @@ def attention_figure(model, batch, frames):
     was_training = model.training
     for _, _, attention in attentions:
         attention.keep_weights = True
-    with torch.no_grad():
-        model.eval()({key: value[:1] for key, value in batch.items()})
+    model.eval()({key: value[:1] for key, value in batch.items()})
     model.train(was_training)
     fig, axes = plt.subplots(1, len(attentions), figsize=(2.2 * len(attentions), 2.8), squeeze=False, layout="tight")
     for ax, (kind, i, attention) in zip(axes[0], attentions):
@@ -1340,6 +1348,7 @@ def first_validation_batch(data, tokenizer, device):
     item = rows(data["validation"], [0])[0]
     return to_device(collate([item | {"text": tokenizer.known(item["text"])}], tokenizer), device)
 
+@torch.no_grad()
 def figures(model, batch):
     """The diagnostic figures, {tag: RGB array}, for the first utterance of a collated batch (with tokens)."""
     n, frames = int(batch["frames"][0]), (int(batch["frames"][0]) + 3) // 4
@@ -1384,19 +1393,11 @@ def environment(device, world):
             "processes": world, "device": str(device)}
 
 def training_state(model, optimizer, position, config, tokenizer, env):
-    """What a training checkpoint holds (restore() reads it back); position is (step, epoch, batch_index)."""
+    """What a training checkpoint holds (train() reads it back on --resume); position is (step, epoch, batch_index)."""
     return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
             "optimizer": optimizer.state_dict(), **dict(zip(("step", "epoch", "batch_index"), position)),
-            "config": config, "tokenizer": tokenizer.chars, "code": env["code"], "source": SOURCE.decode(),
-            "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
-
-def restore(ckpt, model, optimizer):
-    """Load a training checkpoint's model, optimizer and RNG states -> its data position (step, epoch, batch_index)."""
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    random.setstate(ckpt["rng"]["python"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    return ckpt["step"], ckpt["epoch"], ckpt["batch_index"]
+            "config": config, "tokenizer": tokenizer.chars, "lm_text": model.lm and model.lm.texts, "code": env["code"],
+            "source": SOURCE.decode(), "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
 
 @contextlib.contextmanager
 def deferred_signals():
@@ -1501,9 +1502,8 @@ def log_step(writer, step, args, losses, grad_norm, step_seconds, diagnostics, s
 def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, args, n_utts=None):
     """Decode (the first n_utts of) a split; log evaluate()'s metrics and 5 samples; print one line -> the result."""
     result = evaluate(model, dataset, tokenizer, device, n_utts, args.decode_ctc_weight, args.beam)
-    for key in ("wer", "cer", *TONE_METRICS, "loss", "token_accuracy"):
-        if key in result:
-            writer.add_scalar(f"{split}/{key}{'_teacher_forced' if key == 'token_accuracy' else ''}", result[key], step)
+    for key in [key for key in ("wer", "cer", *TONE_METRICS, "loss", "token_accuracy") if key in result]:
+        writer.add_scalar(f"{split}/{key}{'_teacher_forced' if key == 'token_accuracy' else ''}", result[key], step)
     writer.add_text(f"{split}/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
     tones = "".join(f"  {key.upper()} {100 * result[key]:.2f} %" for key in TONE_METRICS if key in result)
     tqdm.write(f"step {step}, {split}: CER {100 * result['cer']:.2f} %  WER {100 * result['wer']:.2f} %{tones}  loss "
@@ -1515,11 +1515,10 @@ def test_and_report(writer, step, model, data, tokenizer, device, args, config, 
     results = {"train_minutes": round((time.time() - stats["start"]) / 60, 2),
                "parameters": sum(p.numel() for p in model.parameters()), "skipped_nonfinite_steps": stats["nonfinite_steps"],
                "skipped_utterances": len(skipped) + stats["skipped_in_stream"]}
-    for split in TEST_SPLITS:
-        if split in data:
-            result = evaluate_and_log(writer, step, split, model, data[split], tokenizer, device, args)
-            results[split] = {k: round(result[k], 4) for k in ("wer", "cer", *TONE_METRICS, "rtfx") if k in result}
-            results[split]["utterances"] = result["n"]
+    for split in [split for split in TEST_SPLITS if split in data]:
+        result = evaluate_and_log(writer, step, split, model, data[split], tokenizer, device, args)
+        results[split] = {k: round(result[k], 4) for k in ("wer", "cer", *TONE_METRICS, "rtfx") if k in result}
+        results[split]["utterances"] = result["n"]
     if results["skipped_utterances"]:
         print(f"skipped {results['skipped_utterances']} unusable utterances in all")
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
@@ -1542,8 +1541,14 @@ def train(args):
     ckpt = load_checkpoint(run_dir / "ckpt.pt") if args.resume else None
     data, train_set, tokenizer, skipped = training_data(args, rank, world, ckpt)
     model = build_model(ModelConfig.from_args(args, len(tokenizer))).to(device)
+    model.lm = CharLM(train_set["text"], tokenizer, args.lm_weight) if args.lm_weight and not args.streaming else None
     optimizer = build_optimizer(model, args, device)
-    step, epoch, batch_index = restore(ckpt, model, optimizer) if ckpt else (0, 0, 0)
+    step, epoch, batch_index = (ckpt["step"], ckpt["epoch"], ckpt["batch_index"]) if ckpt else (0, 0, 0)
+    if ckpt:  # the model, optimizer and RNG states that training_state() saved
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        random.setstate(ckpt["rng"]["python"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     forward = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -1630,8 +1635,7 @@ def ablation_lane(runs, jobs):
 
 def scalar_history(run_dir, tag):
     """A run's TensorBoard scalar -> {step: last value logged at it} ({} if never logged; a resumed run logs again)."""
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
     return {e.step: e.value for e in events.Scalars(tag)} if tag in events.Tags()["scalars"] else {}
 
 def seed_difference(values, reference):
@@ -1692,8 +1696,7 @@ def ablate(args):
     text.append(f"{args.seeds} seeds each, mean ± std (population), {(time.time() - t0) / 60:.0f} min in all.\n")
     (out / "ablation.md").write_text("\n".join(text))
     fig.suptitle(f"Echo {args.ablate} ablation")
-    fig.tight_layout()
-    fig.savefig(out / "ablation.png", dpi=120)
+    fig.savefig(out / "ablation.png", dpi=120, bbox_inches="tight")
     print("\n".join(text))
 
 def median_seconds(run, device, repeats=3):
@@ -1767,9 +1770,8 @@ def benchmark(args):
         seconds, state = median_seconds(optimizer.step, device), optimizer_state_bytes(optimizer)
         adamw = state if name == "adamw" else adamw
         print(f"| {name} | {state / 2**20:.3f} MiB | {state / adamw:.3f} | {1000 * seconds:.1f} ms |")
-    padded_frames = sum(max(frames[i] for i in b) * len(b) for b in all_batches)
     print(f"\n| what | value |\n|---|---|\n| padding in length-bucketed batches | "
-          f"{100 * (1 - sum(frames) / padded_frames):.1f} % |")
+          f"{100 * (1 - sum(frames) / sum(max(frames[i] for i in b) * len(b) for b in all_batches)):.1f} % |")
     for label, seconds in f0_seconds.items():
         clock = "wall" if "batched" in label and device.type == "cuda" else "CPU"
         print(f"| {label} | {seconds / audio_f0:.4f} {clock}-s per audio-s |")

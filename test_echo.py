@@ -1068,6 +1068,44 @@ def test_beam_search_finds_the_best_score_per_token_among_all_hypotheses(monkeyp
     assert echo.decode(model, batch, ctc_weight=0.0, beam=16)[0] == best
 
 
+def test_char_lm_is_witten_bell_interpolation_on_a_hand_counted_text():
+    """Text "ab", "ab", "b" at order 8: after "a" (BOS-padded, one context seen twice, always followed by "b") and in
+    an unseen context, each probability is computed by hand down the orders; every distribution sums to 1."""
+    tokenizer = echo.Tokenizer("ab")
+    a, b, eos = tokenizer.encode("a")[0], tokenizer.encode("b")[0], echo.EOS
+    lm = echo.CharLM(["ab", "ab", "b"], tokenizer, 0.3)
+    uniform = torch.tensor([0, 0, 1, 1, 1]) / 3  # EOS, a, b; never PAD or BOS
+    unigram = (torch.tensor([0, 0, 3, 2, 3]) + 3 * uniform) / (8 + 3)  # EOS 3, a 2, b 3 of 8 tokens; 3 kinds
+    assert torch.allclose(lm.probs(()), unigram)
+    lower = unigram
+    for k in range(1, echo.LM_ORDER):  # context BOS..BOS a, its suffixes: each seen twice, always before b
+        context = (echo.BOS,) * (k - 1) + (a,)
+        lower = (2 * torch.nn.functional.one_hot(torch.tensor(b), 5) + lower) / 3
+    assert torch.allclose(lm.probs(context), lower)
+    assert lm.probs(context)[b] > 0.95 and lm.probs(context)[eos] > 0
+    unseen = (b,) * 7  # "b b" never occurs: only "b", 3 times, always before EOS
+    after_b = (3 * torch.nn.functional.one_hot(torch.tensor(eos), 5) + unigram) / 4
+    assert torch.allclose(lm.probs(unseen), after_b)
+    for c in ((), context, unseen, (a, a, a, a, a, a, b)):
+        assert abs(lm.probs(c).sum().item() - 1) < 1e-6
+
+
+def test_decoding_with_a_heavy_char_lm_spells_the_lm_text_and_checkpoints_rebuild_it(tmp_path):
+    """An untrained model's beam search with a CharLM of weight 100 returns the LM's sentence; a checkpoint that holds
+    the LM's text gives load_model a model whose CharLM has the same probabilities and weight."""
+    tokenizer = echo.Tokenizer("abc")
+    model, batch = tiny_model(vocab=len(tokenizer)), fake_batch(lengths=(200,), text_lengths=(3,), vocab=6)
+    plain = echo.decode(model, batch, ctc_weight=0.3, beam=4)[0]
+    model.lm = echo.CharLM(["cab"] * 5, tokenizer, 100.0)
+    assert tokenizer.decode(echo.decode(model, batch, ctc_weight=0.3, beam=4)[0]) == "cab" != tokenizer.decode(plain)
+    echo.save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "tokenizer": "abc", "lm_text": ["cab"] * 5,
+                                                "model_config": dataclasses.asdict(model.config),
+                                                "config": {"decode_ctc_weight": 0.3, "lm_weight": 100.0}})
+    loaded, _, _ = echo.load_model(tmp_path / "ckpt.pt", torch.device("cpu"))
+    assert loaded.lm.weight == 100.0 and torch.equal(loaded.lm.probs((1,) * 7), model.lm.probs((1,) * 7))
+    assert tokenizer.decode(echo.decode(loaded, batch, ctc_weight=0.3, beam=4)[0]) == "cab"
+
+
 def test_ctc_prefix_scores_match_enumeration_of_all_alignments():
     T, V = 5, 5
     log_probs = torch.randn(1, T + 2, V, generator=torch.Generator().manual_seed(0)).log_softmax(-1)
@@ -1227,6 +1265,7 @@ def test_tiny_training_run_loss_falls_and_resume_continues(tiny_corpus, tmp_path
         patch.setattr(echo, "parse_args", None)  # a checkpoint alone must be enough to rebuild the model
         model, _, config = echo.load_model(run_dir / "ckpt.pt", torch.device("cpu"))
     assert config == ckpt["config"] and all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+    assert model.lm.texts == ckpt["lm_text"] == [str(t) for t in echo.load_splits(args)[0]["train"]["text"]]
     resumed = train_args(cache, tmp_path, "--name", "tiny", "--max_steps", "60", "--eval_every", "20", "--resume")
     echo.train(resumed)
     assert echo.load_checkpoint(run_dir / "ckpt.pt")["step"] == 60
