@@ -1118,8 +1118,7 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
     scores[:, 0] = 0.0  # one live hypothesis (BOS) per utterance to begin with
     token = torch.full((n * width, 1), BOS, device=audio.device)
     history = torch.zeros(n * width, 0, dtype=torch.long, device=audio.device)
-    ended = [[] for _ in range(n)]  # (score per token, tokens)
-    context = [(BOS,) * (LM_ORDER - 1)] * (n * width)  # each hypothesis's last tokens, for the CharLM
+    ended, context = [[] for _ in range(n)], [(BOS,) * (LM_ORDER - 1)] * (n * width)  # (score/token, tokens); LM contexts
     best_ended = torch.full((n,), float("-inf"), dtype=torch.float64, device=audio.device)  # total score
     for position in range(int(limit.max())):
         log_p = model.decoder(token, audio, valid, caches, offset=position)[:, -1].float().log_softmax(-1)
@@ -1696,7 +1695,8 @@ def ablate(args):
     text.append(f"{args.seeds} seeds each, mean ± std (population), {(time.time() - t0) / 60:.0f} min in all.\n")
     (out / "ablation.md").write_text("\n".join(text))
     fig.suptitle(f"Echo {args.ablate} ablation")
-    fig.savefig(out / "ablation.png", dpi=120, bbox_inches="tight")
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=120)
     print("\n".join(text))
 
 def median_seconds(run, device, repeats=3):
