@@ -1090,15 +1090,14 @@ class CharLM:
         for text in self.texts:  # each n-gram of order 1 .. LM_ORDER ending at each token (BOS-padded; EOS last)
             ids = (BOS,) * (LM_ORDER - 1) + tuple(tokenizer.encode(text)) + (EOS,)
             self.counts.update(ids[i - k:i + 1] for i in range(LM_ORDER - 1, len(ids)) for k in range(LM_ORDER))
-        self.followers = collections.Counter(gram[:-1] for gram in self.counts)  # distinct tokens after a context
         self.probs = functools.lru_cache(2 ** 18)(self.probs)
 
     def probs(self, context):
         """The last LM_ORDER - 1 token ids (fewer: a lower order) -> P(next token) (vocab,), each order interpolated
-        with the one below by its count and its number of distinct next tokens; below order 1, uniform over the text."""
-        lower, types = self.probs(context[1:]) if context else self.uniform, self.followers[context]
+        with the one below by its count and its number of distinct next tokens; below order 1, uniform (EOS and letters)."""
+        lower = self.probs(context[1:]) if context else self.uniform
         seen = torch.tensor([self.counts[context + (t,)] for t in range(len(self.uniform))], dtype=torch.float)
-        return (seen + types * lower) / (seen.sum() + types) if types else lower
+        return (seen + (seen > 0).sum() * lower) / (seen.sum() + (seen > 0).sum()) if seen.any() else lower
 
 @torch.no_grad()
 def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=None):
@@ -1540,7 +1539,8 @@ def train(args):
     ckpt = load_checkpoint(run_dir / "ckpt.pt") if args.resume else None
     data, train_set, tokenizer, skipped = training_data(args, rank, world, ckpt)
     model = build_model(ModelConfig.from_args(args, len(tokenizer))).to(device)
-    model.lm = CharLM(train_set["text"], tokenizer, args.lm_weight) if args.lm_weight and not args.streaming else None
+    if args.lm_weight and rank == 0 and not args.streaming:  # rank 0 alone decodes; a stream's text is not known ahead
+        model.lm = CharLM(train_set["text"], tokenizer, args.lm_weight)
     optimizer = build_optimizer(model, args, device)
     step, epoch, batch_index = (ckpt["step"], ckpt["epoch"], ckpt["batch_index"]) if ckpt else (0, 0, 0)
     if ckpt:  # the model, optimizer and RNG states that training_state() saved
