@@ -605,8 +605,7 @@ def length_batches(lengths, batch_frames, rng=None):
     order = list(range(len(lengths)))
     if rng is not None:
         rng.shuffle(order)
-    window = BUCKET_WINDOW if rng is not None else max(1, len(order))
-    batches = []
+    window, batches = BUCKET_WINDOW if rng is not None else max(1, len(order)), []
     for start in range(0, len(order), window):
         batches.append([])
         for i in sorted(order[start:start + window], key=lambda i: lengths[i]):  # so i is its batch's longest
@@ -882,8 +881,7 @@ class Stem(nn.Module):
 
     def forward(self, x, frames):
         for conv in self.convs:
-            x = F.gelu(conv(x))
-            frames = (frames + conv.stride[0] - 1) // conv.stride[0]
+            x, frames = F.gelu(conv(x)), (frames + conv.stride[0] - 1) // conv.stride[0]
             x = x * (torch.arange(x.shape[-1], device=x.device) < frames[:, None])[:, None]
         return x.transpose(1, 2)
 
@@ -1082,22 +1080,24 @@ class CTCPrefixScorer:
         self.r_n, self.r_b = r_n.gather(2, pick), r_b.gather(2, pick)
 
 class CharLM:
-    """A character n-gram of the training transcripts (LM_ORDER, Witten-Bell interpolation) that decode() adds to its
-    scores with its weight: it knows the training text's spelling better than a decoder trained for minutes."""
+    """The training transcripts' character n-gram (order LM_ORDER) that decode() adds with its weight (README)."""
     def __init__(self, texts, tokenizer, weight):
-        self.texts, self.weight, self.counts = [str(t) for t in texts], weight, collections.Counter()
-        self.uniform = torch.ones(len(tokenizer)).index_fill(0, torch.tensor([PAD, BOS]), 0) / (len(tokenizer) - 2)
+        self.texts, self.weight, self.vocab = [str(t) for t in texts], weight, len(tokenizer)
+        self.counts, self.totals = collections.Counter(), collections.Counter()
         for text in self.texts:  # each n-gram of order 1 .. LM_ORDER ending at each token (BOS-padded; EOS last)
             ids = (BOS,) * (LM_ORDER - 1) + tuple(tokenizer.encode(text)) + (EOS,)
             self.counts.update(ids[i - k:i + 1] for i in range(LM_ORDER - 1, len(ids)) for k in range(LM_ORDER))
-        self.probs = functools.lru_cache(2 ** 18)(self.probs)
+        for gram, count in self.counts.items():  # per context: how often it is followed, and by how many tokens
+            self.totals[gram[:-1]] += count
+        self.types = collections.Counter(gram[:-1] for gram in self.counts)
+        self.prob = functools.lru_cache(2 ** 20)(self.prob)
 
-    def probs(self, context):
-        """The last LM_ORDER - 1 token ids (fewer: a lower order) -> P(next token) (vocab,), each order interpolated
-        with the one below by its count and its number of distinct next tokens; below order 1, uniform (EOS and letters)."""
-        lower = self.probs(context[1:]) if context else self.uniform
-        seen = torch.tensor([self.counts[context + (t,)] for t in range(len(self.uniform))], dtype=torch.float)
-        return (seen + (seen > 0).sum() * lower) / (seen.sum() + (seen > 0).sum()) if seen.any() else lower
+    def prob(self, context, token):
+        """P(token | the last LM_ORDER - 1 token ids; fewer: a lower order), each order interpolated with the one below
+        by its count and its number of distinct next tokens; below order 1, uniform over EOS and the letters."""
+        lower = self.prob(context[1:], token) if context else float(token > BOS) / (self.vocab - 2)
+        types = self.types[context]
+        return (self.counts[context + (token,)] + types * lower) / (self.totals[context] + types) if types else lower
 
 @torch.no_grad()
 def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=None):
@@ -1109,8 +1109,7 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
     audio, valid = model.encoder(batch) if encoded is None else encoded  # evaluate() has encoded it already
     n, width = len(audio), beam
     audio, valid = audio.repeat_interleave(width, 0), valid.repeat_interleave(width, 0)  # row = utterance * beam + slot
-    caches = [{} for _ in model.decoder.blocks]
-    limit = max_tokens_for(batch["frames"]).to(audio.device)[:, None]  # (n, 1)
+    caches, limit = [{} for _ in model.decoder.blocks], max_tokens_for(batch["frames"]).to(audio.device)[:, None]  # (n, 1)
     use_ctc = model.ctc_head is not None and ctc_weight > 0
     ctc = CTCPrefixScorer(model.ctc_head(audio).float().log_softmax(-1), valid) if use_ctc else None
     scores = torch.full((n, width), float("-inf"), device=audio.device)
@@ -1129,7 +1128,8 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
             step = (1 - ctc_weight) * step + ctc_weight * torch.where(top.indices == EOS, ctc.final() - ctc.score,
                                                                       psi - ctc.score)
         if model.lm is not None:
-            step = step + model.lm.weight * torch.stack([model.lm.probs(c) for c in context]).log().gather(1, top.indices)
+            lm = [[model.lm.prob(c, t) for t in row] for c, row in zip(context, top.indices.tolist())]
+            step = step + model.lm.weight * torch.tensor(lm, device=step.device).log()
         best = (scores.view(-1, 1) + step).view(n, -1).topk(width, -1)  # over every slot's candidates
         parent = (best.indices // top.indices.shape[1] + torch.arange(n, device=audio.device)[:, None] * width).flatten()
         choice = (best.indices % top.indices.shape[1]).view(-1, 1)
