@@ -1102,9 +1102,9 @@ class CharLM:
 @torch.no_grad()
 def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=None):
     """Beam search with a KV cache -> token-id lists (no BOS, EOS); beam=1 is greedy. Hypotheses grow by their top
-    candidates, scored (1 - w) log p_attention + w * (gain in CTC prefix score) + the weighted log P of the model's
-    CharLM, if it has one; at EOS or the length cap they leave
-    the beam, the best score per token wins; an utterance stops once its live ones score END_MARGIN below its best ended."""
+    candidates, scored (1 - w) log p_attention + w * (gain in CTC prefix score) + model.lm's weighted log P, if any;
+    at EOS or the length cap they leave the beam, the best score per token wins; an utterance stops once its live
+    ones score END_MARGIN below its best ended."""
     model.eval()
     audio, valid = model.encoder(batch) if encoded is None else encoded  # evaluate() has encoded it already
     n, width = len(audio), beam
