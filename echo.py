@@ -800,9 +800,8 @@ class Attention(nn.Module):
     """Multi-head attention through scaled_dot_product_attention. Self-attention when context is None."""
     def __init__(self, d_model, n_heads):
         super().__init__()
-        self.n_heads = n_heads
         self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model, bias=False) for _ in range(4))
-        self.keep_weights, self.weights = False, None  # diagnostics: the head-averaged weights, (B, T, S)
+        self.n_heads, self.keep_weights, self.weights = n_heads, False, None  # diagnostics: head-averaged weights (B, T, S)
 
     def heads(self, x):
         return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # (B, T, D) -> (B, H, T, D/H)
@@ -1083,13 +1082,12 @@ class CharLM:
     """The training transcripts' character n-gram (order LM_ORDER) that decode() adds with its weight (README)."""
     def __init__(self, texts, tokenizer, weight):
         self.texts, self.weight, self.vocab = [str(t) for t in texts], weight, len(tokenizer)
-        self.counts, self.totals = collections.Counter(), collections.Counter()
+        self.counts, self.totals = collections.Counter(), collections.Counter()  # of n-grams; of their contexts
         for text in self.texts:  # each n-gram of order 1 .. LM_ORDER ending at each token (BOS-padded; EOS last)
             ids = (BOS,) * (LM_ORDER - 1) + tuple(tokenizer.encode(text)) + (EOS,)
             self.counts.update(ids[i - k:i + 1] for i in range(LM_ORDER - 1, len(ids)) for k in range(LM_ORDER))
-        for gram, count in self.counts.items():  # per context: how often it is followed, and by how many tokens
-            self.totals[gram[:-1]] += count
-        self.types = collections.Counter(gram[:-1] for gram in self.counts)
+            self.totals.update(ids[i - k:i] for i in range(LM_ORDER - 1, len(ids)) for k in range(LM_ORDER))
+        self.types = collections.Counter(gram[:-1] for gram in self.counts)  # distinct next tokens per context
         self.prob = functools.lru_cache(2 ** 20)(self.prob)
 
     def prob(self, context, token):
@@ -1391,11 +1389,19 @@ def environment(device, world):
             "processes": world, "device": str(device)}
 
 def training_state(model, optimizer, position, config, tokenizer, env):
-    """What a training checkpoint holds (train() reads it back on --resume); position is (step, epoch, batch_index)."""
+    """What a training checkpoint holds (restore() reads it back); position is (step, epoch, batch_index)."""
     return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
             "optimizer": optimizer.state_dict(), **dict(zip(("step", "epoch", "batch_index"), position)),
             "config": config, "tokenizer": tokenizer.chars, "lm_text": model.lm and model.lm.texts, "code": env["code"],
             "source": SOURCE.decode(), "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
+
+def restore(ckpt, model, optimizer):
+    """Load a training checkpoint's model, optimizer and RNG states -> its data position (step, epoch, batch_index)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    random.setstate(ckpt["rng"]["python"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["step"], ckpt["epoch"], ckpt["batch_index"]
 
 @contextlib.contextmanager
 def deferred_signals():
@@ -1542,17 +1548,11 @@ def train(args):
     if args.lm_weight and rank == 0 and not args.streaming:  # rank 0 alone decodes; a stream's text is not known ahead
         model.lm = CharLM(train_set["text"], tokenizer, args.lm_weight)
     optimizer = build_optimizer(model, args, device)
-    step, epoch, batch_index = (ckpt["step"], ckpt["epoch"], ckpt["batch_index"]) if ckpt else (0, 0, 0)
-    if ckpt:  # the model, optimizer and RNG states that training_state() saved
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        random.setstate(ckpt["rng"]["python"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+    step, epoch, batch_index = restore(ckpt, model, optimizer) if ckpt else (0, 0, 0)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     forward = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "transcribe", "ckpt")}
-    env = environment(device, world)
+    config, env = {k: v for k, v in vars(args).items() if k not in ("resume", "transcribe", "ckpt")}, environment(device, world)
     writer = open_run(run_dir, config, env, model, train_set, tokenizer, skipped, step) if rank == 0 else None
     batches = training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index, device)
     stats = {"start": time.time(), "audio_seconds": 0.0, "nonfinite_steps": 0, "skipped_in_stream": 0}
