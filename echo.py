@@ -12,9 +12,7 @@ import subprocess, sys, threading, time, zlib
 from pathlib import Path
 
 import datasets, espeakng_loader, jiwer, librosa, matplotlib, pypinyin, scipy.stats, soundfile, torch, torchaudio, wordfreq
-import numpy as np
-import torch.nn as nn
-import torch.nn.functional as F
+import numpy as np, torch.nn as nn, torch.nn.functional as F
 from datasets.distributed import split_dataset_by_node
 from pypinyin.contrib.tone_convert import to_normal
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -59,7 +57,6 @@ END_MARGIN = 10.0  # beam search drops an utterance's live hypotheses this far b
 MAX_CHARS_PER_SECOND = 30  # decoding length cap (speech rarely exceeds 20 characters per second), plus 10
 SOURCE = Path(__file__).read_bytes()  # the exact code this process runs: saved with every run and checkpoint
 CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
-
 AUGMENT_ON = dict(specaug=True, speed_perturb=True, noise_snr=(10.0, 30.0), reverb=True, bandpass=True)
 AUGMENT_OFF = {name: None if name == "noise_snr" else False for name in AUGMENT_ON}
 PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, streams="spectrogram,pitch"),
@@ -68,8 +65,9 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200, eval_every=300,
-                      optimizer="maxfactor", lr=LEARNING_RATES["maxfactor"], lm_weight=0.0), tuple(PITCH)),
-    "english": (dict(dataset="embedded", lm_weight=0.0), ("baseline", "f0_theta", "all", "pitch_stream"))}
+                      optimizer="maxfactor", lr=LEARNING_RATES["maxfactor"], lm_weight=0.0, conv=0), tuple(PITCH)),
+    "english": (dict(dataset="embedded", lm_weight=0.0, conv=0, max_steps=2200), ("baseline", "f0_theta", "all",
+                                                                                  "pitch_stream"))}
 STUDY_RUNS = {f"{corpus}/{label}": budget | PITCH[label] for corpus, (budget, labels) in STUDY.items() for label in labels}
 ABLATIONS = {  # --ablate: each configuration is a set of flag overrides
     "pitch": PITCH,
@@ -107,6 +105,7 @@ class ModelConfig:
     ctc_weight: float = flag(0.5, "weight of the auxiliary CTC loss on the encoder (0 = no CTC head)")
     gate: str = flag("t", "gate on every block's MLP output (README)", choices=("none", "mlp", "t", "m"))
     gate_memory: int = flag(64, "memory slots of --gate m")
+    conv: int = flag(15, "kernel (40 ms frames, odd) of each encoder block's depthwise convolution; 0 = none")
     streams: str = flag("spectrogram", "spectrogram[,pitch][,waveform], fused by the c_gate", type=streams_flag)
     f0_theta: bool = flag(True, "pitch-warped rotary phase (f0 / 220 Hz per frame); --no-f0_theta = plain RoPE")
     radii: bool = flag(False, "rotary magnitude r from the utterance's log-f0 z-score, r in [1/2, 2]")
@@ -146,7 +145,7 @@ def build_parser():
     a("--decode_ctc_weight", type=float, default=0.5, help="weight of CTC prefix scores in decoding (0 = attention only)")
     a("--lm_weight", type=float, default=0.3, help="weight of the training text's character 8-gram in decoding (0 = off)")
     a("--beam", type=int, default=4, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
-    a("--max_steps", type=int, default=2200, help="optimizer steps")
+    a("--max_steps", type=int, default=1900, help="optimizer steps")
     a("--batch_frames", type=int, default=4000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--optimizer", choices=tuple(LEARNING_RATES), default="maxfactor", help="AdamW, MaxFactor (Echo's or upstream's "
@@ -183,6 +182,8 @@ def parse_args(argv=None):
     for flag in ("radii", "pitch_bias", "zero_value"):
         if getattr(args, flag) and not args.f0_theta:
             p.error(f"--{flag} uses the f0 track, which --no-f0_theta disables")
+    if args.conv < 0 or (args.conv > 0 and args.conv % 2 == 0):
+        p.error(f"--conv {args.conv} must be odd (a centred kernel), or 0 for none")
     if args.d_model % (2 * args.n_heads):
         p.error(f"--d_model {args.d_model} must be divisible by 2 * --n_heads")
     if args.transcribe and not args.ckpt:
@@ -291,8 +292,7 @@ def corpus_plan(size, seed, corpus="embedded"):
     accents = {False: [a for a in recipe["accents"] if a not in UNSEEN_ACCENTS], True: recipe["unseen_accents"]}
     variants = {False: [v for v in VARIANTS if v not in UNSEEN_VARIANTS + DROPPED_VARIANTS], True: UNSEEN_VARIANTS}
     bands = {False: {k: (band,) for k, band in recipe["settings"].items()}, True: recipe["unseen_settings"]}
-    counts = {"train": size - 2 * held_out} | {split: held_out for split in SPLITS[1:]}
-    seen, plan = set(), []
+    counts, seen, plan = {"train": size - 2 * held_out} | {split: held_out for split in SPLITS[1:]}, set(), []
     for split in SPLITS:
         unseen = split == "test_unseen"
         for i in range(counts[split]):
@@ -587,8 +587,7 @@ def load_splits(args):
         features = datasets.Features({k: v for k, v in FEATURES.items() if keep_wave or k != "wave"})
         common = dict(batched=True, batch_size=16, remove_columns=ds.column_names, features=features)
         if split == "train" and args.streaming:  # featurised lazily, where it is read (DataLoader workers); no cache
-            if isinstance(ds, datasets.Dataset):
-                ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64))
+            ds = ds.to_iterable_dataset(num_shards=min(len(ds), 64)) if isinstance(ds, datasets.Dataset) else ds
             out[split] = ds.map(_featurize_examples, fn_kwargs=kwargs | {"device": torch.device("cpu")}, **common)
             continue
         ds = ds.map(_featurize_examples, fn_kwargs=kwargs | {"device": device}, **common, desc=f"features {split}",
@@ -852,21 +851,26 @@ class Gate(nn.Module):
         return 0.5 * (torch.sigmoid(self.proj(x)) + torch.sigmoid(read))
 
 class Block(nn.Module):
-    """Pre-norm residual block: self-attention, optional cross-attention, MLP scaled by an optional Gate."""
-    def __init__(self, d_model, n_heads, cross=False, gate="none", gate_memory=64):
+    """Pre-norm residual block: self-attention, optional cross-attention, optional depthwise convolution over time
+    (Conformer's, less its pointwise layers), MLP scaled by an optional Gate."""
+    def __init__(self, d_model, n_heads, cross=False, gate="none", gate_memory=64, conv=0):
         super().__init__()
         self.attn_norm, self.attn = RMSNorm(d_model), Attention(d_model, n_heads)
         self.cross_norm, self.cross = (RMSNorm(d_model), Attention(d_model, n_heads)) if cross else (None, None)
         self.mlp_norm = RMSNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
         self.gate = Gate(gate, d_model, gate_memory) if gate != "none" else None
+        self.conv_norm, self.conv = (RMSNorm(d_model), nn.Conv1d(d_model, d_model, conv, padding=conv // 2,
+                                                                 groups=d_model)) if conv else (None, None)
 
-    def forward(self, x, table=None, mask=None, causal=False, context=None, context_mask=None, cache=None):
+    def forward(self, x, table=None, mask=None, causal=False, context=None, context_mask=None, cache=None, valid=None):
         x = x + self.attn(self.attn_norm(x), table=table, mask=mask, causal=causal,
                           cache=None if cache is None else cache.setdefault("self", {}))
         if self.cross is not None:
             x = x + self.cross(self.cross_norm(x), context=context, mask=context_mask,
                                cache=None if cache is None else cache.setdefault("cross", {}))
+        if self.conv is not None:  # each channel filtered over nearby frames; padding zeroed: batch-invariant
+            x = x + F.silu(self.conv((self.conv_norm(x) * valid[..., None]).transpose(1, 2)).transpose(1, 2))
         h = self.mlp_norm(x)
         return x + (self.mlp(h) if self.gate is None else self.gate(h) * self.mlp(h))
 
@@ -921,7 +925,7 @@ class Encoder(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.streams = Streams(tuple(c.streams.split(",")), c.d_model)
-        self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, gate=c.gate, gate_memory=c.gate_memory)
+        self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, gate=c.gate, gate_memory=c.gate_memory, conv=c.conv)
                                     for _ in range(c.enc_layers))
         self.norm = RMSNorm(c.d_model)
         self.pitch = PitchPrior(c.d_model // c.n_heads, c.n_heads, c.f0_theta, c.radii, c.pitch_bias, c.zero_value,
@@ -932,7 +936,7 @@ class Encoder(nn.Module):
         valid = torch.arange(x.shape[1], device=x.device) < ((frames + 3) // 4)[:, None]  # (B, T/4)
         table, mask = self.pitch(*pitch_track(batch["f0"], batch["voiced"], frames, x.shape[1]), valid)  # once per batch
         for block in self.blocks:
-            x = block(x, table=table, mask=mask)
+            x = block(x, table=table, mask=mask, valid=valid)
         return self.norm(x), valid
 
 class Decoder(nn.Module):
@@ -1099,10 +1103,9 @@ class CharLM:
 
 @torch.no_grad()
 def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=None):
-    """Beam search with a KV cache -> token-id lists (no BOS, EOS); beam=1 is greedy. Hypotheses grow by their top
-    candidates, scored (1 - w) log p_attention + w * (gain in CTC prefix score) + model.lm's weighted log P, if any;
-    at EOS or the length cap they leave the beam, the best score per token wins; an utterance stops once its live
-    ones score END_MARGIN below its best ended."""
+    """KV-cached beam search -> token-id lists (no BOS, EOS); beam=1 is greedy. Hypotheses grow by their top candidates,
+    scored (1 - w) log p_attention + w * (CTC prefix score gain) + model.lm's weighted log P (if any), until EOS or the
+    length cap; best score per token wins. An utterance stops when its live ones trail its best ended by END_MARGIN."""
     model.eval()
     audio, valid = model.encoder(batch) if encoded is None else encoded  # evaluate() has encoded it already
     n, width = len(audio), beam
@@ -1177,8 +1180,7 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bea
         audio, valid = model.encoder(batch)
         hyps += [tokenizer.decode(h) for h in decode(model, batch, ctc_weight, beam, encoded=(audio, valid))]
         decode_seconds += time.time() - t0  # transcription time = encoding + decoding
-        logits = model.decoder(batch["tokens"][:, :-1], audio, valid).float()
-        targets = batch["tokens"][:, 1:]
+        logits, targets = model.decoder(batch["tokens"][:, :-1], audio, valid).float(), batch["tokens"][:, 1:]
         keep = targets != PAD
         loss_sum += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
         correct += (logits.argmax(-1)[keep] == targets[keep]).sum().item()
@@ -1236,9 +1238,8 @@ def transcribe(args):
         batch = to_device(collate([pieces[i] for i in indices]), device)
         hyps = decode(model, batch, config["decode_ctc_weight"], args.beam)
         texts |= {keys[i]: tokenizer.decode(h) if pieces[i]["voiced"].any() else "" for i, h in zip(indices, hyps)}
-    for path in args.transcribe:
-        if (path, 0) in texts:
-            print(f"{path}\t" + " ".join(texts[key] for key in keys if key[0] == path and texts[key]))
+    for path in (path for path in args.transcribe if (path, 0) in texts):
+        print(f"{path}\t" + " ".join(texts[key] for key in keys if key[0] == path and texts[key]))
     return 1 if failed else 0
 
 # ---- diagnostics: what pitch does inside the model, as TensorBoard scalars and figures (and PNGs, --diagnose)
@@ -1283,13 +1284,12 @@ def render(fig):
 
 def pitch_figure(mel, f0, voiced):
     """The log-mel (frames, 80) with the f0 track and the unvoiced frames on one time axis."""
-    n = len(mel)
     fig, ax = plt.subplots(figsize=(8, 3), dpi=100, layout="tight")
-    ax.imshow(mel.T, origin="lower", aspect="auto", cmap="magma", extent=(0, n / 100, 0, N_MELS))
+    ax.imshow(mel.T, origin="lower", aspect="auto", cmap="magma", extent=(0, len(mel) / 100, 0, N_MELS))
     ax.set(xlabel="seconds", ylabel="mel bin", title="log-mel with the f0 track (white: voiced)")
     hz = ax.twinx()
-    hz.plot(np.arange(n) / 100, np.where(voiced > 0, f0, np.nan), color="white", lw=1.5)
-    hz.plot(np.arange(n) / 100, np.where(voiced > 0, np.nan, F0_MIN), color="tab:cyan", lw=3, label="unvoiced")
+    hz.plot(np.arange(len(mel)) / 100, np.where(voiced > 0, f0, np.nan), color="white", lw=1.5)
+    hz.plot(np.arange(len(mel)) / 100, np.where(voiced > 0, np.nan, F0_MIN), color="tab:cyan", lw=3, label="unvoiced")
     hz.set(ylim=(F0_MIN - 10, F0_MAX), ylabel="f0 (Hz)")
     hz.legend(loc="upper right", fontsize=7)
     return render(fig)

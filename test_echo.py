@@ -207,7 +207,7 @@ def test_invalid_arguments_are_argparse_errors(tmp_path):
                  ["--beam", "0"], ["--noise_snr", "30,10"], ["--noise_snr", "loud"], ["--diag_every", "-5"],
                  ["--log_every", "0"], ["--diagnose", str(tmp_path / "none.pt"), "a.wav"],
                  ["--gate", "x"], ["--streams", "spectrogram,pich"], ["--streams", "pitch"],
-                 ["--radii", "--no-f0_theta"]):
+                 ["--radii", "--no-f0_theta"], ["--conv", "4"], ["--conv", "-3"]):
         with pytest.raises(SystemExit) as e:
             echo.parse_args(argv)
         assert e.value.code == 2, argv
@@ -886,6 +886,22 @@ def test_each_gate_changes_the_output_and_builds_only_what_it_uses():
     assert len({round(v.item(), 6) for v in outputs.values()}) == 4
 
 
+def test_depthwise_conv_is_in_encoder_blocks_only_changes_the_output_and_sees_no_padding():
+    """--conv k: one depthwise kernel of k frames per channel in each encoder block, none in the decoder; 0 builds none.
+    A longer neighbour's padding never reaches an utterance's frames (test_padding_invariance, with the default k)."""
+    batch, outputs = fake_batch(lengths=(77, 130)), {}
+    for k in (0, 3, 15):
+        model = tiny_model(conv=k)
+        convs = [name for name, _ in model.named_parameters() if ".conv." in name]
+        assert convs == [f"encoder.blocks.{i}.conv.{p}" for i in range(TINY["enc_layers"]) for p in ("weight", "bias")
+                         if k], (k, convs)
+        assert all(block.conv.weight.shape == (TINY["d_model"], 1, k) for block in model.encoder.blocks if k)
+        outputs[k] = model.encoder(batch)[0]
+        alone = model.encoder(utterance(batch, 0, 77))[0]
+        torch.testing.assert_close(outputs[k][0, :alone.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outputs[0], outputs[3]) and not torch.allclose(outputs[3], outputs[15])
+
+
 def test_each_stream_changes_the_output_and_c_gate_weights_are_in_unit_interval():
     batch = with_wave(fake_batch())
     outputs = {}
@@ -1459,10 +1475,10 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
         return {split: {"cer": 0.1, "wer": 0.2} | tones for split in echo.TEST_SPLITS}
     monkeypatch.setattr(echo, "train", fake_train)
     echo.ablate(echo.parse_args(["--runs_dir", str(tmp_path), "--name", "study", "--seeds", "3", "--ablate", "study"]))
-    default_steps = echo.parse_args([]).max_steps  # English runs at the default run's budget
     assert len(seen) == 3 * (7 + 4) and ("study/mandarin/pitch_stream-seed2", "embedded-mandarin", 1200,
                                          "spectrogram,pitch") in seen
-    assert ("study/english/all-seed0", "embedded", default_steps, "spectrogram") in seen
+    assert ("study/english/all-seed0", "embedded", 2200, "spectrogram") in seen  # the budget its runs had, pinned
+    assert all(echo.ABLATIONS["study"][label]["conv"] == 0 for label in echo.ABLATIONS["study"])  # nor conv then
     assert len(echo.ABLATIONS["study-mandarin"]) == 7 and echo.ABLATIONS["study"] == echo.ABLATIONS[
         "study-mandarin"] | echo.ABLATIONS["study-english"]  # the same runs, one corpus at a time
     mandarin, english = (tmp_path / "study" / "ablation.md").read_text().split("### embedded\n")
