@@ -888,7 +888,7 @@ def test_each_gate_changes_the_output_and_builds_only_what_it_uses():
 
 def test_depthwise_conv_is_in_encoder_blocks_only_changes_the_output_and_sees_no_padding():
     """--conv k: one depthwise kernel of k frames per channel in each encoder block, none in the decoder; 0 builds none.
-    A longer neighbour's padding never reaches an utterance's frames (test_padding_invariance, with the default k)."""
+    A longer neighbour's padding never reaches an utterance's frames."""
     batch, outputs = fake_batch(lengths=(77, 130)), {}
     for k in (0, 3, 15):
         model = tiny_model(conv=k)
@@ -1477,8 +1477,7 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
     echo.ablate(echo.parse_args(["--runs_dir", str(tmp_path), "--name", "study", "--seeds", "3", "--ablate", "study"]))
     assert len(seen) == 3 * (7 + 4) and ("study/mandarin/pitch_stream-seed2", "embedded-mandarin", 1200,
                                          "spectrogram,pitch") in seen
-    assert ("study/english/all-seed0", "embedded", 2200, "spectrogram") in seen  # the budget its runs had, pinned
-    assert all(echo.ABLATIONS["study"][label]["conv"] == 0 for label in echo.ABLATIONS["study"])  # nor conv then
+    assert ("study/english/all-seed0", "embedded", 2200, "spectrogram") in seen  # the steps its runs had, pinned
     assert len(echo.ABLATIONS["study-mandarin"]) == 7 and echo.ABLATIONS["study"] == echo.ABLATIONS[
         "study-mandarin"] | echo.ABLATIONS["study-english"]  # the same runs, one corpus at a time
     mandarin, english = (tmp_path / "study" / "ablation.md").read_text().split("### embedded\n")
