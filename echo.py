@@ -66,8 +66,7 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200, eval_every=300,
                       optimizer="maxfactor", lr=LEARNING_RATES["maxfactor"], lm_weight=0.0), tuple(PITCH)),
-    "english": (dict(dataset="embedded", max_steps=2200, lm_weight=0.0), ("baseline", "f0_theta", "all",
-                                                                           "pitch_stream"))}  # 2,200: as it ran
+    "english": (dict(dataset="embedded", lm_weight=0.0), ("baseline", "f0_theta", "all", "pitch_stream"))}
 STUDY_RUNS = {f"{corpus}/{label}": budget | PITCH[label] for corpus, (budget, labels) in STUDY.items() for label in labels}
 ABLATIONS = {  # --ablate: each configuration is a set of flag overrides
     "pitch": PITCH,
@@ -145,7 +144,7 @@ def build_parser():
     a("--decode_ctc_weight", type=float, default=0.5, help="weight of CTC prefix scores in decoding (0 = attention only)")
     a("--lm_weight", type=float, default=0.3, help="weight of the training text's character 8-gram in decoding (0 = off)")
     a("--beam", type=int, default=4, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
-    a("--max_steps", type=int, default=1900, help="optimizer steps")
+    a("--max_steps", type=int, default=2200, help="optimizer steps")
     a("--batch_frames", type=int, default=4000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--optimizer", choices=tuple(LEARNING_RATES), default="maxfactor", help="AdamW, MaxFactor (Echo's or upstream's "
