@@ -860,7 +860,7 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
         self.gate = Gate(gate, d_model, gate_memory) if gate != "none" else None
-        self.conv_norm, self.conv = (RMSNorm(d_model), nn.Conv1d(d_model, d_model, conv, padding=conv // 2,
+        self.conv_norm, self.conv = (RMSNorm(d_model), nn.Conv2d(d_model, d_model, (1, conv), padding=(0, conv // 2),
                                                                  groups=d_model)) if conv else (None, None)
 
     def forward(self, x, table=None, mask=None, causal=False, context=None, context_mask=None, cache=None, valid=None):
@@ -869,8 +869,8 @@ class Block(nn.Module):
         if self.cross is not None:
             x = x + self.cross(self.cross_norm(x), context=context, mask=context_mask,
                                cache=None if cache is None else cache.setdefault("cross", {}))
-        if self.conv is not None:  # each channel filtered over nearby frames; padding zeroed: batch-invariant
-            x = x + F.silu(self.conv((self.conv_norm(x) * valid[..., None]).transpose(1, 2)).transpose(1, 2))
+        if self.conv is not None:  # channel-wise filter over nearby frames, padding zeroed; 1 x K Conv2d: 3x a Conv1d
+            x = x + F.silu(self.conv((self.conv_norm(x) * valid[..., None]).mT[:, :, None])[:, :, 0].mT)
         h = self.mlp_norm(x)
         return x + (self.mlp(h) if self.gate is None else self.gate(h) * self.mlp(h))
 

@@ -895,7 +895,7 @@ def test_depthwise_conv_is_in_encoder_blocks_only_changes_the_output_and_sees_no
         convs = [name for name, _ in model.named_parameters() if ".conv." in name]
         assert convs == [f"encoder.blocks.{i}.conv.{p}" for i in range(TINY["enc_layers"]) for p in ("weight", "bias")
                          if k], (k, convs)
-        assert all(block.conv.weight.shape == (TINY["d_model"], 1, k) for block in model.encoder.blocks if k)
+        assert all(block.conv.weight.shape == (TINY["d_model"], 1, 1, k) for block in model.encoder.blocks if k)
         outputs[k] = model.encoder(batch)[0]
         alone = model.encoder(utterance(batch, 0, 77))[0]
         torch.testing.assert_close(outputs[k][0, :alone.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
