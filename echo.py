@@ -154,7 +154,7 @@ def build_parser():
     a("--warmup", type=int, default=200, help="linear warmup steps, then cosine decay to lr/10")
     a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
-    a("--eval_every", type=int, default=500, help="steps between validation decoding and checkpoints")
+    a("--eval_every", type=int, default=500, help="steps between validation decoding (greedy) and checkpoints")
     a("--eval_utts", type=int, default=100, help="validation utterances decoded at each evaluation")
     a("--log_every", type=int, default=50, help="steps between progress lines when stdout is not a terminal")
     a("--device", default="auto", help="auto, cpu or cuda")
@@ -1220,8 +1220,7 @@ def load_model(path, device):
 def transcribe(args):
     """Print '<path>\\t<transcript>' per file in input order (empty for silent or all-unvoiced audio, as other
     recognisers do); one-line errors on stderr; exit 1 if any failed."""
-    device = pick_device(args.device)
-    model, tokenizer, config = load_model(args.ckpt, device)
+    model, tokenizer, config = load_model(args.ckpt, device := pick_device(args.device))
     waves, failed = {}, 0  # (path, piece number) -> audio; audio longer than --max_seconds is cut in pieces
     for path in args.transcribe:
         try:
@@ -1505,13 +1504,14 @@ def log_step(writer, step, args, losses, grad_norm, step_seconds, diagnostics, s
 
 def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, args, n_utts=None):
     """Decode (the first n_utts of) a split; log evaluate()'s metrics and 5 samples; print one line -> the result."""
-    result = evaluate(model, dataset, tokenizer, device, n_utts, args.decode_ctc_weight, args.beam)
+    beam = 1 if split == "val" else args.beam  # validation during training is greedy: a third of the beam's time
+    result = evaluate(model, dataset, tokenizer, device, n_utts, args.decode_ctc_weight, beam)
     for key in [key for key in ("wer", "cer", *TONE_METRICS, "loss", "token_accuracy") if key in result]:
         writer.add_scalar(f"{split}/{key}{'_teacher_forced' if key == 'token_accuracy' else ''}", result[key], step)
     writer.add_text(f"{split}/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
     tones = "".join(f"  {key.upper()} {100 * result[key]:.2f} %" for key in TONE_METRICS if key in result)
     tqdm.write(f"step {step}, {split}: CER {100 * result['cer']:.2f} %  WER {100 * result['wer']:.2f} %{tones}  loss "
-               f"{result['loss']:.3f}  ({result['n']} utterances, decoded, RTFx {result['rtfx']:.0f}) | {args.name}")
+               f"{result['loss']:.3f}  ({result['n']} utterances, decoded, beam {beam}, RTFx {result['rtfx']:.0f}) | {args.name}")
     return result
 
 def test_and_report(writer, step, model, data, tokenizer, device, args, config, stats, skipped):

@@ -1413,6 +1413,20 @@ def test_same_seed_gives_identical_first_20_losses(tiny_corpus, tmp_path):
     assert len(a) == 20 and a == b
 
 
+def test_validation_during_training_is_greedy_and_the_test_splits_use_the_beam(tiny_corpus, tmp_path, monkeypatch):
+    """Validation decoding at each evaluation is greedy (beam 1, cheap); the test splits at the end get --beam."""
+    cache, _ = tiny_corpus
+    calls, evaluate = [], echo.evaluate
+    monkeypatch.setattr(echo, "evaluate", lambda model, dataset, *a: calls.append((len(dataset), a[-1])) or evaluate(
+        model, dataset, *a))
+    args = train_args(cache, tmp_path, "--name", "beams", "--max_steps", "4", "--eval_every", "2", "--eval_utts", "1",
+                      "--beam", "3")
+    data, _ = echo.load_splits(args)
+    echo.train(args)
+    assert [beam for _, beam in calls] == [1, 1, 3, 3, 3]
+    assert [n for n, _ in calls[2:]] == [len(data[split]) for split in echo.TEST_SPLITS]
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_corpus, tmp_path):
     """torchrun --nproc_per_node 2 on CPU: each process takes one of the 2 micro-batches of every step."""
