@@ -806,8 +806,8 @@ class Attention(nn.Module):
         return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # (B, T, D) -> (B, H, T, D/H)
 
     def forward(self, x, context=None, table=None, mask=None, causal=False, cache=None):
-        """x (B, T, D); context (B, S, D) for cross-attention; table: rotary for q and k (self-attention);
-        mask: bool, True = may attend, broadcast to (B, H, T, S); cache: dict holding past keys/values."""
+        """x (B, T, D); context (B / k, S, D) for cross-attention, read by k consecutive rows of x (beam search: k = beam);
+        table: rotary for q and k; mask: bool, True = may attend, broadcast to (B, H, T, S); cache: past keys/values."""
         q = self.heads(self.q(x))
         if context is not None and cache is not None and "k" in cache:
             k, v = cache["k"], cache["v"]  # cross-attention keys of the audio are computed once per utterance
@@ -820,7 +820,9 @@ class Attention(nn.Module):
                 if context is None and "k" in cache:
                     k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
                 cache["k"], cache["v"] = k, v
+        q = q.unflatten(0, (len(k), -1)).transpose(1, 2).flatten(2, 3)  # (B / k, H, k * T, D/H): k rows, one context
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and cache is None)
+        out = out.unflatten(2, (-1, x.shape[1])).transpose(1, 2).flatten(0, 1)  # (B, H, T, D/H), rows of q again
         if self.keep_weights:  # SDPA does not return its weights: recompute them for the figures
             scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
             if mask is not None:  # (the figures read encoder self- and decoder cross-attention, never causal)
@@ -1049,17 +1051,17 @@ class CTCPrefixScorer:
     are solved over all frames at once (one logcumsumexp per step, not a loop over frames), in float64."""
     NEG = -1e4  # log of "impossible" that keeps the closed form finite
 
-    def __init__(self, log_probs, valid):
-        """log_probs (B, T, V) from the CTC head, valid (B, T). Frames past the end emit blank with
-        probability 1, which changes no score, so one T serves the whole batch."""
+    def __init__(self, log_probs, valid, width=1):
+        """log_probs (B, T, V) from the CTC head, valid (B, T), each row repeated width times (one per beam slot).
+        Frames past the end emit blank with probability 1, which changes no score, so one T serves the whole batch."""
         blank_only = torch.full_like(log_probs[0, 0], self.NEG, dtype=torch.float64)
         blank_only[PAD] = 0.0
-        self.log_probs = torch.where(valid[..., None], log_probs.double(), blank_only)
+        self.log_probs = torch.where(valid[..., None], log_probs.double(), blank_only).repeat_interleave(width, 0)
         self.cum_blank = self.log_probs[..., PAD].cumsum(1)[..., None]  # (B, T, 1)
         self.r_n = torch.full_like(self.cum_blank, self.NEG)  # paths of the prefix ending in its last token
         self.r_b = self.cum_blank.clone()  # ... ending in blank; the empty prefix is all blanks
-        self.score = torch.zeros(len(valid), 1, dtype=torch.float64, device=valid.device)  # psi(empty) = 0
-        self.last = torch.full((len(valid), 1), -1, device=valid.device)
+        self.score = torch.zeros(len(self.r_b), 1, dtype=torch.float64, device=valid.device)  # psi(empty) = 0
+        self.last = torch.full((len(self.r_b), 1), -1, device=valid.device)
 
     def extend(self, tokens):
         """Scores of the prefix extended by each of tokens (B, K): psi (B, K) and the r_n, r_b (B, T, K)."""
@@ -1108,13 +1110,11 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
     length cap; best score per token wins. An utterance stops when its live ones trail its best ended by END_MARGIN."""
     model.eval()
     audio, valid = model.encoder(batch) if encoded is None else encoded  # evaluate() has encoded it already
-    n, width = len(audio), beam
-    audio, valid = audio.repeat_interleave(width, 0), valid.repeat_interleave(width, 0)  # row = utterance * beam + slot
+    n, width = len(audio), beam  # row = utterance * beam + slot; cross-attention reads its utterance's audio once
     caches, limit = [{} for _ in model.decoder.blocks], max_tokens_for(batch["frames"]).to(audio.device)[:, None]  # (n, 1)
     use_ctc = model.ctc_head is not None and ctc_weight > 0
-    ctc = CTCPrefixScorer(model.ctc_head(audio).float().log_softmax(-1), valid) if use_ctc else None
-    scores = torch.full((n, width), float("-inf"), device=audio.device)
-    scores[:, 0] = 0.0  # one live hypothesis (BOS) per utterance to begin with
+    ctc = CTCPrefixScorer(model.ctc_head(audio).float().log_softmax(-1), valid, width) if use_ctc else None
+    scores = torch.tensor([0.0] + [float("-inf")] * (width - 1), device=audio.device).repeat(n, 1)  # one live one: BOS
     token = torch.full((n * width, 1), BOS, device=audio.device)
     history = torch.zeros(n * width, 0, dtype=torch.long, device=audio.device)
     ended, context = [[] for _ in range(n)], [(BOS,) * (LM_ORDER - 1)] * (n * width)  # (score/token, tokens); LM contexts

@@ -1084,6 +1084,15 @@ def test_beam_search_finds_the_best_score_per_token_among_all_hypotheses(monkeyp
     assert echo.decode(model, batch, ctc_weight=0.0, beam=16)[0] == best
 
 
+def test_beam_search_of_a_batch_decodes_each_utterance_as_alone():
+    """Beam 3 with CTC over a batch of three utterances: each hypothesis row reads its own utterance's audio (the
+    cross-attention keys are shared by an utterance's beam slots, not repeated), so each result equals decoding it alone."""
+    model, batch = tiny_model(vocab=12), fake_batch(lengths=(90, 60, 75), text_lengths=(4, 3, 5), vocab=12)
+    together = echo.decode(model, batch, ctc_weight=0.5, beam=3)
+    alone = [echo.decode(model, utterance(batch, i, n), ctc_weight=0.5, beam=3)[0] for i, n in enumerate((90, 60, 75))]
+    assert together == alone and len(set(map(tuple, alone))) > 1
+
+
 def test_char_lm_is_witten_bell_interpolation_on_a_hand_counted_text():
     """Text "ab", "ab", "b" at order 8: after "a" (BOS-padded, one context seen twice, always followed by "b") and in
     an unseen context, each probability is computed by hand down the orders; every distribution sums to 1."""
