@@ -864,6 +864,7 @@ class Block(nn.Module):
         self.gate = Gate(gate, d_model, gate_memory) if gate != "none" else None
         self.conv_norm, self.conv = (RMSNorm(d_model), nn.Conv2d(d_model, d_model, (1, conv), padding=(0, conv // 2),
                                                                  groups=d_model)) if conv else (None, None)
+        self.depthwise = torch.compiler.disable(lambda x: self.conv(x.mT[:, :, None])[:, :, 0].mT)  # (B, T, D) in, out
 
     def forward(self, x, table=None, mask=None, causal=False, context=None, context_mask=None, cache=None, valid=None):
         x = x + self.attn(self.attn_norm(x), table=table, mask=mask, causal=causal,
@@ -871,8 +872,8 @@ class Block(nn.Module):
         if self.cross is not None:
             x = x + self.cross(self.cross_norm(x), context=context, mask=context_mask,
                                cache=None if cache is None else cache.setdefault("cross", {}))
-        if self.conv is not None:  # channel-wise filter over nearby frames, padding zeroed; 1 x K Conv2d: 3x a Conv1d
-            x = x + F.silu(self.conv((self.conv_norm(x) * valid[..., None]).mT[:, :, None])[:, :, 0].mT)
+        if self.conv is not None:  # depthwise filter, padding zeroed; eager under --compile: inductor (2.14) fails on it
+            x = x + F.silu(self.depthwise(self.conv_norm(x) * valid[..., None]))
         h = self.mlp_norm(x)
         return x + (self.mlp(h) if self.gate is None else self.gate(h) * self.mlp(h))
 
@@ -1054,8 +1055,7 @@ class CTCPrefixScorer:
     def __init__(self, log_probs, valid, width=1):
         """log_probs (B, T, V) from the CTC head, valid (B, T), each row repeated width times (one per beam slot).
         Frames past the end emit blank with probability 1, which changes no score, so one T serves the whole batch."""
-        blank_only = torch.full_like(log_probs[0, 0], self.NEG, dtype=torch.float64)
-        blank_only[PAD] = 0.0
+        blank_only = torch.where(torch.arange(log_probs.shape[-1], device=log_probs.device) == PAD, 0.0, self.NEG).double()
         self.log_probs = torch.where(valid[..., None], log_probs.double(), blank_only).repeat_interleave(width, 0)
         self.cum_blank = self.log_probs[..., PAD].cumsum(1)[..., None]  # (B, T, 1)
         self.r_n = torch.full_like(self.cum_blank, self.NEG)  # paths of the prefix ending in its last token
