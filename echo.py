@@ -864,7 +864,7 @@ class Block(nn.Module):
         self.gate = Gate(gate, d_model, gate_memory) if gate != "none" else None
         self.conv_norm, self.conv = (RMSNorm(d_model), nn.Conv2d(d_model, d_model, (1, conv), padding=(0, conv // 2),
                                                                  groups=d_model)) if conv else (None, None)
-        self.depthwise = torch.compiler.disable(lambda x: self.conv(x.mT[:, :, None])[:, :, 0].mT)  # (B, T, D) in, out
+        self.depthwise = torch.compiler.disable(lambda x: self.conv(x.mT[:, :, None])[:, :, 0].mT) if conv else None
 
     def forward(self, x, table=None, mask=None, causal=False, context=None, context_mask=None, cache=None, valid=None):
         x = x + self.attn(self.attn_norm(x), table=table, mask=mask, causal=causal,
@@ -1114,7 +1114,7 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
     caches, limit = [{} for _ in model.decoder.blocks], max_tokens_for(batch["frames"]).to(audio.device)[:, None]  # (n, 1)
     use_ctc = model.ctc_head is not None and ctc_weight > 0
     ctc = CTCPrefixScorer(model.ctc_head(audio).float().log_softmax(-1), valid, width) if use_ctc else None
-    scores = torch.tensor([0.0] + [float("-inf")] * (width - 1), device=audio.device).repeat(n, 1)  # one live one: BOS
+    scores = torch.tensor([0.0] + [float("-inf")] * (width - 1), device=audio.device).repeat(n, 1)  # BOS, live in slot 0
     token = torch.full((n * width, 1), BOS, device=audio.device)
     history = torch.zeros(n * width, 0, dtype=torch.long, device=audio.device)
     ended, context = [[] for _ in range(n)], [(BOS,) * (LM_ORDER - 1)] * (n * width)  # (score/token, tokens); LM contexts
