@@ -527,12 +527,13 @@ def _featurize_examples(batch, text_column, keep_wave, max_seconds, device):
                                                                     "n_frames": [len(u["mel"]) for u in utterances]}
 
 def local_folder(folder, hf_cache):
-    """A folder's metadata.csv (file_name,transcription,...) -> Dataset, its 'audio' column of paths as on the hub."""
+    """A folder's metadata.csv (file_name,transcription,...) -> Dataset, its 'audio' column of paths as on the hub; not
+    by map: a lambda's hash holds its module, which --jobs processes name otherwise, so they would featurise again."""
     ds = datasets.load_dataset("csv", data_files=os.path.join(folder, "metadata.csv"), split="train", cache_dir=hf_cache,
                                keep_default_na=False)
     if "file_name" not in ds.column_names:
         raise SystemExit(f"echo: {folder}/metadata.csv: no file_name column")
-    return ds.map(lambda f: {"audio": os.path.join(folder, f)}, input_columns="file_name")
+    return ds.add_column("audio", [os.path.join(folder, f) for f in ds["file_name"]])
 
 def raw_splits(args, hf_cache):
     """{split: Dataset of audio + transcript} from the embedded corpus, a local folder (split subfolders, or one flat
@@ -1718,8 +1719,7 @@ def time_train_steps(args, batches, variants, vocab, device, warmup=3):
     for i, batch in enumerate(batches):
         batch = to_device(batch, device)
         for label, (model, optimizer) in models.items():
-            sync()
-            t0 = time.perf_counter()
+            t0 = sync() or time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = model(batch)[0]
             loss.backward()

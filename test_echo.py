@@ -2,6 +2,7 @@
 the long ones (CI runs both)."""
 import argparse
 import dataclasses
+import importlib.util
 import itertools
 import json
 import math
@@ -560,6 +561,18 @@ def test_local_folder_like_hub_and_bad_files_are_skipped(tmp_path):
     problems = " ".join(skipped)
     for word in ("NaN", "empty transcript", "silent audio", "cannot read", "zero samples", "longer than --max_seconds"):
         assert word in problems
+
+
+def test_a_folder_hashes_alike_when_echo_runs_as_another_module(tiny_corpus, monkeypatch):
+    """--jobs processes run echo.py as another module (__mp_main__, not __main__): a folder's fingerprint, which keys
+    its cached features, must not depend on the module's name, or every process featurises the corpus again."""
+    spec = importlib.util.spec_from_file_location("echo_lane", echo.__file__)
+    lane = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "echo_lane", lane)
+    spec.loader.exec_module(lane)
+    cache, root = tiny_corpus
+    folder, hf_cache = os.path.join(root, "train"), str(cache / "hf")
+    assert lane.local_folder(folder, hf_cache)._fingerprint == echo.local_folder(folder, hf_cache)._fingerprint
 
 
 def test_streaming_trains_from_a_local_folder_and_skips_bad_files(tmp_path):
