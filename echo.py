@@ -1503,9 +1503,9 @@ def log_step(writer, step, args, losses, grad_norm, step_seconds, diagnostics, s
         print(f"step {step}/{args.max_steps} | loss {losses[0]:.4f} | lr {lr_at(step - 1, args):.2e} | "
               f"{stats['audio_seconds'] / elapsed:.0f} audio-s/s | elapsed {elapsed / 60:.1f} min | {args.name}", flush=True)
 
-def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, args, n_utts=None):
-    """Decode (the first n_utts of) a split; log evaluate()'s metrics and 5 samples; print one line -> the result."""
-    beam = 1 if split == "val" else args.beam  # validation during training is greedy: a third of the beam's time
+def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, args, beam, n_utts=None):
+    """Decode (the first n_utts of) a split with this beam (training's validation: 1, a third of beam 4's time); log
+    evaluate()'s metrics and 5 samples; print one line -> the result."""
     result = evaluate(model, dataset, tokenizer, device, n_utts, args.decode_ctc_weight, beam)
     for key in [key for key in ("wer", "cer", *TONE_METRICS, "loss", "token_accuracy") if key in result]:
         writer.add_scalar(f"{split}/{key}{'_teacher_forced' if key == 'token_accuracy' else ''}", result[key], step)
@@ -1521,7 +1521,7 @@ def test_and_report(writer, step, model, data, tokenizer, device, args, config, 
                "parameters": sum(p.numel() for p in model.parameters()), "skipped_nonfinite_steps": stats["nonfinite_steps"],
                "skipped_utterances": len(skipped) + stats["skipped_in_stream"]}
     for split in [split for split in TEST_SPLITS if split in data]:
-        result = evaluate_and_log(writer, step, split, model, data[split], tokenizer, device, args)
+        result = evaluate_and_log(writer, step, split, model, data[split], tokenizer, device, args, args.beam)
         results[split] = {k: round(result[k], 4) for k in ("wer", "cer", *TONE_METRICS, "rtfx") if k in result}
         results[split]["utterances"] = result["n"]
     if results["skipped_utterances"]:
@@ -1596,7 +1596,7 @@ def train(args):
             if rank == 0:
                 log_step(writer, step, args, losses, grad_norm, time.time() - t0, diagnostics, stats)
                 if evaluating:
-                    evaluate_and_log(writer, step, "val", model, data["validation"], tokenizer, device, args, args.eval_utts)
+                    evaluate_and_log(writer, step, "val", model, data["validation"], tokenizer, device, args, 1, args.eval_utts)
                     images = figures(model, first_validation_batch(data, tokenizer, device)) if args.diag_every else {}
                     for tag, image in images.items():
                         writer.add_image(f"diagnostics/{tag}", image, step, dataformats="HWC")
