@@ -531,8 +531,8 @@ def local_folder(folder, hf_cache):
     by map: a lambda's hash holds its module, which --jobs processes name otherwise, so they would featurise again."""
     ds = datasets.load_dataset("csv", data_files=os.path.join(folder, "metadata.csv"), split="train", cache_dir=hf_cache,
                                keep_default_na=False)
-    if "file_name" not in ds.column_names:
-        raise SystemExit(f"echo: {folder}/metadata.csv: no file_name column")
+    if "file_name" not in ds.column_names or "audio" in ds.column_names:  # Echo makes 'audio' from file_name
+        raise SystemExit(f"echo: {folder}/metadata.csv: wants a file_name column and none named audio")
     return ds.add_column("audio", [os.path.join(folder, f) for f in ds["file_name"]])
 
 def raw_splits(args, hf_cache):

@@ -563,6 +563,19 @@ def test_local_folder_like_hub_and_bad_files_are_skipped(tmp_path):
         assert word in problems
 
 
+@pytest.mark.parametrize("header", ["path,transcription", "file_name,audio,transcription"])
+def test_a_metadata_csv_without_file_name_or_with_an_audio_column_fails_in_one_line(tmp_path, header):
+    """Echo adds the 'audio' column from file_name: a csv without file_name, or with its own 'audio', is refused
+    by name, before any work, rather than failing inside datasets."""
+    soundfile.write(tmp_path / "a.wav", harmonic_tone(150, 0.5), echo.SAMPLE_RATE)
+    (tmp_path / "metadata.csv").write_text(f"{header}\n" + ("a.wav,a.wav,a tone" if "audio" in header else "a.wav,a tone"))
+    out = subprocess.run([*ECHO, "--dataset", str(tmp_path), "--cache_dir", str(tmp_path / "cache"), "--max_steps", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (f"echo: {tmp_path}/metadata.csv: wants a file_name column and none "
+                                                   "named audio")
+
+
 def test_a_folder_hashes_alike_when_echo_runs_as_another_module(tiny_corpus, monkeypatch):
     """--jobs processes run echo.py as another module (__mp_main__, not __main__): a folder's fingerprint, which keys
     its cached features, must not depend on the module's name, or every process featurises the corpus again."""
