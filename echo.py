@@ -7,8 +7,8 @@ the method; test_echo.py proves it.
     python echo.py --transcribe a.wav --ckpt runs/<name>/ckpt.pt
 """
 import argparse, collections, concurrent.futures, contextlib, csv, ctypes, dataclasses, functools, hashlib, inspect, io
-import itertools, json, math, multiprocessing.connection, os, platform, random, re, shutil, signal, socket, string
-import subprocess, sys, threading, time, zlib
+import itertools, json, math, multiprocessing.connection, operator, os, platform, random, re, shutil, signal, socket
+import string, subprocess, sys, threading, time, zlib
 from pathlib import Path
 
 import datasets, espeakng_loader, jiwer, librosa, matplotlib, pypinyin, scipy.stats, soundfile, torch, torchaudio, wordfreq
@@ -594,8 +594,8 @@ def load_splits(args):
         ds = ds.map(_featurize_examples, fn_kwargs=kwargs | {"device": device}, **common, desc=f"features {split}",
                     new_fingerprint=datasets.fingerprint.Hasher.hash((ds._fingerprint, feature_code_hash(), kwargs)),
                     num_proc=args.num_proc if len(ds) >= 100 and device.type == "cpu" else None)
-        skipped += ds.filter(lambda e: e != "", input_columns="error")["error"]
-        out[split] = ds.filter(lambda e: e == "", input_columns="error").with_format("numpy")
+        skipped += ds.filter(bool, input_columns="error")["error"]  # builtins: a lambda's hash differs in --jobs processes
+        out[split] = ds.filter(operator.not_, input_columns="error").with_format("numpy")
     torch.set_num_threads(threads)
     return out, skipped
 
@@ -1504,7 +1504,7 @@ def log_step(writer, step, args, losses, grad_norm, step_seconds, diagnostics, s
               f"{stats['audio_seconds'] / elapsed:.0f} audio-s/s | elapsed {elapsed / 60:.1f} min | {args.name}", flush=True)
 
 def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, args, beam, n_utts=None):
-    """Decode (the first n_utts of) a split with this beam (training's validation: 1, a third of beam 4's time); log
+    """Decode (the first n_utts of) a split with this beam (training's validation: 1, half beam 4's time); log
     evaluate()'s metrics and 5 samples; print one line -> the result."""
     result = evaluate(model, dataset, tokenizer, device, n_utts, args.decode_ctc_weight, beam)
     for key in [key for key in ("wer", "cer", *TONE_METRICS, "loss", "token_accuracy") if key in result]:
