@@ -67,7 +67,7 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200, eval_every=300,
                       optimizer="maxfactor", lr=LEARNING_RATES["maxfactor"], lm_weight=0.0, conv=0), tuple(PITCH)),
-    "english": (dict(dataset="embedded", lm_weight=0.0, conv=0), ("baseline", "f0_theta", "all", "pitch_stream"))}
+    "english": (dict(dataset="embedded", lm_weight=0.0, conv=0, test_utts=200), ("baseline", "f0_theta", "all", "pitch_stream"))}
 STUDY_RUNS = {f"{corpus}/{label}": budget | PITCH[label] for corpus, (budget, labels) in STUDY.items() for label in labels}
 ABLATIONS = {  # --ablate: each configuration is a set of flag overrides
     "pitch": PITCH,
@@ -156,6 +156,7 @@ def build_parser():
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
     a("--eval_every", type=int, default=500, help="steps between validation decoding (greedy) and checkpoints")
     a("--eval_utts", type=int, default=100, help="validation utterances decoded at each evaluation")
+    a("--test_utts", type=int, default=None, help="utterances decoded per test split at the end (default: all)")
     a("--log_every", type=int, default=50, help="steps between progress lines when stdout is not a terminal")
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
@@ -172,11 +173,11 @@ def build_parser():
     return p
 
 def parse_args(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    for flag in "max_steps batch_frames grad_accum eval_every corpus_size d_model n_heads beam log_every jobs".split():
-        if getattr(args, flag) <= 0:
-            p.error(f"--{flag} must be positive, got {getattr(args, flag)}")
+    args = (p := build_parser()).parse_args(argv)
+    for flag in ("max_steps batch_frames grad_accum eval_every eval_utts test_utts corpus_size d_model n_heads beam "
+                 "log_every jobs").split():
+        if (value := getattr(args, flag)) is not None and value <= 0:
+            p.error(f"--{flag} must be positive, got {value}")
     if args.diag_every < 0:
         p.error(f"--diag_every must be 0 (off) or positive, got {args.diag_every}")
     for flag in ("radii", "pitch_bias", "zero_value"):
@@ -1177,8 +1178,7 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bea
         items = rows(dataset, indices)
         # references keep every character; the teacher-forced loss can only score the ones the tokenizer knows
         batch = to_device(collate([it | {"text": tokenizer.known(it["text"])} for it in items], tokenizer), device)
-        t0 = time.time()
-        audio, valid = model.encoder(batch)
+        t0, (audio, valid) = time.time(), model.encoder(batch)
         hyps += [tokenizer.decode(h) for h in decode(model, batch, ctc_weight, beam, encoded=(audio, valid))]
         decode_seconds += time.time() - t0  # transcription time = encoding + decoding
         logits, targets = model.decoder(batch["tokens"][:, :-1], audio, valid).float(), batch["tokens"][:, 1:]
@@ -1189,7 +1189,7 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bea
         refs += [str(it["text"]) for it in items]
     tones = tone_scores(refs, hyps) if all(TONED.fullmatch(r) for r in refs) else {}
     return tones | {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "loss": loss_sum / max(1, tokens_total),
-                    "token_accuracy": correct / max(1, tokens_total), "samples": list(zip(refs, hyps)), "n": len(refs),
+                    "token_accuracy": correct / max(1, tokens_total), "samples": list(zip(refs, hyps)), "utterances": len(refs),
                     "rtfx": sum(lengths) / 100 / max(decode_seconds, 1e-9)}
 
 def save_checkpoint(path, state):
@@ -1421,8 +1421,7 @@ def init_distributed(device_flag):
     if world == 1:
         return 0, 1, device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return torch.distributed.get_rank(), world, device
@@ -1512,7 +1511,8 @@ def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, arg
     writer.add_text(f"{split}/samples", "\n\n".join(f"ref: {r}  \nhyp: {h}" for r, h in result["samples"][:5]), step)
     tones = "".join(f"  {key.upper()} {100 * result[key]:.2f} %" for key in TONE_METRICS if key in result)
     tqdm.write(f"step {step}, {split}: CER {100 * result['cer']:.2f} %  WER {100 * result['wer']:.2f} %{tones}  loss "
-               f"{result['loss']:.3f}  ({result['n']} utterances, decoded, beam {beam}, RTFx {result['rtfx']:.0f}) | {args.name}")
+               f"{result['loss']:.3f}  ({result['utterances']} utterances, decoded, beam {beam}, RTFx "
+               f"{result['rtfx']:.0f}) | {args.name}")
     return result
 
 def test_and_report(writer, step, model, data, tokenizer, device, args, config, stats, skipped):
@@ -1521,9 +1521,8 @@ def test_and_report(writer, step, model, data, tokenizer, device, args, config, 
                "parameters": sum(p.numel() for p in model.parameters()), "skipped_nonfinite_steps": stats["nonfinite_steps"],
                "skipped_utterances": len(skipped) + stats["skipped_in_stream"]}
     for split in [split for split in TEST_SPLITS if split in data]:
-        result = evaluate_and_log(writer, step, split, model, data[split], tokenizer, device, args, args.beam)
-        results[split] = {k: round(result[k], 4) for k in ("wer", "cer", *TONE_METRICS, "rtfx") if k in result}
-        results[split]["utterances"] = result["n"]
+        result = evaluate_and_log(writer, step, split, model, data[split], tokenizer, device, args, args.beam, args.test_utts)
+        results[split] = {k: round(result[k], 4) for k in ("wer", "cer", *TONE_METRICS, "rtfx", "utterances") if k in result}
     if results["skipped_utterances"]:
         print(f"skipped {results['skipped_utterances']} unusable utterances in all")
     hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}

@@ -208,7 +208,7 @@ def test_invalid_arguments_are_argparse_errors(tmp_path):
                  ["--beam", "0"], ["--noise_snr", "30,10"], ["--noise_snr", "loud"], ["--diag_every", "-5"],
                  ["--log_every", "0"], ["--diagnose", str(tmp_path / "none.pt"), "a.wav"],
                  ["--gate", "x"], ["--streams", "spectrogram,pich"], ["--streams", "pitch"],
-                 ["--radii", "--no-f0_theta"], ["--conv", "4"], ["--conv", "-3"]):
+                 ["--radii", "--no-f0_theta"], ["--conv", "4"], ["--conv", "-3"], ["--eval_utts", "0"], ["--test_utts", "-2"]):
         with pytest.raises(SystemExit) as e:
             echo.parse_args(argv)
         assert e.value.code == 2, argv
@@ -1188,7 +1188,7 @@ def test_evaluation_scores_references_with_characters_outside_the_tokenizer():
                                           "f0": [np.full(120, 150, np.float32)], "voiced": [np.ones(120, bool)],
                                           "text": ["abc 123"], "n_frames": [120]}).with_format("numpy")
     result = echo.evaluate(tiny_model(vocab=31), dataset, echo.Tokenizer(CHARS), torch.device("cpu"), ctc_weight=0.0)
-    assert result["n"] == 1 and result["samples"][0][0] == "abc 123" and result["cer"] > 0
+    assert result["utterances"] == 1 and result["samples"][0][0] == "abc 123" and result["cer"] > 0
 
 
 def test_greedy_decoding_stops_at_length_cap():
@@ -1423,6 +1423,14 @@ def test_nonfinite_loss_skips_the_step_and_training_goes_on(tiny_corpus, tmp_pat
     assert results["skipped_nonfinite_steps"] == 1
     ckpt = echo.load_checkpoint(tmp_path / "runs" / "nan" / "ckpt.pt")
     assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_test_utts_decodes_the_first_utterances_of_each_test_split(tiny_corpus, tmp_path):
+    cache, _ = tiny_corpus
+    results = echo.train(train_args(cache, tmp_path, "--name", "few", "--max_steps", "2", "--eval_every", "2",
+                                    "--test_utts", "2", "--beam", "1"))
+    assert [results[split]["utterances"] for split in echo.TEST_SPLITS] == [2, 2, 2]
+    assert json.loads((tmp_path / "runs" / "few" / "results.json").read_text())["test_open"]["utterances"] == 2
 
 
 @pytest.mark.slow
