@@ -1620,8 +1620,8 @@ def ablation_run(run):
     run_dir = Path(run.runs_dir) / run.name
     if (run_dir / "config.json").exists():
         ignore = ("name", "runs_dir", "ablate", "seeds", "jobs", "resume", "transcribe", "ckpt")  # runs may move
-        earlier = json.loads((run_dir / "config.json").read_text())["config"]
-        if any(earlier.get(k, v) != json.loads(json.dumps(v)) for k, v in vars(run).items() if k not in ignore):
+        earlier, default = json.loads((run_dir / "config.json").read_text())["config"], build_parser().get_default
+        if any(earlier.get(k, default(k)) != json.loads(json.dumps(v)) for k, v in vars(run).items() if k not in ignore):
             raise SystemExit(f"echo: {run_dir} holds a run with another config: pick another --name")
         if (run_dir / "results.json").exists():
             return json.loads((run_dir / "results.json").read_text())

@@ -1595,6 +1595,15 @@ def test_augment_ablation_reads_back_finished_runs_and_refuses_other_configs(tmp
     trained.clear()
     echo.ablate(args)
     assert trained == ["aug/specaug-seed0"]
+    config_file = tmp_path / "aug" / "none-seed0" / "config.json"  # a run of older code, before --test_utts existed:
+    older = {k: v for k, v in json.loads(config_file.read_text())["config"].items() if k != "test_utts"}
+    config_file.write_text(json.dumps({"config": older}))
+    trained.clear()
+    echo.ablate(args)
+    assert trained == []  # read back at the flag's default, what the older code did
+    with pytest.raises(SystemExit, match="none-seed0 holds a run with another config"):
+        echo.ablate(echo.parse_args(["--runs_dir", str(tmp_path), "--name", "aug", "--seeds", "1", "--ablate",
+                                     "augment", "--test_utts", "5"]))
     with pytest.raises(SystemExit, match="none-seed0 holds a run with another config"):
         echo.ablate(echo.parse_args(["--runs_dir", str(tmp_path), "--name", "aug", "--seeds", "1", "--ablate",
                                      "augment", "--max_steps", "10"]))
