@@ -1425,7 +1425,7 @@ def test_nonfinite_loss_skips_the_step_and_training_goes_on(tiny_corpus, tmp_pat
     assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_test_utts_decodes_the_first_utterances_of_each_test_split(tiny_corpus, tmp_path):
+def test_test_utts_limits_the_utterances_decoded_from_each_test_split(tiny_corpus, tmp_path):
     cache, _ = tiny_corpus
     results = echo.train(train_args(cache, tmp_path, "--name", "few", "--max_steps", "2", "--eval_every", "2",
                                     "--test_utts", "2", "--beam", "1"))
