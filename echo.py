@@ -1640,8 +1640,8 @@ def scalar_history(run_dir, tag):
 def seed_difference(values, reference):
     """Per-seed values of a configuration against its reference's -> 'difference (Welch's t-test p, difference in
     pooled sample standard deviations of the seeds)'; the difference alone with one seed or no spread."""
-    d, pooled = values.mean() - reference.mean(), math.sqrt((values.var(ddof=1) + reference.var(ddof=1)) / 2)
-    if min(len(values), len(reference)) < 2 or pooled == 0:
+    d = values.mean() - reference.mean()  # with one seed there is no sample variance (numpy would warn and give nan)
+    if min(len(values), len(reference)) < 2 or (pooled := math.sqrt((values.var(ddof=1) + reference.var(ddof=1)) / 2)) == 0:
         return f"{d:+.2f}"
     return f"{d:+.2f} (p {scipy.stats.ttest_ind(values, reference, equal_var=False).pvalue:.3f}, {d / pooled:+.1f} sd)"
 
