@@ -1091,20 +1091,20 @@ class CharLM:
     """The training transcripts' character n-gram (order LM_ORDER) that decode() adds with its weight (README)."""
     def __init__(self, texts, tokenizer, weight):
         self.texts, self.weight, self.vocab = [str(t) for t in texts], weight, len(tokenizer)
-        self.counts, self.totals = collections.Counter(), collections.Counter()  # of n-grams; of their contexts
+        self.next = collections.defaultdict(collections.Counter)  # context (up to LM_ORDER - 1 ids) -> next-token counts
         for text in self.texts:  # each n-gram of order 1 .. LM_ORDER ending at each token (BOS-padded; EOS last)
             ids = (BOS,) * (LM_ORDER - 1) + tuple(tokenizer.encode(text)) + (EOS,)
-            self.counts.update(ids[i - k:i + 1] for i in range(LM_ORDER - 1, len(ids)) for k in range(LM_ORDER))
-            self.totals.update(ids[i - k:i] for i in range(LM_ORDER - 1, len(ids)) for k in range(LM_ORDER))
-        self.types = collections.Counter(gram[:-1] for gram in self.counts)  # distinct next tokens per context
-        self.prob = functools.lru_cache(2 ** 20)(self.prob)
+            for i, k in itertools.product(range(LM_ORDER - 1, len(ids)), range(LM_ORDER)):
+                self.next[ids[i - k:i]][ids[i]] += 1
+        self.probs = functools.lru_cache(2 ** 18)(self.probs)
 
-    def prob(self, context, token):
-        """P(token | the last LM_ORDER - 1 token ids; fewer: a lower order), each order interpolated with the one below
-        by its count and its number of distinct next tokens; below order 1, uniform over EOS and the letters."""
-        lower = self.prob(context[1:], token) if context else float(token > BOS) / (self.vocab - 2)
-        types = self.types[context]
-        return (self.counts[context + (token,)] + types * lower) / (self.totals[context] + types) if types else lower
+    def probs(self, context):
+        """P(each token | the last LM_ORDER - 1 token ids; fewer: a lower order), (vocab,) float64: each order interpolated
+        with the one below by its count and its number of distinct next tokens; below order 1, uniform over EOS and letters."""
+        lower = self.probs(context[1:]) if context else (np.arange(self.vocab) > BOS) / (self.vocab - 2)
+        following = self.next.get(context, {})
+        counts = np.bincount(list(following), list(following.values()), self.vocab)
+        return (counts + len(following) * lower) / (counts.sum() + len(following)) if following else lower
 
 @torch.no_grad()
 def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=None):
@@ -1132,8 +1132,8 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
             step = (1 - ctc_weight) * step + ctc_weight * torch.where(top.indices == EOS, ctc.final() - ctc.score,
                                                                       psi - ctc.score)
         if model.lm is not None:
-            lm = [[model.lm.prob(c, t) for t in row] for c, row in zip(context, top.indices.tolist())]
-            step = step + model.lm.weight * torch.tensor(lm, device=step.device).log()
+            lm = torch.from_numpy(np.stack([model.lm.probs(c) for c in context])).to(step.device).log()  # a row per context
+            step = step + model.lm.weight * lm.gather(1, top.indices)
         best = (scores.view(-1, 1) + step).view(n, -1).topk(width, -1)  # over every slot's candidates
         parent = (best.indices // top.indices.shape[1] + torch.arange(n, device=audio.device)[:, None] * width).flatten()
         choice = (best.indices % top.indices.shape[1]).view(-1, 1)

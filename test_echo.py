@@ -1125,7 +1125,7 @@ def test_char_lm_is_witten_bell_interpolation_on_a_hand_counted_text():
     tokenizer = echo.Tokenizer("ab")
     a, b, eos = tokenizer.encode("a")[0], tokenizer.encode("b")[0], echo.EOS
     lm = echo.CharLM(["ab", "ab", "b"], tokenizer, 0.3)
-    probs = lambda context: torch.tensor([lm.prob(context, token) for token in range(5)], dtype=torch.float)
+    probs = lambda context: torch.tensor(lm.probs(context), dtype=torch.float)
     uniform = torch.tensor([0, 0, 1, 1, 1]) / 3  # EOS, a, b; never PAD or BOS
     unigram = (torch.tensor([0, 0, 3, 2, 3]) + 3 * uniform) / (8 + 3)  # EOS 3, a 2, b 3 of 8 tokens; 3 kinds
     assert torch.allclose(probs(()), unigram)
@@ -1154,7 +1154,7 @@ def test_decoding_with_a_heavy_char_lm_spells_the_lm_text_and_checkpoints_rebuil
                                                 "model_config": dataclasses.asdict(model.config),
                                                 "config": {"decode_ctc_weight": 0.3, "lm_weight": 100.0}})
     loaded, _, _ = echo.load_model(tmp_path / "ckpt.pt", torch.device("cpu"))
-    assert loaded.lm.weight == 100.0 and all(loaded.lm.prob((1,) * 7, t) == model.lm.prob((1,) * 7, t) for t in range(6))
+    assert loaded.lm.weight == 100.0 and (loaded.lm.probs((1,) * 7) == model.lm.probs((1,) * 7)).all()
     assert tokenizer.decode(echo.decode(loaded, batch, ctc_weight=0.3, beam=4)[0]) == "cab"
 
 
