@@ -28,6 +28,7 @@ SAMPLE_RATE = 16000  # Hz of all audio inside Echo; files at other rates are res
 HOP = 160  # 10 ms frames: frame k of the log-mel and of the f0 track is centred at k * 10 ms
 N_MELS = 80  # log-mel bins over 0-8 kHz, as Whisper
 PAD, BOS, EOS = 0, 1, 2  # special token ids; PAD doubles as the CTC blank
+STREAMS = ("spectrogram", "spectrogram,pitch", "spectrogram,waveform", "spectrogram,pitch,waveform")  # --streams
 SPLITS = ("train", "validation", "test", "test_unseen", "test_open")  # test_unseen: new voices; test_open: new words
 TEST_SPLITS = SPLITS[2:]  # decoded and reported at the end of every run
 ZIPF_POWER = 0.6  # the corpus draws words with p ~ frequency^0.6: Zipf-like, and flat enough that 20,000+ words occur
@@ -76,17 +77,8 @@ ABLATIONS = {  # --ablate: each configuration is a set of flag overrides
     "augment": {"none": AUGMENT_OFF} | {name: AUGMENT_OFF | {name: on} for name, on in AUGMENT_ON.items()},
     "optimizer": {name: dict(optimizer=name, lr=lr) for name, lr in LEARNING_RATES.items()}}
 
-def streams_flag(value):
-    names = value.split(",")
-    if set(names) - {"spectrogram", "pitch", "waveform"} or "spectrogram" not in names or len(set(names)) < len(names):
-        raise argparse.ArgumentTypeError(f"{value!r}: want spectrogram[,pitch][,waveform], each once")
-    return value
-
 def snr_range(value):
-    try:
-        low, high = map(float, value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: want LOW,HIGH in dB, e.g. 10,30") from None
+    low, high = map(float, value.split(","))  # else a ValueError, which argparse reports as an invalid value
     if low > high:
         raise argparse.ArgumentTypeError(f"{value!r}: LOW is above HIGH")
     return low, high
@@ -107,7 +99,7 @@ class ModelConfig:
     gate: str = flag("t", "gate on every block's MLP output (README)", choices=("none", "mlp", "t", "m"))
     gate_memory: int = flag(64, "memory slots of --gate m")
     conv: int = flag(15, "kernel (40 ms frames, odd) of a depthwise convolution in each encoder block; 0 = none")
-    streams: str = flag("spectrogram", "spectrogram[,pitch][,waveform], fused by the c_gate", type=streams_flag)
+    streams: str = flag("spectrogram", "feature streams, fused by the c_gate", choices=STREAMS)
     f0_theta: bool = flag(True, "pitch-warped rotary phase (f0 / 220 Hz per frame); --no-f0_theta = plain RoPE")
     radii: bool = flag(False, "rotary magnitude r from the utterance's log-f0 z-score, r in [1/2, 2]")
     pitch_bias: bool = flag(False, "attention logit bias -lambda_h * |octaves between voiced frames|")
@@ -144,7 +136,8 @@ def build_parser():
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         a(f"--{f.name}", default=f.default, **(kind | dict(f.metadata)))
     a("--decode_ctc_weight", type=float, default=0.5, help="weight of CTC prefix scores in decoding (0 = attention only)")
-    a("--lm_weight", type=float, default=0.3, help="weight of the training text's character 8-gram in decoding (0 = off)")
+    a("--lm_weight", type=float, default=0.3, help="weight of the character 8-gram (training text and more) in decoding (0 = off)")
+    a("--lm_sentences", type=int, default=100000, help="the embedded corpus's text-only sentences the n-gram also reads (README)")
     a("--beam", type=int, default=4, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
     a("--max_steps", type=int, default=2500, help="optimizer steps")
     a("--batch_frames", type=int, default=4000, help="padded 10 ms frames per batch (length-bucketed)")
@@ -179,8 +172,8 @@ def parse_args(argv=None):
                  "log_every jobs").split():
         if (value := getattr(args, flag)) is not None and value <= 0:
             p.error(f"--{flag} must be positive, got {value}")
-    if args.diag_every < 0:
-        p.error(f"--diag_every must be 0 (off) or positive, got {args.diag_every}")
+    if min(args.diag_every, args.lm_sentences) < 0:
+        p.error(f"--diag_every and --lm_sentences must be 0 (off) or positive, got {args.diag_every}, {args.lm_sentences}")
     for flag in ("radii", "pitch_bias", "zero_value"):
         if getattr(args, flag) and not args.f0_theta:
             p.error(f"--{flag} uses the f0 track, which --no-f0_theta disables")
@@ -274,11 +267,12 @@ CORPORA = {  # --dataset: the words, sentence lengths, accents and settings of e
                               unseen_accents=(MANDARIN,), settings=SETTINGS | {"range": TONE_RANGE},
                               unseen_settings=UNSEEN_SETTINGS | {"range": (TONE_RANGE,)})}
 
-def corpus_plan(size, seed, corpus="embedded"):
+def corpus_plan(size, seed, corpus="embedded", text_only=0):
     """Deterministic list of utterances of CORPORA[corpus]: split, text and voice settings. Sentences of 4-12 words
     (3-8 syllables) drawn with probability ~ frequency^ZIPF_POWER are never in two splits. OPEN_SHARE of the words
     outside the `common` most frequent occur only in test_open, whose sentences are at least half such words. Only
-    test_unseen has the unseen accents, variants and pitch and rate bands. Mandarin syllables get random tones."""
+    test_unseen has the unseen accents, variants and pitch and rate bands. Mandarin syllables get random tones.
+    text_only > 0: instead, up to that many more sentences drawn as train's, none in any split (the n-gram's text)."""
     rng, held_out, recipe = random.Random(seed), max(2, size // 20), CORPORA[corpus]
     words, freqs = recipe["words"]()
     open_words = set(rng.sample(words[recipe["common"]:], int(OPEN_SHARE * len(words[recipe["common"]:]))))
@@ -304,6 +298,8 @@ def corpus_plan(size, seed, corpus="embedded"):
             voice = f"{rng.choice(accents[unseen])}+{rng.choice(variants[unseen])}"
             settings = {key: rng.randint(*rng.choice(choices)) for key, choices in bands[unseen].items()}
             plan.append(dict(split=split, file_name=f"{split}/{i:05d}.flac", transcription=text, voice=voice, **settings))
+    if text_only:  # drawn after the plan, which stays the same
+        return [text for text in (sentence("train") for _ in range(text_only)) if text not in seen]
     return plan
 
 def synthesize_chunk(job):
@@ -1088,23 +1084,26 @@ class CTCPrefixScorer:
         self.r_n, self.r_b = r_n.gather(2, pick), r_b.gather(2, pick)
 
 class CharLM:
-    """The training transcripts' character n-gram (order LM_ORDER) that decode() adds with its weight (README)."""
+    """A character n-gram (order LM_ORDER) of the texts the tokenizer can spell, added by decode() with its weight (README)."""
     def __init__(self, texts, tokenizer, weight):
-        self.texts, self.weight, self.vocab = [str(t) for t in texts], weight, len(tokenizer)
-        self.next = collections.defaultdict(collections.Counter)  # context (up to LM_ORDER - 1 ids) -> next-token counts
-        for text in self.texts:  # each n-gram of order 1 .. LM_ORDER ending at each token (BOS-padded; EOS last)
-            ids = (BOS,) * (LM_ORDER - 1) + tuple(tokenizer.encode(text)) + (EOS,)
-            for i, k in itertools.product(range(LM_ORDER - 1, len(ids)), range(LM_ORDER)):
-                self.next[ids[i - k:i]][ids[i]] += 1
+        self.texts, self.weight, self.vocab = [t for t in map(str, texts) if tokenizer.known(t) == t], weight, len(tokenizer)
+        ids = np.concatenate([[BOS] * (LM_ORDER - 1) + tokenizer.encode(t) + [EOS] for t in self.texts])
+        at = np.flatnonzero(ids != BOS)  # every token is predicted from the LM_ORDER - 1 before it (BOS-padded)
+        # each token and its context as one integer, base vocab, the token last: mod vocab^(k + 1), its order k + 1 key
+        keys, counts = np.unique(sum(ids[at - k] * self.vocab ** k for k in range(LM_ORDER)), return_counts=True)
+        self.orders = [np.unique(keys % self.vocab ** (k + 1), return_inverse=True) for k in range(LM_ORDER)]
+        self.orders = [(keys_k, np.bincount(inverse, counts)) for keys_k, inverse in self.orders]  # sorted, counted
         self.probs = functools.lru_cache(2 ** 18)(self.probs)
 
     def probs(self, context):
         """P(each token | the last LM_ORDER - 1 token ids; fewer: a lower order), (vocab,) float64: each order interpolated
         with the one below by its count and its number of distinct next tokens; below order 1, uniform over EOS and letters."""
         lower = self.probs(context[1:]) if context else (np.arange(self.vocab) > BOS) / (self.vocab - 2)
-        following = self.next.get(context, {})
-        counts = np.bincount(list(following), list(following.values()), self.vocab)
-        return (counts + len(following) * lower) / (counts.sum() + len(following)) if following else lower
+        key = functools.reduce(lambda code, token: code * self.vocab + token, context, 0) * self.vocab
+        keys, counts = self.orders[len(context)]
+        start, end = np.searchsorted(keys, (key, key + self.vocab))
+        counts = np.bincount(keys[start:end] - key, counts[start:end], self.vocab)
+        return (counts + (end - start) * lower) / (counts.sum() + end - start) if end > start else lower
 
 @torch.no_grad()
 def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=None):
@@ -1547,7 +1546,8 @@ def train(args):
     data, train_set, tokenizer, skipped = training_data(args, rank, world, ckpt)
     model = build_model(ModelConfig.from_args(args, len(tokenizer))).to(device)
     if args.lm_weight and rank == 0 and not args.streaming:  # rank 0 alone decodes; a stream's text is not known ahead
-        model.lm = CharLM(train_set["text"], tokenizer, args.lm_weight)
+        more = corpus_plan(args.corpus_size, args.corpus_seed, args.dataset, args.lm_sentences) if args.dataset in CORPORA else []
+        model.lm = CharLM([*train_set["text"], *more], tokenizer, args.lm_weight)
     optimizer = build_optimizer(model, args, device)
     step, epoch, batch_index = restore(ckpt, model, optimizer) if ckpt else (0, 0, 0)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -1755,8 +1755,7 @@ def benchmark(args):
                  (("plain RoPE (--no-f0_theta)", "baseline"), ("f0_theta", "f0_theta"),
                   ("f0_theta + radii + pitch_bias + zero_value", "all"))}
     variants |= {f"--gate {gate}": {"gate": gate} for gate in ("mlp", "t", "m")}
-    variants |= {f"--streams {s}": {"streams": s} for s in ("spectrogram", "spectrogram,pitch", "spectrogram,waveform",
-                                                            "spectrogram,pitch,waveform")}
+    variants |= {f"--streams {s}": {"streams": s} for s in STREAMS}
     timings = time_train_steps(args, batches, variants, len(tokenizer), device)
     base = timings["attention, --gate none: plain RoPE (--no-f0_theta)"][0]
     print("| train step | ms | vs plain RoPE | audio-s/s | parameters |\n|---|---|---|---|---|")

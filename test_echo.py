@@ -173,7 +173,8 @@ def tiny_corpus(tmp_path_factory):
 def tiny_run_flags(cache, tmp_path):
     """Flags for a tiny model trained on the tiny corpus, its runs under tmp_path/runs."""
     return ["--cache_dir", str(cache), "--corpus_size", "24", "--runs_dir", str(tmp_path / "runs"), "--d_model", "64",
-            "--n_heads", "2", "--enc_layers", "2", "--dec_layers", "1", "--warmup", "5", "--num_proc", "1"]
+            "--n_heads", "2", "--enc_layers", "2", "--dec_layers", "1", "--warmup", "5", "--num_proc", "1",
+            "--lm_sentences", "50"]
 
 
 def train_args(cache, tmp_path, *extra):
@@ -208,7 +209,8 @@ def test_invalid_arguments_are_argparse_errors(tmp_path):
                  ["--beam", "0"], ["--noise_snr", "30,10"], ["--noise_snr", "loud"], ["--diag_every", "-5"],
                  ["--log_every", "0"], ["--diagnose", str(tmp_path / "none.pt"), "a.wav"],
                  ["--gate", "x"], ["--streams", "spectrogram,pich"], ["--streams", "pitch"],
-                 ["--radii", "--no-f0_theta"], ["--conv", "4"], ["--conv", "-3"], ["--eval_utts", "0"], ["--test_utts", "-2"]):
+                 ["--radii", "--no-f0_theta"], ["--conv", "4"], ["--conv", "-3"], ["--eval_utts", "0"], ["--test_utts", "-2"],
+                 ["--lm_sentences", "-1"], ["--streams", "pitch,spectrogram"]):
         with pytest.raises(SystemExit) as e:
             echo.parse_args(argv)
         assert e.value.code == 2, argv
@@ -259,6 +261,14 @@ def test_corpus_text_is_open_vocabulary():
             assert min(new) >= 0.5
         else:
             assert np.mean(new) < 0.3, split
+    # the n-gram's text-only sentences: drawn like train's, never a sentence of the plan, never an open word
+    more = echo.corpus_plan(8000, seed=0, text_only=20000)
+    assert more == echo.corpus_plan(8000, seed=0, text_only=20000) and len(more) > 19900
+    assert not set(more) & {p["transcription"] for p in plan}
+    read = set(train) | {w for s in more for w in s.split()}
+    assert len(read) > len(train) + 3000
+    assert min(sum(w not in read for w in p["transcription"].split()) / len(p["transcription"].split())
+               for p in plan if p["split"] == "test_open") >= 0.5
 
 
 def test_mandarin_corpus_plan_draws_tones_independently_and_keeps_the_split_rules():
@@ -1317,7 +1327,10 @@ def test_tiny_training_run_loss_falls_and_resume_continues(tiny_corpus, tmp_path
         patch.setattr(echo, "parse_args", None)  # a checkpoint alone must be enough to rebuild the model
         model, _, config = echo.load_model(run_dir / "ckpt.pt", torch.device("cpu"))
     assert config == ckpt["config"] and all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
-    assert model.lm.texts == ckpt["lm_text"] == [str(t) for t in echo.load_splits(args)[0]["train"]["text"]]
+    more = echo.corpus_plan(24, 0, "embedded", 50)  # --lm_sentences 50: the n-gram reads those it can spell, after
+    spelled = [t for t in more if set(t) <= set(ckpt["tokenizer"])]  # the training text (20 sentences lack a letter)
+    assert model.lm.texts == ckpt["lm_text"] == [str(t) for t in echo.load_splits(args)[0]["train"]["text"]] + spelled
+    assert 0 < len(spelled) < len(more)
     resumed = train_args(cache, tmp_path, "--name", "tiny", "--max_steps", "60", "--eval_every", "20", "--resume")
     echo.train(resumed)
     assert echo.load_checkpoint(run_dir / "ckpt.pt")["step"] == 60
