@@ -136,7 +136,7 @@ def build_parser():
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         a(f"--{f.name}", default=f.default, **(kind | dict(f.metadata)))
     a("--decode_ctc_weight", type=float, default=0.5, help="weight of CTC prefix scores in decoding (0 = attention only)")
-    a("--lm_weight", type=float, default=0.3, help="weight of the character 8-gram (training text and more) in decoding (0 = off)")
+    a("--lm_weight", type=float, default=0.3, help="weight of the character 8-gram in decoding (0 = off; README)")
     a("--lm_sentences", type=int, default=100000, help="the embedded corpus's text-only sentences the n-gram also reads (README)")
     a("--beam", type=int, default=4, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
     a("--max_steps", type=int, default=2500, help="optimizer steps")
@@ -298,9 +298,7 @@ def corpus_plan(size, seed, corpus="embedded", text_only=0):
             voice = f"{rng.choice(accents[unseen])}+{rng.choice(variants[unseen])}"
             settings = {key: rng.randint(*rng.choice(choices)) for key, choices in bands[unseen].items()}
             plan.append(dict(split=split, file_name=f"{split}/{i:05d}.flac", transcription=text, voice=voice, **settings))
-    if text_only:  # drawn after the plan, which stays the same
-        return [text for text in (sentence("train") for _ in range(text_only)) if text not in seen]
-    return plan
+    return [t for t in (sentence("train") for _ in range(text_only)) if t not in seen] if text_only else plan  # after it
 
 def synthesize_chunk(job):
     """Speak a list of utterances in a fresh process: eSpeak's jitter state is deterministic only from
@@ -1090,14 +1088,16 @@ class CharLM:
         ids = np.concatenate([[BOS] * (LM_ORDER - 1) + tokenizer.encode(t) + [EOS] for t in self.texts])
         at = np.flatnonzero(ids != BOS)  # every token is predicted from the LM_ORDER - 1 before it (BOS-padded)
         # each token and its context as one integer, base vocab, the token last: mod vocab^(k + 1), its order k + 1 key
-        keys, counts = np.unique(sum(ids[at - k] * self.vocab ** k for k in range(LM_ORDER)), return_counts=True)
-        self.orders = [np.unique(keys % self.vocab ** (k + 1), return_inverse=True) for k in range(LM_ORDER)]
+        order = min(LM_ORDER, int(63 / math.log2(self.vocab)))  # a key must fit in int64: a big vocabulary gets fewer orders
+        keys, counts = np.unique(sum(ids[at - k] * self.vocab ** k for k in range(order)), return_counts=True)
+        self.orders = [np.unique(keys % self.vocab ** (k + 1), return_inverse=True) for k in range(order)]
         self.orders = [(keys_k, np.bincount(inverse, counts)) for keys_k, inverse in self.orders]  # sorted, counted
         self.probs = functools.lru_cache(2 ** 18)(self.probs)
 
     def probs(self, context):
         """P(each token | the last LM_ORDER - 1 token ids; fewer: a lower order), (vocab,) float64: each order interpolated
         with the one below by its count and its number of distinct next tokens; below order 1, uniform over EOS and letters."""
+        context = context[max(0, len(context) + 1 - len(self.orders)):]  # the orders it has
         lower = self.probs(context[1:]) if context else (np.arange(self.vocab) > BOS) / (self.vocab - 2)
         key = functools.reduce(lambda code, token: code * self.vocab + token, context, 0) * self.vocab
         keys, counts = self.orders[len(context)]

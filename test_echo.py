@@ -1152,6 +1152,19 @@ def test_char_lm_is_witten_bell_interpolation_on_a_hand_counted_text():
         assert abs(probs(c).sum().item() - 1) < 1e-6
 
 
+def test_char_lm_keeps_the_orders_whose_keys_fit_int64():
+    """400 characters: an order-8 key (context and token, base vocab) would overflow int64, so the n-gram keeps 7 orders
+    and reads a longer context by its last 6 tokens; distributions still sum to 1 and text read thrice is predicted."""
+    chars = "".join(chr(0x4E00 + i) for i in range(400))
+    tokenizer = echo.Tokenizer(chars)
+    lm = echo.CharLM([chars[:50], chars[:50], chars], tokenizer, 0.3)
+    assert len(lm.orders) == 7 and len(tokenizer) ** 7 < 2 ** 63 < len(tokenizer) ** 8
+    ids = tokenizer.encode(chars[:50])
+    context = tuple(ids[10:17])
+    assert np.array_equal(lm.probs(context), lm.probs(context[1:]))
+    assert abs(lm.probs(context).sum() - 1) < 1e-9 and lm.probs(context)[ids[17]] > 0.9
+
+
 def test_decoding_with_a_heavy_char_lm_spells_the_lm_text_and_checkpoints_rebuild_it(tmp_path):
     """An untrained model's beam search with a CharLM of weight 100 returns the LM's sentence; a checkpoint that holds
     the LM's text gives load_model a model whose CharLM has the same probabilities and weight."""
