@@ -1090,8 +1090,8 @@ class CharLM:
         # each token and its context as one integer, base vocab, the token last: mod vocab^(k + 1), its order k + 1 key
         order = min(LM_ORDER, int(63 / math.log2(self.vocab)))  # a key must fit in int64: a big vocabulary gets fewer orders
         keys, counts = np.unique(sum(ids[at - k] * self.vocab ** k for k in range(order)), return_counts=True)
-        self.orders = [np.unique(keys % self.vocab ** (k + 1), return_inverse=True) for k in range(order)]
-        self.orders = [(keys_k, np.bincount(inverse, counts)) for keys_k, inverse in self.orders]  # sorted, counted
+        per_order = [np.unique(keys % self.vocab ** (k + 1), return_inverse=True) for k in range(order)]
+        self.orders = [(keys_k, np.bincount(inverse, counts)) for keys_k, inverse in per_order]  # sorted keys, counts
         self.probs = functools.lru_cache(2 ** 18)(self.probs)
 
     def probs(self, context):
