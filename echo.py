@@ -1060,26 +1060,36 @@ class CTCPrefixScorer:
         self.score = torch.zeros(len(self.r_b), 1, dtype=torch.float64, device=valid.device)  # psi(empty) = 0
         self.last = torch.full((len(self.r_b), 1), -1, device=valid.device)
 
-    def extend(self, tokens):
-        """Scores of the prefix extended by each of tokens (B, K): psi (B, K) and the r_n, r_b (B, T, K)."""
+    def emissions(self, tokens):
+        """log p_t(token) and phi_t (paths of the prefix that a new token may follow: it must not merge), (B, T, K)."""
         log_p = self.log_probs.gather(2, tokens[:, None, :].expand(-1, self.log_probs.shape[1], -1))
         phi = torch.where((tokens == self.last)[:, None, :], self.r_b, torch.logaddexp(self.r_n, self.r_b))
-        start = torch.where(self.last < 0, log_p[:, 0], self.NEG)  # r_n at frame 0: only an empty prefix
-        cum = log_p.cumsum(1)
-        r_n = cum + torch.logcumsumexp(torch.cat([(start - cum[:, 0])[:, None], phi[:, :-1] - cum[:, :-1]], 1), 1)
-        r_b = self.cum_blank + torch.logcumsumexp(
-            torch.cat([torch.full_like(start, self.NEG)[:, None], r_n[:, :-1] - self.cum_blank[:, :-1]], 1), 1)
-        return torch.logsumexp(torch.cat([start[:, None], phi[:, :-1] + log_p[:, 1:]], 1), 1), r_n, r_b
+        return log_p, phi, torch.where(self.last < 0, log_p[:, 0], self.NEG)  # the last: r_n at frame 0 (empty prefix)
+
+    def extend(self, tokens):
+        """Scores psi (B, K) of the prefix extended by each of tokens (B, K): a sum over frames, no recurrence."""
+        log_p, phi, start = self.emissions(tokens)
+        return torch.logsumexp(torch.cat([start[:, None], phi[:, :-1] + log_p[:, 1:]], 1), 1)
 
     def final(self):
         """log P(the whole audio reads exactly this prefix): the score of ending now, (B, 1)."""
         return torch.logaddexp(self.r_n[:, -1], self.r_b[:, -1])
 
-    def choose(self, index, tokens, psi, r_n, r_b):
-        """Keep candidate index (B, 1) of the last extend()."""
-        self.score, self.last = psi.gather(1, index), tokens.gather(1, index)
-        pick = index[:, None, :].expand(-1, r_n.shape[1], -1)
-        self.r_n, self.r_b = r_n.gather(2, pick), r_b.gather(2, pick)
+    def choose(self, parent, tokens, psi):
+        """Row i continues row parent[i] (B,), extended by tokens (B, 1) of score psi (B, 1): only the chosen prefixes
+        solve the recurrences over frames, not every candidate that extend() scored."""
+        self.r_n, self.r_b, self.last = self.r_n[parent], self.r_b[parent], self.last[parent]
+        log_p, phi, start = self.emissions(tokens)
+        cum = log_p.cumsum(1)
+        self.r_n = cum + torch.logcumsumexp(torch.cat([(start - cum[:, 0])[:, None], phi[:, :-1] - cum[:, :-1]], 1), 1)
+        self.r_b = self.cum_blank + torch.logcumsumexp(
+            torch.cat([torch.full_like(start, self.NEG)[:, None], self.r_n[:, :-1] - self.cum_blank[:, :-1]], 1), 1)
+        self.score, self.last = psi, tokens
+
+def sorted_find(table, values):
+    """Where each of values would sit in the sorted array table, and whether it is there."""
+    at = np.searchsorted(table, values).clip(max=len(table) - 1)
+    return at, table[at] == values
 
 class CharLM:
     """A character n-gram (order LM_ORDER) of the texts the tokenizer can spell, added by decode() with its weight (README)."""
@@ -1090,20 +1100,23 @@ class CharLM:
         # each token and its context as one integer, base vocab, the token last: mod vocab^(k + 1), its order k + 1 key
         order = min(LM_ORDER, int(63 / math.log2(self.vocab)))  # a key must fit in int64: a big vocabulary gets fewer orders
         keys, counts = np.unique(sum(ids[at - k] * self.vocab ** k for k in range(order)), return_counts=True)
-        per_order = [np.unique(keys % self.vocab ** (k + 1), return_inverse=True) for k in range(order)]
-        self.orders = [(keys_k, np.bincount(inverse, counts)) for keys_k, inverse in per_order]  # sorted keys, counts
-        self.probs = functools.lru_cache(2 ** 18)(self.probs)
+        self.orders = []  # per order: sorted n-gram keys and counts; sorted context keys, their totals and distinct next tokens
+        for k in range(order):
+            keys_k, inverse = np.unique(keys % self.vocab ** (k + 1), return_inverse=True)
+            counts_k = np.bincount(inverse, counts)
+            contexts, first, distinct = np.unique(keys_k // self.vocab, return_index=True, return_counts=True)
+            self.orders.append((keys_k, counts_k, contexts, np.add.reduceat(counts_k, first), distinct))
 
-    def probs(self, context):
-        """P(each token | the last LM_ORDER - 1 token ids; fewer: a lower order), (vocab,) float64: each order interpolated
-        with the one below by its count and its number of distinct next tokens; below order 1, uniform over EOS and letters."""
-        context = context[max(0, len(context) + 1 - len(self.orders)):]  # the orders it has
-        lower = self.probs(context[1:]) if context else (np.arange(self.vocab) > BOS) / (self.vocab - 2)
-        key = functools.reduce(lambda code, token: code * self.vocab + token, context, 0) * self.vocab
-        keys, counts = self.orders[len(context)]
-        start, end = np.searchsorted(keys, (key, key + self.vocab))
-        counts = np.bincount(keys[start:end] - key, counts[start:end], self.vocab)
-        return (counts + (end - start) * lower) / (counts.sum() + end - start) if end > start else lower
+    def probs(self, contexts, tokens):
+        """P(tokens (N, K) | contexts (N, C) of token ids, each read by its last len(orders) - 1), (N, K) float64: each
+        order interpolated with the one below by its count and its number of distinct next tokens; below order 1, uniform
+        over EOS and letters. All rows at once: a sorted-table lookup per order, no loop over hypotheses."""
+        p, context = (tokens > BOS) / (self.vocab - 2), np.zeros((len(tokens), 1), dtype=np.int64)
+        for k, (keys, counts, contexts_k, totals, distinct) in enumerate(self.orders[:contexts.shape[1] + 1]):
+            context = context + contexts[:, -k, None] * self.vocab ** (k - 1) if k else context
+            (i, seen), (j, found) = sorted_find(contexts_k, context), sorted_find(keys, context * self.vocab + tokens)
+            p = np.where(seen, (np.where(found, counts[j], 0) + distinct[i] * p) / (totals[i] + distinct[i]), p)
+        return p
 
 @torch.no_grad()
 def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=None):
@@ -1119,7 +1132,7 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
     scores = torch.tensor([0.0] + [float("-inf")] * (width - 1), device=audio.device).repeat(n, 1)  # BOS, live in slot 0
     token = torch.full((n * width, 1), BOS, device=audio.device)
     history = torch.zeros(n * width, 0, dtype=torch.long, device=audio.device)
-    ended, context = [[] for _ in range(n)], [(BOS,) * (LM_ORDER - 1)] * (n * width)  # (score/token, tokens); LM contexts
+    ended = [[] for _ in range(n)]  # per utterance: (score per token, tokens) of each ended hypothesis
     best_ended = torch.full((n,), float("-inf"), dtype=torch.float64, device=audio.device)  # total score
     for position in range(int(limit.max())):
         log_p = model.decoder(token, audio, valid, caches, offset=position)[:, -1].float().log_softmax(-1)
@@ -1127,18 +1140,18 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
         top = log_p.topk(min(max(candidates, width), log_p.shape[-1]), -1)
         step = top.values
         if use_ctc:
-            psi, r_n, r_b = ctc.extend(top.indices)
+            psi = ctc.extend(top.indices)
             step = (1 - ctc_weight) * step + ctc_weight * torch.where(top.indices == EOS, ctc.final() - ctc.score,
                                                                       psi - ctc.score)
         if model.lm is not None:
-            lm = torch.from_numpy(np.stack([model.lm.probs(c) for c in context])).to(step.device).log()  # a row per context
-            step = step + model.lm.weight * lm.gather(1, top.indices)
+            context = F.pad(history, (LM_ORDER - 1, 0), value=BOS)[:, 1 - LM_ORDER:].cpu().numpy()  # BOS-padded
+            lm = model.lm.probs(context, top.indices.cpu().numpy())
+            step = step + model.lm.weight * torch.from_numpy(lm).to(step.device).log()
         best = (scores.view(-1, 1) + step).view(n, -1).topk(width, -1)  # over every slot's candidates
         parent = (best.indices // top.indices.shape[1] + torch.arange(n, device=audio.device)[:, None] * width).flatten()
         choice = (best.indices % top.indices.shape[1]).view(-1, 1)
         token = top.indices[parent].gather(1, choice)
         history = torch.cat([history[parent], token], 1)
-        context = [(context[p] + (t,))[1:] for p, t in zip(parent.tolist(), token.flatten().tolist())]
         finished = ((token.view(n, width) == EOS) | (position + 1 >= limit)) & (best.values > float("-inf"))
         for i, slot in finished.nonzero().tolist():
             ended[i].append((best.values[i, slot].item() / (position + 1), history[i * width + slot].tolist()))
@@ -1148,7 +1161,7 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
         for cache in caches:  # self-attention keys/values follow their hypotheses; cross-attention ones are shared
             cache["self"]["k"], cache["self"]["v"] = cache["self"]["k"][parent], cache["self"]["v"][parent]
         if use_ctc:
-            ctc.choose(choice, top.indices[parent], psi[parent], r_n[parent], r_b[parent])
+            ctc.choose(parent, token, psi[parent].gather(1, choice))
         if torch.isinf(scores).all():
             break
     return [seq[:seq.index(EOS)] if EOS in seq else seq for _, seq in map(max, ended)]  # best score per token

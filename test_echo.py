@@ -1135,7 +1135,7 @@ def test_char_lm_is_witten_bell_interpolation_on_a_hand_counted_text():
     tokenizer = echo.Tokenizer("ab")
     a, b, eos = tokenizer.encode("a")[0], tokenizer.encode("b")[0], echo.EOS
     lm = echo.CharLM(["ab", "ab", "b"], tokenizer, 0.3)
-    probs = lambda context: torch.tensor(lm.probs(context), dtype=torch.float)
+    probs = lambda context: torch.tensor(lm.probs(np.array([context], dtype=np.int64), np.arange(5)[None])[0]).float()
     uniform = torch.tensor([0, 0, 1, 1, 1]) / 3  # EOS, a, b; never PAD or BOS
     unigram = (torch.tensor([0, 0, 3, 2, 3]) + 3 * uniform) / (8 + 3)  # EOS 3, a 2, b 3 of 8 tokens; 3 kinds
     assert torch.allclose(probs(()), unigram)
@@ -1150,6 +1150,9 @@ def test_char_lm_is_witten_bell_interpolation_on_a_hand_counted_text():
     assert torch.allclose(probs(unseen), after_b)
     for c in ((), context, unseen, (a, a, a, a, a, a, b)):
         assert abs(probs(c).sum().item() - 1) < 1e-6
+    rows = np.array([context, unseen, (a, a, a, a, a, a, b)])  # all rows at once, each with its own tokens
+    tokens = np.array([[b, eos], [eos, a], [a, b]])
+    assert np.array_equal(lm.probs(rows, tokens), [lm.probs(r[None], t[None])[0] for r, t in zip(rows, tokens)])
 
 
 def test_char_lm_keeps_the_orders_whose_keys_fit_int64():
@@ -1159,10 +1162,10 @@ def test_char_lm_keeps_the_orders_whose_keys_fit_int64():
     tokenizer = echo.Tokenizer(chars)
     lm = echo.CharLM([chars[:50], chars[:50], chars], tokenizer, 0.3)
     assert len(lm.orders) == 7 and len(tokenizer) ** 7 < 2 ** 63 < len(tokenizer) ** 8
-    ids = tokenizer.encode(chars[:50])
+    ids, probs = tokenizer.encode(chars[:50]), lambda context: lm.probs(np.array([context]), np.arange(len(tokenizer))[None])[0]
     context = tuple(ids[10:17])
-    assert np.array_equal(lm.probs(context), lm.probs(context[1:]))
-    assert abs(lm.probs(context).sum() - 1) < 1e-9 and lm.probs(context)[ids[17]] > 0.9
+    assert np.array_equal(probs(context), probs(context[1:]))
+    assert abs(probs(context).sum() - 1) < 1e-9 and probs(context)[ids[17]] > 0.9
 
 
 def test_decoding_with_a_heavy_char_lm_spells_the_lm_text_and_checkpoints_rebuild_it(tmp_path):
@@ -1177,7 +1180,8 @@ def test_decoding_with_a_heavy_char_lm_spells_the_lm_text_and_checkpoints_rebuil
                                                 "model_config": dataclasses.asdict(model.config),
                                                 "config": {"decode_ctc_weight": 0.3, "lm_weight": 100.0}})
     loaded, _, _ = echo.load_model(tmp_path / "ckpt.pt", torch.device("cpu"))
-    assert loaded.lm.weight == 100.0 and (loaded.lm.probs((1,) * 7) == model.lm.probs((1,) * 7)).all()
+    context, tokens = np.ones((1, 7), dtype=np.int64), np.arange(len(tokenizer))[None]
+    assert loaded.lm.weight == 100.0 and np.array_equal(loaded.lm.probs(context, tokens), model.lm.probs(context, tokens))
     assert tokenizer.decode(echo.decode(loaded, batch, ctc_weight=0.3, beam=4)[0]) == "cab"
 
 
@@ -1198,8 +1202,8 @@ def test_ctc_prefix_scores_match_enumeration_of_all_alignments():
     scorer, text = echo.CTCPrefixScorer(log_probs, valid), []
     for token in (3, 3, 4):
         candidates = torch.tensor([[token, 4]])
-        psi, r_n, r_b = scorer.extend(candidates)
-        scorer.choose(torch.tensor([[0]]), candidates, psi, r_n, r_b)
+        psi = scorer.extend(candidates)
+        scorer.choose(torch.tensor([0]), candidates[:, :1], psi[:, :1])
         text.append(token)
         assert abs(scorer.score.item() - brute(text, whole=False)) < 1e-5
         assert abs(scorer.final().item() - brute(text, whole=True)) < 1e-5
