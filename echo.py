@@ -65,7 +65,7 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
          "f0_theta": dict(f0_theta=True), "+radii": dict(f0_theta=True, radii=True),  # pitch_stream: f0 as an input
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
-STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, max_steps=2200)  # as measured; Mandarin sets its own steps
+STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200)  # as measured; Mandarin sets its own steps
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (STUDY_MODEL | dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200,
                                     eval_every=300, optimizer="maxfactor", lr=LEARNING_RATES["maxfactor"]), tuple(PITCH)),
@@ -138,7 +138,7 @@ def build_parser():
     a("--decode_ctc_weight", type=float, default=0.5, help="weight of CTC prefix scores in decoding (0 = attention only)")
     a("--lm_weight", type=float, default=0.3, help="weight of the character 8-gram in decoding (0 = off; README)")
     a("--lm_sentences", type=int, default=100000, help="the embedded corpus's text-only sentences the n-gram also reads (README)")
-    a("--beam", type=int, default=4, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
+    a("--beam", type=int, default=8, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
     a("--max_steps", type=int, default=2500, help="optimizer steps")
     a("--batch_frames", type=int, default=4000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -981,10 +981,6 @@ class Echo(nn.Module):
         ctc = F.ctc_loss(log_probs, targets, valid.sum(1), (targets > EOS).sum(1), blank=PAD, zero_infinity=True)
         return (1 - self.config.ctc_weight) * ce + self.config.ctc_weight * ctc, ce, ctc
 
-def build_model(config):
-    """A ModelConfig (or its dict, as checkpoints store it) -> Echo."""
-    return Echo(ModelConfig(**config) if isinstance(config, dict) else config)
-
 # ---- optimizer
 class MaxFactor(torch.optim.Optimizer):
     """MaxFactor (sine2pi/Maxfactor), no momentum: per parameter, with its own step count t, V is an EMA of G^2 with
@@ -1067,13 +1063,11 @@ class CTCPrefixScorer:
         return log_p, phi, torch.where(self.last < 0, log_p[:, 0], self.NEG)  # the last: r_n at frame 0 (empty prefix)
 
     def extend(self, tokens):
-        """Scores psi (B, K) of the prefix extended by each of tokens (B, K): a sum over frames, no recurrence."""
+        """Scores psi (B, K) of the prefix extended by each of tokens (B, K): a sum over frames, no recurrence. For EOS,
+        the score of ending now: log P(the whole audio reads exactly this prefix)."""
         log_p, phi, start = self.emissions(tokens)
-        return torch.logsumexp(torch.cat([start[:, None], phi[:, :-1] + log_p[:, 1:]], 1), 1)
-
-    def final(self):
-        """log P(the whole audio reads exactly this prefix): the score of ending now, (B, 1)."""
-        return torch.logaddexp(self.r_n[:, -1], self.r_b[:, -1])
+        psi = torch.logaddexp(start, torch.logsumexp(phi[:, :-1] + log_p[:, 1:], 1))
+        return torch.where(tokens == EOS, torch.logaddexp(self.r_n[:, -1], self.r_b[:, -1]), psi)
 
     def choose(self, parent, tokens, psi):
         """Row i continues row parent[i] (B,), extended by tokens (B, 1) of score psi (B, 1): only the chosen prefixes
@@ -1141,11 +1135,9 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
         step = top.values
         if use_ctc:
             psi = ctc.extend(top.indices)
-            step = (1 - ctc_weight) * step + ctc_weight * torch.where(top.indices == EOS, ctc.final() - ctc.score,
-                                                                      psi - ctc.score)
+            step = (1 - ctc_weight) * step + ctc_weight * (psi - ctc.score)
         if model.lm is not None:
-            context = F.pad(history, (LM_ORDER - 1, 0), value=BOS)[:, 1 - LM_ORDER:].cpu().numpy()  # BOS-padded
-            lm = model.lm.probs(context, top.indices.cpu().numpy())
+            lm = model.lm.probs(F.pad(history, (LM_ORDER - 1, 0), value=BOS).cpu().numpy(), top.indices.cpu().numpy())
             step = step + model.lm.weight * torch.from_numpy(lm).to(step.device).log()
         best = (scores.view(-1, 1) + step).view(n, -1).topk(width, -1)  # over every slot's candidates
         parent = (best.indices // top.indices.shape[1] + torch.arange(n, device=audio.device)[:, None] * width).flatten()
@@ -1197,8 +1189,7 @@ def evaluate(model, dataset, tokenizer, device, n_utts=None, ctc_weight=0.3, bea
         logits, targets = model.decoder(batch["tokens"][:, :-1], audio, valid).float(), batch["tokens"][:, 1:]
         keep = targets != PAD
         loss_sum += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
-        correct += (logits.argmax(-1)[keep] == targets[keep]).sum().item()
-        tokens_total += keep.sum().item()
+        correct, tokens_total = correct + (logits.argmax(-1) == targets)[keep].sum().item(), tokens_total + keep.sum().item()
         refs += [str(it["text"]) for it in items]
     tones = tone_scores(refs, hyps) if all(TONED.fullmatch(r) for r in refs) else {}
     return tones | {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "loss": loss_sum / max(1, tokens_total),
@@ -1226,7 +1217,7 @@ def load_checkpoint(path):
 def load_model(path, device):
     """A checkpoint -> (model in eval mode, tokenizer, the run's flags as a dict)."""
     ckpt = load_checkpoint(path)
-    model, tokenizer = build_model(ckpt["model_config"]), Tokenizer(ckpt["tokenizer"])
+    model, tokenizer = Echo(ModelConfig(**ckpt["model_config"])), Tokenizer(ckpt["tokenizer"])
     model.load_state_dict(ckpt["model"])
     model.lm = CharLM(ckpt["lm_text"], tokenizer, ckpt["config"]["lm_weight"]) if ckpt.get("lm_text") else None
     return model.to(device).eval(), tokenizer, ckpt["config"]
@@ -1315,8 +1306,7 @@ def rotary_figures(pitch, log_f0, voiced):
     variants = {"standard RoPE": PitchPrior(head_dim, 1), "f0-modulated": PitchPrior(head_dim, 1, f0_theta=True),
                 f"f0 + radii (strength {strength:.2f})": PitchPrior(head_dim, 1, f0_theta=True, radii=True)}
     list(variants.values())[-1].radius_strength.data.fill_(strength)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4), dpi=100)
-    tables = {}
+    (fig, axes), tables = plt.subplots(1, 3, figsize=(12, 4), dpi=100), {}
     for ax, (label, prior) in zip(axes, variants.items()):
         prior.freqs = pitch.freqs.cpu()
         table = prior(log_f0, voiced, torch.ones_like(voiced))[0][0, 0]  # figures() runs without autograd
@@ -1387,10 +1377,8 @@ def diagnose(args):
 # ---- training
 def lr_at(step, args):
     """Linear warmup, then cosine decay to a tenth of the peak."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = min(1.0, (step - args.warmup) / max(1, args.max_steps - args.warmup))
-    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    progress = min(1.0, max(0, step - args.warmup) / max(1, args.max_steps - args.warmup))
+    return min(args.lr * (step + 1) / max(1, args.warmup), args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress))))
 
 def environment(device, world):
     """Code version (git commit, if any, + hash of this file), software and hardware, kept with every run."""
@@ -1516,7 +1504,7 @@ def log_step(writer, step, args, losses, grad_norm, step_seconds, diagnostics, s
               f"{stats['audio_seconds'] / elapsed:.0f} audio-s/s | elapsed {elapsed / 60:.1f} min | {args.name}", flush=True)
 
 def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, args, beam, n_utts=None):
-    """Decode (the first n_utts of) a split with this beam (training's validation: 1, half beam 4's time); log
+    """Decode (the first n_utts of) a split with this beam (training's validation: 1, greedy: cheaper than the tests' beam); log
     evaluate()'s metrics and 5 samples; print one line -> the result."""
     result = evaluate(model, dataset, tokenizer, device, n_utts, args.decode_ctc_weight, beam)
     for key in [key for key in ("wer", "cer", *TONE_METRICS, "loss", "token_accuracy") if key in result]:
@@ -1557,7 +1545,7 @@ def train(args):
     run_dir = Path(args.runs_dir) / args.name
     ckpt = load_checkpoint(run_dir / "ckpt.pt") if args.resume else None
     data, train_set, tokenizer, skipped = training_data(args, rank, world, ckpt)
-    model = build_model(ModelConfig.from_args(args, len(tokenizer))).to(device)
+    model = Echo(ModelConfig.from_args(args, len(tokenizer))).to(device)
     if args.lm_weight and rank == 0 and not args.streaming:  # rank 0 alone decodes; a stream's text is not known ahead
         more = corpus_plan(args.corpus_size, args.corpus_seed, args.dataset, args.lm_sentences) if args.dataset in CORPORA else []
         model.lm = CharLM([*train_set["text"], *more], tokenizer, args.lm_weight)
@@ -1726,7 +1714,7 @@ def time_train_steps(args, batches, variants, vocab, device, warmup=3):
     models, seconds = {}, {label: [] for label in variants}
     for label, flags in variants.items():
         torch.manual_seed(args.seed)
-        model = build_model(dataclasses.replace(ModelConfig.from_args(args, vocab), **flags)).to(device).train()
+        model = Echo(dataclasses.replace(ModelConfig.from_args(args, vocab), **flags)).to(device).train()
         models[label] = (model, build_optimizer(model, args, device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i, batch in enumerate(batches):
@@ -1774,7 +1762,7 @@ def benchmark(args):
     print("| train step | ms | vs plain RoPE | audio-s/s | parameters |\n|---|---|---|---|---|")
     for label, (sec, params) in timings.items():
         print(f"| {label} | {1000 * sec:.0f} | {sec / base:.2f}x | {audio / 20 / sec:.0f} | {params / 1e6:.2f} M |")
-    model = build_model(ModelConfig.from_args(args, len(tokenizer))).to(device)
+    model = Echo(ModelConfig.from_args(args, len(tokenizer))).to(device)
     model(to_device(batches[0], device))[0].backward()
     print("\n| optimizer, default model | state | of AdamW's | optimizer.step() |\n|---|---|---|---|")
     for name in LEARNING_RATES:  # the same gradients each time; the weights move, which does not change the cost
@@ -1788,7 +1776,7 @@ def benchmark(args):
         clock = "wall" if "batched" in label and device.type == "cuda" else "CPU"
         print(f"| {label} | {seconds / audio_f0:.4f} {clock}-s per audio-s |")
     model, tokenizer, config = load_model(args.ckpt, device) if args.ckpt else (model, tokenizer, vars(args))
-    for weight, beam in ((0.0, 1), (config["decode_ctc_weight"], 1), (config["decode_ctc_weight"], 4)):
+    for weight, beam in ((0.0, 1), (config["decode_ctc_weight"], 1), (config["decode_ctc_weight"], config["beam"])):
         result = evaluate(model, data["validation"], tokenizer, device, 100, weight, beam)
         print(f"| decoding RTFx, KV cache, {'greedy' if beam == 1 else f'beam {beam}'}, "
               f"{'attention only' if weight == 0 else 'joint CTC/attention'}{'' if args.ckpt else ', untrained'} | "

@@ -57,7 +57,7 @@ def tiny_config(vocab=20, **kw):
 def tiny_model(vocab=20, **kw):
     """A tiny model in eval mode, initialised from seed 0."""
     torch.manual_seed(0)
-    return echo.build_model(tiny_config(vocab, **kw)).eval()
+    return echo.Echo(tiny_config(vocab, **kw)).eval()
 
 
 def save_tiny_checkpoint(path, decode_ctc_weight=0.3, vocab=31, **kw):
@@ -1048,7 +1048,7 @@ def test_maxfactor_reduces_a_regression_loss_and_survives_zero_gradients():
 
 
 def test_factored_optimizers_keep_a_tenth_of_adamws_state_for_the_default_model():
-    model = echo.build_model(echo.ModelConfig.from_args(echo.parse_args([]), 30))
+    model = echo.Echo(echo.ModelConfig.from_args(echo.parse_args([]), 30))
     batch = fake_batch(vocab=30)
     sizes = {}
     for name in echo.LEARNING_RATES:
@@ -1206,7 +1206,7 @@ def test_ctc_prefix_scores_match_enumeration_of_all_alignments():
         scorer.choose(torch.tensor([0]), candidates[:, :1], psi[:, :1])
         text.append(token)
         assert abs(scorer.score.item() - brute(text, whole=False)) < 1e-5
-        assert abs(scorer.final().item() - brute(text, whole=True)) < 1e-5
+        assert abs(scorer.extend(torch.tensor([[echo.EOS]])).item() - brute(text, whole=True)) < 1e-5
 
 
 def test_evaluation_scores_references_with_characters_outside_the_tokenizer():
@@ -1525,7 +1525,7 @@ def test_bench_prints_every_row(tiny_corpus, tmp_path, capsys):
     for row in ("attention, --gate none: plain RoPE", "f0_theta + radii + pitch_bias + zero_value",
                 "--gate m", "--streams spectrogram,pitch,waveform", "| maxfactor_upstream |", "| adafactor |",
                 "padding in length-bucketed batches", "f0: YIN in torch", "f0: librosa.pyin", "greedy, joint CTC",
-                "beam 4, joint CTC", "diagnostics: the 4 figures", "diagnostics: per-block scalars"):
+                "beam 2, joint CTC", "diagnostics: the 4 figures", "diagnostics: per-block scalars"):
         assert row in out, row
     assert "nan" not in out
 
