@@ -1042,7 +1042,7 @@ def max_tokens_for(frames):
 class CTCPrefixScorer:
     """CTC prefix scores for one growing hypothesis per utterance (joint CTC/attention decoding, Watanabe et al. 2017,
     as in ESPnet): log P(the audio's CTC paths start with this text). The recurrences r_t = (r_{t-1} + phi_{t-1}) p_t
-    are solved over all frames at once (one logcumsumexp per step, not a loop over frames), in float64."""
+    are solved over all frames at once (logcumsumexp, not a loop over frames), in float64, for the kept prefixes only."""
     NEG = -1e4  # log of "impossible" that keeps the closed form finite
 
     def __init__(self, log_probs, valid, width=1):
@@ -1060,7 +1060,7 @@ class CTCPrefixScorer:
         """log p_t(token) and phi_t (paths of the prefix that a new token may follow: it must not merge), (B, T, K)."""
         log_p = self.log_probs.gather(2, tokens[:, None, :].expand(-1, self.log_probs.shape[1], -1))
         phi = torch.where((tokens == self.last)[:, None, :], self.r_b, torch.logaddexp(self.r_n, self.r_b))
-        return log_p, phi, torch.where(self.last < 0, log_p[:, 0], self.NEG)  # the last: r_n at frame 0 (empty prefix)
+        return log_p, phi, torch.where(self.last < 0, log_p[:, 0], self.NEG)  # and r_n at frame 0: after the empty prefix
 
     def extend(self, tokens):
         """Scores psi (B, K) of the prefix extended by each of tokens (B, K): a sum over frames, no recurrence. For EOS,
