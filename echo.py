@@ -354,13 +354,14 @@ def build_corpus(cache_dir, size, seed, num_proc=2, corpus="embedded"):
         shutil.rmtree(folder, ignore_errors=True)
     for split in SPLITS:
         (partial / split).mkdir(parents=True)
-    # each chunk in a fresh process; eSpeak segfaults on a few rare Mandarin utterances (voice, pitch and syllables
-    # together): that one is skipped and the rest of its chunk spoken by a new process, so the build stays deterministic
+    # each chunk in a fresh process, forked from a server that imported this module once (a spawn imports it again: 5 s);
+    # eSpeak segfaults on a few rare Mandarin utterances: that one is skipped and the rest of its chunk spoken anew
     queue, running, failed, logs = [plan[i:i + 1000] for i in range(0, len(plan), 1000)], {}, set(), itertools.count()
+    (context := multiprocessing.get_context("forkserver")).set_forkserver_preload([__name__])
     while queue or running:
         while queue and len(running) < max(1, num_proc):
             items, log = queue.pop(0), partial / f"job{next(logs)}.log"
-            process = multiprocessing.get_context("spawn").Process(target=synthesize_chunk, args=((partial, items, log),))
+            process = context.Process(target=synthesize_chunk, args=((partial, items, log),))
             process.start()
             running[process] = items, log
         multiprocessing.connection.wait([process.sentinel for process in running])
@@ -809,8 +810,7 @@ class Attention(nn.Module):
         if context is not None and cache is not None and "k" in cache:
             k, v = cache["k"], cache["v"]  # cross-attention keys of the audio are computed once per utterance
         else:
-            source = x if context is None else context
-            k, v = self.heads(self.k(source)), self.heads(self.v(source))
+            k, v = (self.heads(linear(x if context is None else context)) for linear in (self.k, self.v))
             if table is not None:
                 q, k = apply_rotary(q, table), apply_rotary(k, table)
             if cache is not None:
