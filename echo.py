@@ -439,7 +439,7 @@ def yin_f0(waves, window=512):
     lags = torch.arange(lag_max + 2, device=waves.device)
     correlation = torch.fft.irfft(spectrum * head.conj(), n_fft)[..., :lag_max + 2]  # r(tau) = sum_j x_j x_(j+tau)
     energy = F.pad(frames.square().cumsum(-1), (1, 0))
-    diff = (energy[..., window:window + 1] + energy[..., lags + window] - energy[..., lags] - 2 * correlation).clamp(min=0)
+    diff = (energy[..., window, None] + energy[..., window:span] - energy[..., :lag_max + 2] - 2 * correlation).clamp(min=0)
     cmnd = diff[..., 1:] * lags[1:] / diff[..., 1:].cumsum(-1).clamp(min=1e-12)  # d'(tau) for tau = 1 .. lag_max+1
     inner = cmnd[..., 1:-1]  # tau = 2 .. lag_max: each has both neighbours
     in_range = lags[2:-1] >= lag_min
