@@ -430,8 +430,7 @@ def yin_f0(waves, window=512):
     refined by a parabola. A frame is voiced when d' there is below YIN_VOICED and the frame is within SILENCE_DB of
     the utterance's loudest frame. Unvoiced frames have f0 = 0. Then the track is cleaned (README, f0)."""
     lag_min, lag_max = int(SAMPLE_RATE / F0_MAX), math.ceil(SAMPLE_RATE / F0_MIN)
-    span = window + lag_max + 2
-    n_frames = waves.shape[-1] // HOP + 1
+    span, n_frames = window + lag_max + 2, waves.shape[-1] // HOP + 1
     raw = F.pad(waves, (window // 2, span)).unfold(-1, span, HOP)[:, :n_frames]  # (batch, frames, span)
     frames = raw - raw.mean(-1, keepdim=True)
     n_fft = 1 << (span - 1).bit_length()
@@ -1050,31 +1049,32 @@ class CTCPrefixScorer:
         Frames past the end emit blank with probability 1, which changes no score, so one T serves the whole batch."""
         blank_only = torch.where(torch.arange(log_probs.shape[-1], device=log_probs.device) == PAD, 0.0, self.NEG).double()
         self.log_probs = torch.where(valid[..., None], log_probs.double(), blank_only).repeat_interleave(width, 0)
-        self.cum_blank = self.log_probs[..., PAD].cumsum(1)[..., None]  # (B, T, 1)
+        self.cum_blank, self.probs = self.log_probs[..., PAD].cumsum(1)[..., None], self.log_probs.exp()  # (B, T, 1)
         self.r_n = torch.full_like(self.cum_blank, self.NEG)  # paths of the prefix ending in its last token
         self.r_b = self.cum_blank.clone()  # ... ending in blank; the empty prefix is all blanks
-        self.score = torch.zeros(len(self.r_b), 1, dtype=torch.float64, device=valid.device)  # psi(empty) = 0
-        self.last = torch.full((len(self.r_b), 1), -1, device=valid.device)
-
-    def emissions(self, tokens):
-        """log p_t(token) and phi_t (paths of the prefix that a new token may follow: it must not merge), (B, T, K)."""
-        log_p = self.log_probs.gather(2, tokens[:, None, :].expand(-1, self.log_probs.shape[1], -1))
-        phi = torch.where((tokens == self.last)[:, None, :], self.r_b, torch.logaddexp(self.r_n, self.r_b))
-        return log_p, phi, torch.where(self.last < 0, log_p[:, 0], self.NEG)  # and r_n at frame 0: after the empty prefix
+        self.score, self.last = torch.zeros_like(self.r_b[:, 0]), torch.full_like(self.r_b[:, 0], -1, dtype=torch.long)
 
     def extend(self, tokens):
-        """Scores psi (B, K) of the prefix extended by each of tokens (B, K): a sum over frames, no recurrence. For EOS,
-        the score of ending now: log P(the whole audio reads exactly this prefix)."""
-        log_p, phi, start = self.emissions(tokens)
-        psi = torch.logaddexp(start, torch.logsumexp(phi[:, :-1] + log_p[:, 1:], 1))
+        """Scores psi (B, K) of the prefix extended by each of tokens (B, K): log sum_t exp(phi_{t-1}) p_t(token), phi the
+        paths that a new token may follow (after a repeat of the last token, those ending in blank only: the two would
+        merge). No recurrence: every token's sum at once, one product over frames in the probability domain, scaled by
+        the top phi (a sum below 1e-300 of it counts as 1e-300). For EOS, the score of ending now: log P(the whole audio
+        reads exactly this prefix)."""
+        phis = torch.cat([torch.logaddexp(self.r_n, self.r_b), self.r_b], 2)[:, :-1]  # (B, T - 1, 2): new token; repeat
+        top = phis.amax(1, keepdim=True)
+        sums = ((phis - top).exp().mT @ self.probs[:, 1:]).clamp(min=1e-300).log() + top.mT  # (B, 2, V)
+        new, repeat = sums.gather(2, tokens[:, None].expand(-1, 2, -1)).unbind(1)
+        start = torch.where(self.last < 0, self.log_probs[:, 0].gather(1, tokens), self.NEG)  # after the empty prefix
+        psi = torch.logaddexp(start, torch.where(tokens == self.last, repeat, new))
         return torch.where(tokens == EOS, torch.logaddexp(self.r_n[:, -1], self.r_b[:, -1]), psi)
 
     def choose(self, parent, tokens, psi):
         """Row i continues row parent[i] (B,), extended by tokens (B, 1) of score psi (B, 1): only the chosen prefixes
         solve the recurrences over frames, not every candidate that extend() scored."""
         self.r_n, self.r_b, self.last = self.r_n[parent], self.r_b[parent], self.last[parent]
-        log_p, phi, start = self.emissions(tokens)
-        cum = log_p.cumsum(1)
+        log_p = self.log_probs.gather(2, tokens[:, None].expand(-1, self.log_probs.shape[1], -1))  # (B, T, 1)
+        phi = torch.where((tokens == self.last)[:, None], self.r_b, torch.logaddexp(self.r_n, self.r_b))
+        start, cum = torch.where(self.last < 0, log_p[:, 0], self.NEG), log_p.cumsum(1)
         self.r_n = cum + torch.logcumsumexp(torch.cat([(start - cum[:, 0])[:, None], phi[:, :-1] - cum[:, :-1]], 1), 1)
         self.r_b = self.cum_blank + torch.logcumsumexp(
             torch.cat([torch.full_like(start, self.NEG)[:, None], self.r_n[:, :-1] - self.cum_blank[:, :-1]], 1), 1)
