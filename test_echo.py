@@ -1207,6 +1207,8 @@ def test_ctc_prefix_scores_match_enumeration_of_all_alignments():
         text.append(token)
         assert abs(scorer.score.item() - brute(text, whole=False)) < 1e-5
         assert abs(scorer.extend(torch.tensor([[echo.EOS]])).item() - brute(text, whole=True)) < 1e-5
+    hopeless = scorer.extend(torch.tensor([[4]])).item()  # "3 3 4 4" needs 6 of the 5 frames: no path, a finite floor
+    assert math.isfinite(hopeless) and hopeless < -100
 
 
 def test_evaluation_scores_references_with_characters_outside_the_tokenizer():
