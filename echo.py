@@ -44,8 +44,7 @@ RADIUS_MAX = 2.0  # variable radii stay in [1 / RADIUS_MAX, RADIUS_MAX]
 RADIUS_INIT = 0.1  # initial per-head radius strength: radii start near 1, so --radii starts as plain rotary
 PITCH_BIAS_INIT = -2.0  # initial per-head pitch-bias parameter: softplus(-2) = 0.13 logit per octave, a gentle start
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-9  # the transformer recipe (Vaswani et al.): faster-adapting second moments
-# peak learning rate per --optimizer: MaxFactor's from a sweep, upstream's and Adafactor's defaults (README, Optimizers)
-LEARNING_RATES = {"adamw": 3e-3, "maxfactor": 3e-3, "maxfactor_upstream": 1e-2, "adafactor": 1e-2}
+LEARNING_RATES = {"adamw": 3e-3, "maxfactor": 1e-3, "maxfactor_upstream": 1e-2, "adafactor": 1e-2}  # peak (README, Optimizers)
 BUCKET_WINDOW = 1000  # utterances shuffled, then sorted by length together: batches with little padding, random order
 EVAL_BATCH_FRAMES = 10000  # padded 10 ms frames per decoding batch (evaluation, --transcribe): on CPU 15 % faster than 30000
 SPECAUG_MASKS = (2, 27, 5, 0.05)  # ESPnet's LibriSpeech-100 SpecAugment: 2 masks <= 27 mel bins, 5 <= 5 % of the time
@@ -65,10 +64,10 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
          "f0_theta": dict(f0_theta=True), "+radii": dict(f0_theta=True, radii=True),  # pitch_stream: f0 as an input
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
-STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200)  # as measured; Mandarin sets its own steps
+STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, momentum=0.0)  # as measured
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (STUDY_MODEL | dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200,
-                                    eval_every=300, optimizer="maxfactor", lr=LEARNING_RATES["maxfactor"]), tuple(PITCH)),
+                                    eval_every=300, optimizer="maxfactor"), tuple(PITCH)),
     "english": (STUDY_MODEL | dict(dataset="embedded", test_utts=200), "baseline f0_theta all pitch_stream".split())}
 STUDY_RUNS = {f"{corpus}/{label}": budget | PITCH[label] for corpus, (budget, labels) in STUDY.items() for label in labels}
 ABLATIONS = {  # --ablate: each configuration is a set of flag overrides
@@ -143,8 +142,9 @@ def build_parser():
     a("--batch_frames", type=int, default=4000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--optimizer", choices=tuple(LEARNING_RATES), default="maxfactor", help="AdamW, MaxFactor (Echo's or upstream's "
-      "formula) or torch.optim.Adafactor; the last three keep factored state")
+      "formula) or torch.optim.Adafactor; the last three keep factored second moments")
     a("--lr", type=float, default=None, help="peak learning rate (default: LEARNING_RATES[--optimizer])")
+    a("--momentum", type=float, default=0.9, help="MaxFactor's EMA weight of gradient momentum (0 = none, factored state)")
     a("--warmup", type=int, default=200, help="linear warmup steps, then cosine decay to lr/10")
     a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
@@ -982,12 +982,12 @@ class Echo(nn.Module):
 
 # ---- optimizer
 class MaxFactor(torch.optim.Optimizer):
-    """MaxFactor (sine2pi/Maxfactor), no momentum: per parameter, with its own step count t, V is an EMA of G^2 with
-    weight clamp(t^-0.8, 0.001, 0.999), for a matrix a row and a column EMA (V = R (x) C / max(R)); U = G / sqrt(V),
-    each row scaled to infinity-norm 1, steps by the scheduled lr; decoupled weight decay. upstream=True: upstream's
-    formula (README, Optimizers), less its damping max(1, RMS(U)), which is always 1, and its 2x boost of scalars."""
-    def __init__(self, params, lr=3e-3, weight_decay=0.0, upstream=False):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+    """MaxFactor (sine2pi/Maxfactor): per parameter, with its own step count t, V is an EMA of G^2 with weight
+    clamp(t^-0.8, 0.001, 0.999), for a matrix a row and a column EMA (V = R (x) C / max(R)); U = M / sqrt(V), M = G or
+    its EMA by momentum, each row scaled to infinity-norm 1 (so M needs no bias correction), steps by the scheduled lr;
+    decoupled weight decay. upstream=True: upstream's formula (README), no momentum, less its 2x boost of scalars."""
+    def __init__(self, params, lr=3e-3, weight_decay=0.0, momentum=0.0, upstream=False):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
         self.upstream = upstream
 
     @torch.no_grad()
@@ -1009,6 +1009,8 @@ class MaxFactor(torch.optim.Optimizer):
                     second = torch.outer(state["row"], state["col"]) / state["row"].max()
                 else:
                     second = state["second"].lerp_(square.view_as(p), beta).view(1, -1)
+                if group.get("momentum") and not self.upstream:  # the direction from recent gradients, the scale from V
+                    grad = state.setdefault("momentum", torch.zeros_like(grad)).lerp_(grad, 1 - group["momentum"])
                 update = grad / second.sqrt()
                 if self.upstream:
                     update = update / update.abs().max().clamp(min=1e-10)
@@ -1025,14 +1027,10 @@ def build_optimizer(model, args, device):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if args.optimizer.startswith("maxfactor"):
-        return MaxFactor(groups, lr=args.lr, upstream=args.optimizer == "maxfactor_upstream")
+        return MaxFactor(groups, lr=args.lr, momentum=args.momentum, upstream=args.optimizer == "maxfactor_upstream")
     if args.optimizer == "adafactor":
         return torch.optim.Adafactor(groups, lr=args.lr)
     return torch.optim.AdamW(groups, lr=args.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, fused=device.type == "cuda")
-
-def optimizer_state_bytes(optimizer):
-    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
-               if torch.is_tensor(v))
 
 # ---- decoding and evaluation
 def max_tokens_for(frames):
@@ -1623,6 +1621,7 @@ def ablation_run(run):
     if (run_dir / "config.json").exists():
         ignore = ("name", "runs_dir", "ablate", "seeds", "jobs", "resume", "transcribe", "ckpt")  # runs may move
         earlier, default = json.loads((run_dir / "config.json").read_text())["config"], build_parser().get_default
+        earlier = {"momentum": 0.0} | earlier  # a run from before --momentum ran without it
         if any(earlier.get(k, default(k)) != json.loads(json.dumps(v)) for k, v in vars(run).items() if k not in ignore):
             raise SystemExit(f"echo: {run_dir} holds a run with another config: pick another --name")
         if (run_dir / "results.json").exists():
@@ -1767,7 +1766,8 @@ def benchmark(args):
     print("\n| optimizer, default model | state | of AdamW's | optimizer.step() |\n|---|---|---|---|")
     for name in LEARNING_RATES:  # the same gradients each time; the weights move, which does not change the cost
         optimizer = build_optimizer(model, argparse.Namespace(**(vars(args) | {"optimizer": name})), device)
-        seconds, state = median_seconds(optimizer.step, device), optimizer_state_bytes(optimizer)
+        seconds = median_seconds(optimizer.step, device)  # its first step makes the state
+        state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
         adamw = state if name == "adamw" else adamw
         print(f"| {name} | {state / 2**20:.3f} MiB | {state / adamw:.3f} | {1000 * seconds:.1f} ms |")
     print(f"\n| what | value |\n|---|---|\n| padding in length-bucketed batches | "

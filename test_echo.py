@@ -1047,17 +1047,23 @@ def test_maxfactor_reduces_a_regression_loss_and_survives_zero_gradients():
     assert all(torch.isfinite(p).all() and torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
-def test_factored_optimizers_keep_a_tenth_of_adamws_state_for_the_default_model():
+def test_factored_optimizers_keep_a_tenth_of_adamws_state_and_momentum_half_for_the_default_model():
+    """AdamW keeps two full-size moments; the factored optimizers' second moments are rows and columns; MaxFactor's
+    default momentum (0.9) adds one full-size buffer."""
     model = echo.Echo(echo.ModelConfig.from_args(echo.parse_args([]), 30))
     batch = fake_batch(vocab=30)
     sizes = {}
-    for name in echo.LEARNING_RATES:
-        opt = echo.build_optimizer(model, echo.parse_args(["--optimizer", name]), torch.device("cpu"))
+    for flags in [["--optimizer", name] for name in echo.LEARNING_RATES] + [["--momentum", "0"]]:
+        opt = echo.build_optimizer(model, echo.parse_args(flags), torch.device("cpu"))
         model(batch)[0].backward()
         opt.step()
         opt.zero_grad()
-        sizes[name] = echo.optimizer_state_bytes(opt)
-    assert all(sizes[name] <= 0.1 * sizes["adamw"] for name in ("maxfactor", "maxfactor_upstream", "adafactor")), sizes
+        sizes[" ".join(flags)] = sum(v.numel() * v.element_size() for state in opt.state.values() for v in state.values()
+                                     if torch.is_tensor(v))
+    adamw = sizes.pop("--optimizer adamw")
+    assert 0.5 * adamw < sizes.pop("--optimizer maxfactor") < 0.52 * adamw, sizes
+    assert all(size <= 0.1 * adamw for size in sizes.values()), sizes
+    assert opt.param_groups[0]["momentum"] == 0.0 and echo.parse_args([]).momentum == 0.9
 
 
 def one_maxfactor_step(weight, grad, upstream, lr=0.01):
@@ -1077,6 +1083,25 @@ def test_maxfactor_matrix_rule_on_a_hand_computed_case():
     weight, grad = [[2.0, 2.0], [2.0, 2.0]], [[1.0, 0.0], [0.0, 0.5]]
     assert torch.allclose(one_maxfactor_step(weight, grad, upstream=False), torch.tensor([[1.99, 2.0], [2.0, 1.99]]))
     assert torch.allclose(one_maxfactor_step(weight, grad, upstream=True), torch.tensor([[1.99, 2.0], [2.0, 1.98]]))
+
+
+def test_maxfactor_momentum_steps_along_an_ema_of_the_gradients():
+    """Momentum 0.5, G = (1, 1) then (1, -0.5): M = (0.5, 0.5), then (0.75, 0), so the second step moves the first entry
+    alone, by lr (each row of U is scaled to infinity-norm 1: M's scale does not matter); without momentum the second
+    entry moves back. Upstream's formula has no momentum: the flag changes nothing there and keeps no buffer."""
+    def moves(momentum, upstream):
+        p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        opt, out = echo.MaxFactor([p], lr=0.01, momentum=momentum, upstream=upstream), []
+        for grad in ([1.0, 1.0], [1.0, -0.5]):
+            before, p.grad = p.detach().clone(), torch.tensor(grad)
+            opt.step()
+            out.append(before - p.detach())
+        return torch.stack(out), set(opt.state[p])
+    steps, state = moves(0.5, upstream=False)
+    assert torch.allclose(steps, torch.tensor([[0.01, 0.01], [0.01, 0.0]]), atol=1e-7) and "momentum" in state, steps
+    assert moves(0.0, upstream=False)[0][1, 1] < 0
+    (upstream, state), (plain, _) = moves(0.5, upstream=True), moves(0.0, upstream=True)
+    assert torch.equal(upstream, plain) and "momentum" not in state
 
 
 def test_maxfactor_vector_rule_on_a_hand_computed_case():
@@ -1558,7 +1583,7 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
 
     def fake_train(run):
         seen.append((run.name, run.dataset, run.max_steps, run.streams))
-        models.add((run.conv, run.dec_layers, run.lm_weight))
+        models.add((run.conv, run.dec_layers, run.lm_weight, run.lr, run.momentum))
         (tmp_path / run.name).mkdir(parents=True)  # no validation curve: ablation.png draws the bars alone
         ter = 0.3 - 0.2 * (run.streams != "spectrogram") + 0.01 * run.seed  # seeds 30, 31, 32 %; the control 20 lower
         tones = {"ser": 0.5, "ter": ter, "toned_ser": 0.6} if run.dataset == "embedded-mandarin" else {}
@@ -1568,7 +1593,7 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
     assert len(seen) == 3 * (7 + 4) and ("study/mandarin/pitch_stream-seed2", "embedded-mandarin", 1200,
                                          "spectrogram,pitch") in seen
     assert ("study/english/all-seed0", "embedded", 2200, "spectrogram") in seen  # the budget it was measured at
-    assert models == {(0, 2, 0.0)}  # the model it was measured with (STUDY_MODEL), whatever the defaults are now
+    assert models == {(0, 2, 0.0, 3e-3, 0.0)}  # what it was measured with (STUDY_MODEL), whatever the defaults are now
     assert len(echo.ABLATIONS["study-mandarin"]) == 7 and echo.ABLATIONS["study"] == echo.ABLATIONS[
         "study-mandarin"] | echo.ABLATIONS["study-english"]  # the same runs, one corpus at a time
     mandarin, english = (tmp_path / "study" / "ablation.md").read_text().split("### embedded\n")
@@ -1634,6 +1659,10 @@ def test_augment_ablation_reads_back_finished_runs_and_refuses_other_configs(tmp
     trained.clear()
     echo.ablate(args)
     assert trained == []  # read back at the flag's default, what the older code did
+    config_file.write_text(json.dumps({"config": {k: v for k, v in older.items() if k != "momentum"}}))
+    with pytest.raises(SystemExit, match="none-seed0 holds a run with another config"):
+        echo.ablate(args)  # a run from before --momentum ran without it, not at its default 0.9
+    config_file.write_text(json.dumps({"config": older}))
     with pytest.raises(SystemExit, match="none-seed0 holds a run with another config"):
         echo.ablate(echo.parse_args(["--runs_dir", str(tmp_path), "--name", "aug", "--seeds", "1", "--ablate",
                                      "augment", "--test_utts", "5"]))
