@@ -44,7 +44,7 @@ RADIUS_MAX = 2.0  # variable radii stay in [1 / RADIUS_MAX, RADIUS_MAX]
 RADIUS_INIT = 0.1  # initial per-head radius strength: radii start near 1, so --radii starts as plain rotary
 PITCH_BIAS_INIT = -2.0  # initial per-head pitch-bias parameter: softplus(-2) = 0.13 logit per octave, a gentle start
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-9  # the transformer recipe (Vaswani et al.): faster-adapting second moments
-LEARNING_RATES = {"adamw": 3e-3, "maxfactor": 1e-3, "maxfactor_upstream": 1e-2, "adafactor": 1e-2}  # peak (README, Optimizers)
+LEARNING_RATES = {"adamw": 3e-3, "maxfactor": 1.5e-3, "maxfactor_upstream": 1e-2, "adafactor": 1e-2}  # peak (README, Optimizers)
 BUCKET_WINDOW = 1000  # utterances shuffled, then sorted by length together: batches with little padding, random order
 EVAL_BATCH_FRAMES = 10000  # padded 10 ms frames per decoding batch (evaluation, --transcribe): on CPU 15 % faster than 30000
 SPECAUG_MASKS = (2, 27, 5, 0.05)  # ESPnet's LibriSpeech-100 SpecAugment: 2 masks <= 27 mel bins, 5 <= 5 % of the time
@@ -984,8 +984,9 @@ class Echo(nn.Module):
 class MaxFactor(torch.optim.Optimizer):
     """MaxFactor (sine2pi/Maxfactor): per parameter, with its own step count t, V is an EMA of G^2 with weight
     clamp(t^-0.8, 0.001, 0.999), for a matrix a row and a column EMA (V = R (x) C / max(R)); U = M / sqrt(V), M = G or
-    its EMA by momentum, each row scaled to infinity-norm 1 (so M needs no bias correction), steps by the scheduled lr;
-    decoupled weight decay. upstream=True: upstream's formula (README), no momentum, less its 2x boost of scalars."""
+    by momentum b lerp(E, G, 1 - b) with E an EMA of G of weight 1 - b (Nesterov), each row scaled to infinity-norm 1
+    (M's scale does not matter), steps by the scheduled lr; decoupled weight decay. upstream=True: upstream's formula
+    (README), no momentum, less its 2x boost of scalars."""
     def __init__(self, params, lr=3e-3, weight_decay=0.0, momentum=0.0, upstream=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
         self.upstream = upstream
@@ -1009,8 +1010,8 @@ class MaxFactor(torch.optim.Optimizer):
                     second = torch.outer(state["row"], state["col"]) / state["row"].max()
                 else:
                     second = state["second"].lerp_(square.view_as(p), beta).view(1, -1)
-                if group.get("momentum") and not self.upstream:  # the direction from recent gradients, the scale from V
-                    grad = state.setdefault("momentum", torch.zeros_like(grad)).lerp_(grad, 1 - group["momentum"])
+                if (beta1 := group.get("momentum")) and not self.upstream:  # Nesterov's: E, then a step from E towards G
+                    grad = state.setdefault("momentum", torch.zeros_like(grad)).lerp_(grad, 1 - beta1).lerp(grad, 1 - beta1)
                 update = grad / second.sqrt()
                 if self.upstream:
                     update = update / update.abs().max().clamp(min=1e-10)
@@ -1023,9 +1024,8 @@ class MaxFactor(torch.optim.Optimizer):
 
 def build_optimizer(model, args, device):
     """--optimizer by name; weight decay on matrices only."""
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in model.parameters() if (p.dim() >= 2) == matrix],
+               "weight_decay": args.weight_decay if matrix else 0.0} for matrix in (True, False)]
     if args.optimizer.startswith("maxfactor"):
         return MaxFactor(groups, lr=args.lr, momentum=args.momentum, upstream=args.optimizer == "maxfactor_upstream")
     if args.optimizer == "adafactor":

@@ -1085,10 +1085,11 @@ def test_maxfactor_matrix_rule_on_a_hand_computed_case():
     assert torch.allclose(one_maxfactor_step(weight, grad, upstream=True), torch.tensor([[1.99, 2.0], [2.0, 1.98]]))
 
 
-def test_maxfactor_momentum_steps_along_an_ema_of_the_gradients():
-    """Momentum 0.5, G = (1, 1) then (1, -0.5): M = (0.5, 0.5), then (0.75, 0), so the second step moves the first entry
-    alone, by lr (each row of U is scaled to infinity-norm 1: M's scale does not matter); without momentum the second
-    entry moves back. Upstream's formula has no momentum: the flag changes nothing there and keeps no buffer."""
+def test_maxfactor_momentum_is_nesterovs_on_a_hand_computed_case():
+    """Momentum 0.5, G = (1, 1) then (1, -0.5): the EMA E of G is (0.5, 0.5), then (0.75, 0); the direction M =
+    lerp(E, G, 0.5) (Nesterov's) is (0.75, 0.75), then (0.875, -0.25), over sqrt(V) as in the vector-rule test below,
+    each row scaled to infinity-norm 1 (M's scale does not matter). Without momentum the second entry moves back
+    further. Upstream's formula has no momentum: the flag changes nothing there and keeps no buffer."""
     def moves(momentum, upstream):
         p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
         opt, out = echo.MaxFactor([p], lr=0.01, momentum=momentum, upstream=upstream), []
@@ -1098,8 +1099,9 @@ def test_maxfactor_momentum_steps_along_an_ema_of_the_gradients():
             out.append(before - p.detach())
         return torch.stack(out), set(opt.state[p])
     steps, state = moves(0.5, upstream=False)
-    assert torch.allclose(steps, torch.tensor([[0.01, 0.01], [0.01, 0.0]]), atol=1e-7) and "momentum" in state, steps
-    assert moves(0.0, upstream=False)[0][1, 1] < 0
+    u = torch.tensor([0.875, -0.25]) / torch.tensor([0.999, 0.999]).lerp(torch.tensor([1.0, 0.25]), 2 ** -0.8).sqrt()
+    assert torch.allclose(steps, torch.stack([torch.full((2,), 0.01), 0.01 * u / u.abs().max()]), atol=1e-7), steps
+    assert "momentum" in state and moves(0.0, upstream=False)[0][1, 1] < steps[1, 1] < 0
     (upstream, state), (plain, _) = moves(0.5, upstream=True), moves(0.0, upstream=True)
     assert torch.equal(upstream, plain) and "momentum" not in state
 
