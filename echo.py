@@ -144,7 +144,7 @@ def build_parser():
     a("--optimizer", choices=tuple(LEARNING_RATES), default="maxfactor", help="AdamW, MaxFactor (Echo's or upstream's "
       "formula) or torch.optim.Adafactor; the last three keep factored second moments")
     a("--lr", type=float, default=None, help="peak learning rate (default: LEARNING_RATES[--optimizer])")
-    a("--momentum", type=float, default=0.9, help="MaxFactor's EMA weight of gradient momentum (0 = none, factored state)")
+    a("--momentum", type=float, default=0.9, help="MaxFactor's Nesterov momentum: its EMA's weight (0 = none, factored state)")
     a("--warmup", type=int, default=200, help="linear warmup steps, then cosine decay to lr/10")
     a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
