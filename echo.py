@@ -51,6 +51,7 @@ SPECAUG_MASKS = (2, 27, 5, 0.05)  # ESPnet's LibriSpeech-100 SpecAugment: 2 mask
 SPEED_FACTORS = (0.9, 1.0, 1.1)  # Kaldi's speed perturbation factors (tempo and pitch together)
 REVERB_RT60 = (0.1, 0.5)  # s: --reverb's rooms, from a small office to a classroom
 BANDPASS_HZ = ((50, 400), (2500, 7500))  # --bandpass: ranges of the high-pass and the low-pass cut-off
+VTLP_WARP = 0.1  # --vtlp: frequencies scaled by 1 +- this at most (Jaitly & Hinton's VTLP: 0.9-1.1)
 CANDIDATES = 8  # tokens each hypothesis is extended by per decoding step, before the beam keeps the best
 LM_ORDER = 8  # order of the character n-gram that decoding adds (README, Evaluation is decoded): 7 tokens of context
 END_MARGIN = 10.0  # beam search drops an utterance's live hypotheses this far below its best ended one
@@ -58,7 +59,7 @@ MAX_CHARS_PER_SECOND = 30  # decoding length cap (speech rarely exceeds 20 chara
 SOURCE = Path(__file__).read_bytes()  # the exact code this process runs: saved with every run and checkpoint
 CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
 
-AUGMENT_ON = dict(specaug=True, speed_perturb=True, noise_snr=(10.0, 30.0), reverb=True, bandpass=True)
+AUGMENT_ON = dict(specaug=True, speed_perturb=True, noise_snr=(10.0, 30.0), reverb=True, bandpass=True, vtlp=True)
 AUGMENT_OFF = {name: None if name == "noise_snr" else False for name in AUGMENT_ON}
 PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, streams="spectrogram,pitch"),
          "f0_theta": dict(f0_theta=True), "+radii": dict(f0_theta=True, radii=True),  # pitch_stream: f0 as an input
@@ -131,6 +132,7 @@ def build_parser():
     a("--noise_snr", type=snr_range, default=None, metavar="LOW,HIGH", help="white noise at a random SNR in dB")
     a("--reverb", action="store_true", help="reverberation of a random synthetic room (RT60 0.1-0.5 s)")
     a("--bandpass", action="store_true", help="random band limits: high-pass at 50-400 Hz, low-pass at 2.5-7.5 kHz")
+    a("--vtlp", action="store_true", help="vocal tract length perturbation: log-mel read at f / a, a in 0.9-1.1")
     for f in dataclasses.fields(ModelConfig)[1:]:  # the model's flags
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         a(f"--{f.name}", default=f.default, **(kind | dict(f.metadata)))
@@ -674,11 +676,21 @@ def spec_augment(batch, rng):
                 view[start:start + width] = fill
     return batch | {"mel": mel}
 
+def vocal_tract_warp(batch, rng):
+    """--vtlp: each utterance's log-mel read at f / a, a uniform in 1 +- VTLP_WARP, linearly between its bands: formants
+    move as a shorter (a > 1) or longer vocal tract's would (Jaitly & Hinton 2013); the f0 track stays the audio's."""
+    centres = librosa.mel_frequencies(N_MELS + 2, fmax=8000, htk=True)[1:-1]  # log_mel's bands (torchaudio's HTK mel)
+    warps = rng.uniform(1 - VTLP_WARP, 1 + VTLP_WARP, (len(batch["mel"]), 1))
+    source = np.interp(centres / warps, centres, np.arange(N_MELS))  # (B, bands): the band each band reads, fractional
+    weights = np.clip(1 - np.abs(np.arange(N_MELS)[:, None] - source[:, None]), 0, None)  # (B, from, to): interpolation
+    return batch | {"mel": batch["mel"] @ torch.from_numpy(weights.astype(np.float32))}
+
 def training_batch(items, tokenizer, args, key):
     """One training micro-batch, augmented and collated. Its randomness is seeded by the run's seed and key (epoch and
     first utterance), so any DataLoader worker or torchrun rank builds the same batch."""
     rng = np.random.default_rng([args.seed, *key])
     batch = collate(perturb_audio(items, rng, args) if audio_augmented(args) else items, tokenizer)
+    batch = vocal_tract_warp(batch, rng) if args.vtlp else batch
     return spec_augment(batch, rng) if args.specaug else batch
 
 def cached_batch(train_set, tokenizer, args, epoch, indices):

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
+import librosa
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -717,10 +718,29 @@ def test_spec_augment_masks_only_the_log_mel_inside_each_utterance():
     assert torch.equal(again["mel"], out["mel"])
 
 
+def test_vtlp_moves_the_spectrum_by_the_drawn_factor_and_keeps_f0():
+    """A bump at band 40 (about 2.5 kHz), warped: its centroid moves to its own times the drawn a (within 0.5 %); a flat
+    log-mel stays flat (each band's weights sum to 1); f0, voicing and padding are untouched; the same seed, the same."""
+    centres = torch.from_numpy(librosa.mel_frequencies(echo.N_MELS + 2, fmax=8000, htk=True)[1:-1]).float()
+    batch = fake_batch(lengths=(300, 180))
+    bump = torch.exp(-0.5 * ((torch.arange(echo.N_MELS) - 40) / 2.0) ** 2)
+    batch["mel"] = bump.expand(2, 300, -1) * (torch.arange(300) < batch["frames"][:, None])[..., None]
+    out = echo.vocal_tract_warp(batch, np.random.default_rng(0))
+    warps = np.random.default_rng(0).uniform(1 - echo.VTLP_WARP, 1 + echo.VTLP_WARP, 2)
+    centroid = lambda mel: float((mel * centres).sum() / mel.sum())
+    for i, warp in enumerate(warps):
+        assert abs(centroid(out["mel"][i, 0]) / centroid(bump) / warp - 1) < 0.005, (i, warp)
+    assert torch.equal(out["f0"], batch["f0"]) and torch.equal(out["voiced"], batch["voiced"])
+    assert torch.equal(out["mel"][1, 180:], batch["mel"][1, 180:]) and abs(warps - 1).max() > 0.02
+    flat = echo.vocal_tract_warp(batch | {"mel": torch.ones(2, 300, echo.N_MELS)}, np.random.default_rng(1))["mel"]
+    assert torch.allclose(flat, torch.ones_like(flat))
+    assert torch.equal(echo.vocal_tract_warp(batch, np.random.default_rng(0))["mel"], out["mel"])
+
+
 def test_augmented_training_is_seeded_and_changes_the_batches(tiny_corpus, tmp_path):
     cache, _ = tiny_corpus
     flags = ("--max_steps", "6", "--eval_every", "6", "--eval_utts", "1")
-    augment = ("--specaug", "--speed_perturb", "--noise_snr", "10,30", "--reverb", "--bandpass")
+    augment = ("--specaug", "--speed_perturb", "--noise_snr", "10,30", "--reverb", "--bandpass", "--vtlp")
     for name, extra in (("a", augment), ("b", augment), ("plain", ())):
         echo.train(train_args(cache, tmp_path, "--name", name, *flags, *extra))
     a, b, plain = (losses(tmp_path / "runs" / n) for n in ("a", "b", "plain"))
@@ -1649,7 +1669,7 @@ def test_augment_ablation_reads_back_finished_runs_and_refuses_other_configs(tmp
     args = echo.parse_args(["--runs_dir", str(tmp_path), "--name", "aug", "--seeds", "1", "--ablate", "augment"])
     echo.ablate(args)
     assert trained == [f"aug/{label}-seed0" for label in ("none", "specaug", "speed_perturb", "noise_snr", "reverb",
-                                                          "bandpass")]
+                                                          "bandpass", "vtlp")]
     assert "| speed_perturb | 20.00 ± 0.00 |" in (tmp_path / "aug" / "ablation.md").read_text()
     (tmp_path / "aug" / "specaug-seed0" / "results.json").unlink()  # interrupted
     trained.clear()
