@@ -132,7 +132,7 @@ def build_parser():
     a("--noise_snr", type=snr_range, default=None, metavar="LOW,HIGH", help="white noise at a random SNR in dB")
     a("--reverb", action="store_true", help="reverberation of a random synthetic room (RT60 0.1-0.5 s)")
     a("--bandpass", action="store_true", help="random band limits: high-pass at 50-400 Hz, low-pass at 2.5-7.5 kHz")
-    a("--vtlp", action="store_true", help="vocal tract length perturbation: log-mel read at f / a, a in 0.9-1.1")
+    a("--vtlp", action=argparse.BooleanOptionalAction, default=True, help="training log-mel read at f / a, a in 0.9-1.1 (VTLP)")
     for f in dataclasses.fields(ModelConfig)[1:]:  # the model's flags
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         a(f"--{f.name}", default=f.default, **(kind | dict(f.metadata)))
