@@ -65,7 +65,7 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
          "f0_theta": dict(f0_theta=True), "+radii": dict(f0_theta=True, radii=True),  # pitch_stream: f0 as an input
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
-STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, momentum=0.0)  # as measured
+STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, momentum=0.0, vtlp=False)  # as measured
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (STUDY_MODEL | dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200,
                                     eval_every=300, optimizer="maxfactor"), tuple(PITCH)),
@@ -207,8 +207,7 @@ class BadInput(Exception):
     """An utterance that cannot be used; the message names the problem (callers add the file)."""
 def normalize_text(text):
     """One normalisation for training targets and for WER/CER: lower case, letters, digits, apostrophes."""
-    text = re.sub(r"[^a-z0-9' ]+", " ", text.lower())
-    return " ".join(text.split())
+    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
 
 class Tokenizer:
     """Characters of the training text; ids 0..2 are PAD (and CTC blank), BOS, EOS."""
@@ -363,8 +362,7 @@ def build_corpus(cache_dir, size, seed, num_proc=2, corpus="embedded"):
     while queue or running:
         while queue and len(running) < max(1, num_proc):
             items, log = queue.pop(0), partial / f"job{next(logs)}.log"
-            process = context.Process(target=synthesize_chunk, args=((partial, items, log),))
-            process.start()
+            (process := context.Process(target=synthesize_chunk, args=((partial, items, log),))).start()
             running[process] = items, log
         multiprocessing.connection.wait([process.sentinel for process in running])
         for process in [process for process in running if process.exitcode is not None]:
@@ -421,8 +419,7 @@ def mel_filterbank():
 def log_mel(wave):
     """(samples,) float32 at 16 kHz -> (frames, 80) log-mel, 25 ms window, 10 ms hop, 0-8 kHz, Whisper scaling."""
     mel = mel_filterbank()(wave).clamp(min=1e-10).log10()
-    mel = torch.maximum(mel, mel.max() - 8.0)
-    return ((mel + 4.0) / 4.0).T.contiguous()
+    return ((torch.maximum(mel, mel.max() - 8.0) + 4.0) / 4.0).T.contiguous()
 
 def yin_f0(waves, window=512):
     """Batched YIN pitch tracker (de Cheveigne & Kawahara 2002) in torch, so it runs on any device:
@@ -680,8 +677,7 @@ def vocal_tract_warp(batch, rng):
     """--vtlp: each utterance's log-mel read at f / a, a uniform in 1 +- VTLP_WARP, linearly between its bands: formants
     move as a shorter (a > 1) or longer vocal tract's would (Jaitly & Hinton 2013); the f0 track stays the audio's."""
     centres = librosa.mel_frequencies(N_MELS + 2, fmax=8000, htk=True)[1:-1]  # log_mel's bands (torchaudio's HTK mel)
-    warps = rng.uniform(1 - VTLP_WARP, 1 + VTLP_WARP, (len(batch["mel"]), 1))
-    source = np.interp(centres / warps, centres, np.arange(N_MELS))  # (B, bands): the band each band reads, fractional
+    source = np.interp(centres / rng.uniform(1 - VTLP_WARP, 1 + VTLP_WARP, (len(batch["mel"]), 1)), centres, np.arange(N_MELS))
     weights = np.clip(1 - np.abs(np.arange(N_MELS)[:, None] - source[:, None]), 0, None)  # (B, from, to): interpolation
     return batch | {"mel": batch["mel"] @ torch.from_numpy(weights.astype(np.float32))}
 
@@ -731,8 +727,7 @@ def rope_freqs(head_dim, kind="standard", theta=10000.0):
     k = torch.arange(head_dim // 2, dtype=torch.float64)
     if kind == "standard":
         return theta ** (-2 * k / head_dim)
-    mel_low, mel_high = (2595 * math.log10(1 + hz / 700) for hz in (20.0, 8000.0))
-    hz = 700 * (10 ** (torch.linspace(mel_high, mel_low, len(k), dtype=torch.float64) / 2595) - 1)
+    hz = torch.from_numpy(librosa.mel_frequencies(len(k), fmin=20.0, fmax=8000.0, htk=True)[::-1].copy())
     return hz / 8000.0 * 0.99 * math.pi / SPEED_RANGE[1]
 
 def rotary(positions, freqs):
@@ -1066,10 +1061,9 @@ class CTCPrefixScorer:
 
     def extend(self, tokens):
         """Scores psi (B, K) of the prefix extended by each of tokens (B, K): log sum_t exp(phi_{t-1}) p_t(token), phi the
-        paths that a new token may follow (after a repeat of the last token, those ending in blank only: the two would
-        merge). No recurrence: every token's sum at once, one product over frames in the probability domain, scaled by
-        the top phi (a sum below 1e-300 of it counts as 1e-300). For EOS, the score of ending now: log P(the whole audio
-        reads exactly this prefix)."""
+        paths that a new token may follow (after a repeat of the last token, only those ending in blank). No recurrence:
+        every token's sum at once, one product over frames in the probability domain, scaled by the top phi (a sum below
+        1e-300 of it counts as 1e-300). For EOS, the score of ending now: log P(the audio reads exactly this prefix)."""
         phis = torch.cat([torch.logaddexp(self.r_n, self.r_b), self.r_b], 2)[:, :-1]  # (B, T - 1, 2): new token; repeat
         top = phis.amax(1, keepdim=True)
         sums = ((phis - top).exp().mT @ self.probs[:, 1:]).clamp(min=1e-300).log() + top.mT  # (B, 2, V)
@@ -1089,11 +1083,6 @@ class CTCPrefixScorer:
         self.r_b = self.cum_blank + torch.logcumsumexp(
             torch.cat([torch.full_like(start, self.NEG)[:, None], self.r_n[:, :-1] - self.cum_blank[:, :-1]], 1), 1)
         self.score, self.last = psi, tokens
-
-def sorted_find(table, values):
-    """Where each of values would sit in the sorted array table, and whether it is there."""
-    at = np.searchsorted(table, values).clip(max=len(table) - 1)
-    return at, table[at] == values
 
 class CharLM:
     """A character n-gram (order LM_ORDER) of the texts the tokenizer can spell, added by decode() with its weight (README)."""
@@ -1116,9 +1105,10 @@ class CharLM:
         order interpolated with the one below by its count and its number of distinct next tokens; below order 1, uniform
         over EOS and letters. All rows at once: a sorted-table lookup per order, no loop over hypotheses."""
         p, context = (tokens > BOS) / (self.vocab - 2), np.zeros((len(tokens), 1), dtype=np.int64)
+        find = lambda table, values: ((at := np.searchsorted(table, values).clip(max=len(table) - 1)), table[at] == values)
         for k, (keys, counts, contexts_k, totals, distinct) in enumerate(self.orders[:contexts.shape[1] + 1]):
             context = context + contexts[:, -k, None] * self.vocab ** (k - 1) if k else context
-            (i, seen), (j, found) = sorted_find(contexts_k, context), sorted_find(keys, context * self.vocab + tokens)
+            (i, seen), (j, found) = find(contexts_k, context), find(keys, context * self.vocab + tokens)  # where, whether
             p = np.where(seen, (np.where(found, counts[j], 0) + distinct[i] * p) / (totals[i] + distinct[i]), p)
         return p
 
@@ -1141,8 +1131,7 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
     for position in range(int(limit.max())):
         log_p = model.decoder(token, audio, valid, caches, offset=position)[:, -1].float().log_softmax(-1)
         log_p[:, [PAD, BOS]] = float("-inf")
-        top = log_p.topk(min(max(candidates, width), log_p.shape[-1]), -1)
-        step = top.values
+        step = (top := log_p.topk(min(max(candidates, width), log_p.shape[-1]), -1)).values
         if use_ctc:
             psi = ctc.extend(top.indices)
             step = (1 - ctc_weight) * step + ctc_weight * (psi - ctc.score)
@@ -1311,8 +1300,7 @@ def pitch_figure(mel, f0, voiced):
 def rotary_figures(pitch, log_f0, voiced):
     """How encoder positions see each other under standard RoPE, f0-modulated RoPE and f0 + radii (the model's
     head-0 radius strength, or 1), and the first 4 rotary dimensions of the first two: two RGB arrays."""
-    strength = 1.0 if pitch.radius_strength is None else pitch.radius_strength[0].item()
-    head_dim = 2 * len(pitch.freqs)
+    strength, head_dim = 1.0 if pitch.radius_strength is None else pitch.radius_strength[0].item(), 2 * len(pitch.freqs)
     variants = {"standard RoPE": PitchPrior(head_dim, 1), "f0-modulated": PitchPrior(head_dim, 1, f0_theta=True),
                 f"f0 + radii (strength {strength:.2f})": PitchPrior(head_dim, 1, f0_theta=True, radii=True)}
     list(variants.values())[-1].radius_strength.data.fill_(strength)
@@ -1633,7 +1621,7 @@ def ablation_run(run):
     if (run_dir / "config.json").exists():
         ignore = ("name", "runs_dir", "ablate", "seeds", "jobs", "resume", "transcribe", "ckpt")  # runs may move
         earlier, default = json.loads((run_dir / "config.json").read_text())["config"], build_parser().get_default
-        earlier = {"momentum": 0.0} | earlier  # a run from before --momentum ran without it
+        earlier = {"momentum": 0.0, "vtlp": False} | earlier  # runs from before --momentum, --vtlp ran without them
         if any(earlier.get(k, default(k)) != json.loads(json.dumps(v)) for k, v in vars(run).items() if k not in ignore):
             raise SystemExit(f"echo: {run_dir} holds a run with another config: pick another --name")
         if (run_dir / "results.json").exists():

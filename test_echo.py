@@ -1605,7 +1605,7 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
 
     def fake_train(run):
         seen.append((run.name, run.dataset, run.max_steps, run.streams))
-        models.add((run.conv, run.dec_layers, run.lm_weight, run.lr, run.momentum))
+        models.add((run.conv, run.dec_layers, run.lm_weight, run.lr, run.momentum, run.vtlp))
         (tmp_path / run.name).mkdir(parents=True)  # no validation curve: ablation.png draws the bars alone
         ter = 0.3 - 0.2 * (run.streams != "spectrogram") + 0.01 * run.seed  # seeds 30, 31, 32 %; the control 20 lower
         tones = {"ser": 0.5, "ter": ter, "toned_ser": 0.6} if run.dataset == "embedded-mandarin" else {}
@@ -1615,7 +1615,7 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
     assert len(seen) == 3 * (7 + 4) and ("study/mandarin/pitch_stream-seed2", "embedded-mandarin", 1200,
                                          "spectrogram,pitch") in seen
     assert ("study/english/all-seed0", "embedded", 2200, "spectrogram") in seen  # the budget it was measured at
-    assert models == {(0, 2, 0.0, 3e-3, 0.0)}  # what it was measured with (STUDY_MODEL), whatever the defaults are now
+    assert models == {(0, 2, 0.0, 3e-3, 0.0, False)}  # what it was measured with (STUDY_MODEL), whatever the defaults are now
     assert len(echo.ABLATIONS["study-mandarin"]) == 7 and echo.ABLATIONS["study"] == echo.ABLATIONS[
         "study-mandarin"] | echo.ABLATIONS["study-english"]  # the same runs, one corpus at a time
     mandarin, english = (tmp_path / "study" / "ablation.md").read_text().split("### embedded\n")
@@ -1685,6 +1685,11 @@ def test_augment_ablation_reads_back_finished_runs_and_refuses_other_configs(tmp
     with pytest.raises(SystemExit, match="none-seed0 holds a run with another config"):
         echo.ablate(args)  # a run from before --momentum ran without it, not at its default 0.9
     config_file.write_text(json.dumps({"config": older}))
+    vtlp_file = tmp_path / "aug" / "vtlp-seed0" / "config.json"
+    vtlp_config = json.loads(vtlp_file.read_text())["config"]
+    vtlp_file.write_text(json.dumps({"config": {k: v for k, v in vtlp_config.items() if k != "vtlp"}}))
+    with pytest.raises(SystemExit, match="vtlp-seed0 holds a run with another config"):
+        echo.ablate(args)  # a run from before --vtlp ran without it, not as the vtlp configuration asks
     with pytest.raises(SystemExit, match="none-seed0 holds a run with another config"):
         echo.ablate(echo.parse_args(["--runs_dir", str(tmp_path), "--name", "aug", "--seeds", "1", "--ablate",
                                      "augment", "--test_utts", "5"]))
