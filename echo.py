@@ -61,6 +61,7 @@ CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
 
 AUGMENT_ON = dict(specaug=True, speed_perturb=True, noise_snr=(10.0, 30.0), reverb=True, bandpass=True, vtlp=True)
 AUGMENT_OFF = {name: None if name == "noise_snr" else False for name in AUGMENT_ON}
+BEFORE_FLAGS = {"momentum": 0.0, "vtlp": False}  # what runs from before these flags did, when --ablate reads them back
 PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, streams="spectrogram,pitch"),
          "f0_theta": dict(f0_theta=True), "+radii": dict(f0_theta=True, radii=True),  # pitch_stream: f0 as an input
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
@@ -1620,8 +1621,7 @@ def ablation_run(run):
     run_dir = Path(run.runs_dir) / run.name
     if (run_dir / "config.json").exists():
         ignore = ("name", "runs_dir", "ablate", "seeds", "jobs", "resume", "transcribe", "ckpt")  # runs may move
-        earlier, default = json.loads((run_dir / "config.json").read_text())["config"], build_parser().get_default
-        earlier = {"momentum": 0.0, "vtlp": False} | earlier  # runs from before --momentum, --vtlp ran without them
+        earlier, default = BEFORE_FLAGS | json.loads((run_dir / "config.json").read_text())["config"], build_parser().get_default
         if any(earlier.get(k, default(k)) != json.loads(json.dumps(v)) for k, v in vars(run).items() if k not in ignore):
             raise SystemExit(f"echo: {run_dir} holds a run with another config: pick another --name")
         if (run_dir / "results.json").exists():
