@@ -52,6 +52,7 @@ SPEED_FACTORS = (0.9, 1.0, 1.1)  # Kaldi's speed perturbation factors (tempo and
 REVERB_RT60 = (0.1, 0.5)  # s: --reverb's rooms, from a small office to a classroom
 BANDPASS_HZ = ((50, 400), (2500, 7500))  # --bandpass: ranges of the high-pass and the low-pass cut-off
 VTLP_WARP = 0.1  # --vtlp: frequencies scaled by 1 +- this at most (Jaitly & Hinton's VTLP: 0.9-1.1)
+TEMPO_WARP = 0.1  # --tempo: speech made up to this much faster or slower, its pitch kept (Kaldi's speed range)
 CANDIDATES = 8  # tokens each hypothesis is extended by per decoding step, before the beam keeps the best
 LM_ORDER = 8  # order of the character n-gram that decoding adds (README, Evaluation is decoded): 7 tokens of context
 END_MARGIN = 10.0  # beam search drops an utterance's live hypotheses this far below its best ended one
@@ -59,14 +60,16 @@ MAX_CHARS_PER_SECOND = 30  # decoding length cap (speech rarely exceeds 20 chara
 SOURCE = Path(__file__).read_bytes()  # the exact code this process runs: saved with every run and checkpoint
 CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
 
-AUGMENT_ON = dict(specaug=True, speed_perturb=True, noise_snr=(10.0, 30.0), reverb=True, bandpass=True, vtlp=True)
+AUGMENT_ON = dict(specaug=True, speed_perturb=True, noise_snr=(10.0, 30.0), reverb=True, bandpass=True, vtlp=True,
+                  tempo=True)
 AUGMENT_OFF = {name: None if name == "noise_snr" else False for name in AUGMENT_ON}
-BEFORE_FLAGS = {"momentum": 0.0, "vtlp": False}  # what runs from before these flags did, when --ablate reads them back
+BEFORE_FLAGS = {"momentum": 0.0, "vtlp": False, "tempo": False}  # what runs before these flags did, read back by --ablate
 PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, streams="spectrogram,pitch"),
          "f0_theta": dict(f0_theta=True), "+radii": dict(f0_theta=True, radii=True),  # pitch_stream: f0 as an input
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
-STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, momentum=0.0, vtlp=False)  # as measured
+STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, momentum=0.0, vtlp=False,
+                   tempo=False)  # as measured
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (STUDY_MODEL | dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200,
                                     eval_every=300, optimizer="maxfactor"), tuple(PITCH)),
@@ -113,8 +116,7 @@ class ModelConfig:
 
 def build_parser():
     formatter = type("Formatter", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    a = p.add_argument
+    a = (p := argparse.ArgumentParser(description=__doc__, formatter_class=formatter)).add_argument
     a("--name", default=None, help="run name: logs and checkpoint go to runs/<name>/ (default: a timestamp)")
     a("--runs_dir", default="runs", help="parent folder of all runs")
     a("--seed", type=int, default=0, help="seed for initialisation and data order")
@@ -134,6 +136,7 @@ def build_parser():
     a("--reverb", action="store_true", help="reverberation of a random synthetic room (RT60 0.1-0.5 s)")
     a("--bandpass", action="store_true", help="random band limits: high-pass at 50-400 Hz, low-pass at 2.5-7.5 kHz")
     a("--vtlp", action=argparse.BooleanOptionalAction, default=True, help="training log-mel read at f / a, a in 0.9-1.1 (VTLP)")
+    a("--tempo", action=argparse.BooleanOptionalAction, default=True, help="training frames resampled to n / a, a in 0.9-1.1")
     for f in dataclasses.fields(ModelConfig)[1:]:  # the model's flags
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         a(f"--{f.name}", default=f.default, **(kind | dict(f.metadata)))
@@ -177,9 +180,8 @@ def parse_args(argv=None):
             p.error(f"--{flag} must be positive, got {value}")
     if min(args.diag_every, args.lm_sentences) < 0:
         p.error(f"--diag_every and --lm_sentences must be 0 (off) or positive, got {args.diag_every}, {args.lm_sentences}")
-    for flag in ("radii", "pitch_bias", "zero_value"):
-        if getattr(args, flag) and not args.f0_theta:
-            p.error(f"--{flag} uses the f0 track, which --no-f0_theta disables")
+    if not args.f0_theta and (on := [f for f in ("radii", "pitch_bias", "zero_value") if getattr(args, f)]):
+        p.error(f"--{on[0]} uses the f0 track, which --no-f0_theta disables")
     if args.conv < 0 or (args.conv > 0 and args.conv % 2 == 0):
         p.error(f"--conv {args.conv} must be odd (a centred kernel), or 0 for none")
     if args.d_model % (2 * args.n_heads):
@@ -270,11 +272,10 @@ CORPORA = {  # --dataset: the words, sentence lengths, accents and settings of e
                               unseen_settings=UNSEEN_SETTINGS | {"range": (TONE_RANGE,)})}
 
 def corpus_plan(size, seed, corpus="embedded", text_only=0):
-    """Deterministic list of utterances of CORPORA[corpus]: split, text and voice settings. Sentences of 4-12 words
-    (3-8 syllables) drawn with probability ~ frequency^ZIPF_POWER are never in two splits. OPEN_SHARE of the words
-    outside the `common` most frequent occur only in test_open, whose sentences are at least half such words. Only
-    test_unseen has the unseen accents, variants and pitch and rate bands. Mandarin syllables get random tones.
-    text_only > 0: instead, up to that many more sentences drawn as train's, none in any split (the n-gram's text)."""
+    """The utterances of CORPORA[corpus] (split, text, voice), deterministic: sentences of 4-12 words (3-8 syllables)
+    drawn with p ~ frequency^ZIPF_POWER, never in two splits; OPEN_SHARE of the words past the `common` most frequent
+    only in test_open, whose sentences are at least half such words; unseen accents, variants, pitch and rate bands only
+    in test_unseen; random Mandarin tones. text_only > 0: instead, up to that many more train-like sentences, in no split."""
     rng, held_out, recipe = random.Random(seed), max(2, size // 20), CORPORA[corpus]
     words, freqs = recipe["words"]()
     open_words = set(rng.sample(words[recipe["common"]:], int(OPEN_SHARE * len(words[recipe["common"]:]))))
@@ -561,8 +562,7 @@ def feature_code_hash():
     """The feature code's own source and constants: part of each split's cache key, so that editing them recomputes
     the features (datasets' fingerprint of the map function does not follow the functions it calls)."""
     functions = (normalize_text, decode_audio, mel_filterbank, log_mel, yin_f0, featurize, _featurize_examples)
-    constants = (SAMPLE_RATE, HOP, N_MELS, F0_MIN, F0_MAX, YIN_DIP, YIN_VOICED, SILENCE_DB, SILENCE_PEAK, SPIKE_OCTAVES,
-                 MIN_RUN)
+    constants = (SAMPLE_RATE, HOP, N_MELS, F0_MIN, F0_MAX, YIN_DIP, YIN_VOICED, SILENCE_DB, SILENCE_PEAK, SPIKE_OCTAVES, MIN_RUN)
     return hashlib.sha256(repr(([inspect.getsource(f) for f in functions], constants)).encode()).hexdigest()[:16]
 
 def load_splits(args):
@@ -682,11 +682,20 @@ def vocal_tract_warp(batch, rng):
     weights = np.clip(1 - np.abs(np.arange(N_MELS)[:, None] - source[:, None]), 0, None)  # (B, from, to): interpolation
     return batch | {"mel": batch["mel"] @ torch.from_numpy(weights.astype(np.float32))}
 
+def tempo_stretch(items, rng):
+    """--tempo: each utterance's n frames of 10 ms (log-mel, f0, voicing; the waveform in 10 ms pieces) resampled to n / a,
+    each the frame nearest its centre, a uniform in 1 +- TEMPO_WARP: the speech a times faster, at the same pitch."""
+    def pick(item, n, m):
+        at = np.round((np.arange(m) + 0.5) * n / m - 0.5).astype(int).clip(0, n - 1)  # (m,) source frames
+        wave = {"wave": np.pad(item["wave"], (0, n * HOP))[:n * HOP].reshape(n, HOP)[at].ravel()} if "wave" in item else {}
+        return item | wave | {k: np.asarray(item[k])[at.clip(max=len(item[k]) - 1)] for k in ("mel", "f0", "voiced")}
+    return [pick(it, len(it["mel"]), max(1, round(len(it["mel"]) / rng.uniform(1 - TEMPO_WARP, 1 + TEMPO_WARP)))) for it in items]
+
 def training_batch(items, tokenizer, args, key):
-    """One training micro-batch, augmented and collated. Its randomness is seeded by the run's seed and key (epoch and
-    first utterance), so any DataLoader worker or torchrun rank builds the same batch."""
+    """One augmented training micro-batch, seeded by (seed, epoch, first utterance): any worker or rank builds the same."""
     rng = np.random.default_rng([args.seed, *key])
-    batch = collate(perturb_audio(items, rng, args) if audio_augmented(args) else items, tokenizer)
+    items = perturb_audio(items, rng, args) if audio_augmented(args) else items
+    batch = collate(tempo_stretch(items, rng) if args.tempo else items, tokenizer)
     batch = vocal_tract_warp(batch, rng) if args.vtlp else batch
     return spec_augment(batch, rng) if args.specaug else batch
 
@@ -757,8 +766,7 @@ def pitch_track(f0, voiced, frames, n_out):
 class PitchPrior(nn.Module):
     """What encoder self-attention knows about pitch, once per batch: the rotary table (pitch-warped phase, radius) and
     the mask (padding, pitch bias, zero-value offset). With every flag off, standard RoPE and a key-padding mask."""
-    def __init__(self, head_dim, n_heads, f0_theta=False, radii=False, pitch_bias=False, zero_value=False,
-                 freqs="standard"):
+    def __init__(self, head_dim, n_heads, f0_theta=False, radii=False, pitch_bias=False, zero_value=False, freqs="standard"):
         super().__init__()
         self.f0_theta = f0_theta
         self.register_buffer("freqs", rope_freqs(head_dim, freqs), persistent=False)
@@ -896,9 +904,8 @@ class Stem(nn.Module):
         return x.transpose(1, 2)
 
 def pitch_input(f0, voiced, n):
-    """(B, T') f0 and voicing -> (B, 3, n) on voiced frames (0 elsewhere): log2(f0 / 220 Hz); log2 f0 less the
-    utterance's mean over voiced frames, as Kaldi's pitch features subtract a mean, so that a tone's height reads the
-    same for every speaker; and the voicing flag."""
+    """(B, T') f0 and voicing -> (B, 3, n), 0 on unvoiced frames: log2(f0 / 220 Hz); log2 f0 less the utterance's voiced
+    mean (as Kaldi's pitch features), so that a tone's height reads the same for every speaker; voicing."""
     f0 = fit_frames(f0, n)
     voiced = fit_frames(voiced, n).bool() & torch.isfinite(f0) & (f0 > 0)
     octaves = torch.where(voiced, (f0.nan_to_num(F0_REF).clamp(min=1.0) / F0_REF).log2(), 0.0)
@@ -935,8 +942,7 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, gate=c.gate, gate_memory=c.gate_memory, conv=c.conv)
                                     for _ in range(c.enc_layers))
         self.norm = RMSNorm(c.d_model)
-        self.pitch = PitchPrior(c.d_model // c.n_heads, c.n_heads, c.f0_theta, c.radii, c.pitch_bias, c.zero_value,
-                                c.rope_freqs)
+        self.pitch = PitchPrior(c.d_model // c.n_heads, c.n_heads, c.f0_theta, c.radii, c.pitch_bias, c.zero_value, c.rope_freqs)
 
     def forward(self, batch):
         x, frames = self.streams(batch), batch["frames"]
@@ -990,11 +996,11 @@ class Echo(nn.Module):
 
 # ---- optimizer
 class MaxFactor(torch.optim.Optimizer):
-    """MaxFactor (sine2pi/Maxfactor): per parameter, with its own step count t, V is an EMA of G^2 with weight
-    clamp(t^-0.8, 0.001, 0.999), for a matrix a row and a column EMA (V = R (x) C / max(R)); U = M / sqrt(V), M = G or
-    by momentum b lerp(E, G, 1 - b) with E an EMA of G of weight 1 - b (Nesterov), each row scaled to infinity-norm 1
-    (M's scale does not matter), steps by the scheduled lr; decoupled weight decay. upstream=True: upstream's formula
-    (README), no momentum, less its 2x boost of scalars."""
+    """MaxFactor (sine2pi/Maxfactor): per parameter, with its own step count t, V is an EMA of G^2 of weight
+    clamp(t^-0.8, 0.001, 0.999), for a matrix a row and a column EMA (V = R (x) C / max(R)); U = M / sqrt(V), M = G
+    or, with momentum b, Nesterov's lerp(E, G, 1 - b), E an EMA of G of weight 1 - b; each row of U scaled to
+    infinity-norm 1, steps by the scheduled lr; decoupled weight decay. upstream=True: upstream's formula (README), no
+    momentum, less its 2x boost of scalars."""
     def __init__(self, params, lr=3e-3, weight_decay=0.0, momentum=0.0, upstream=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
         self.upstream = upstream
@@ -1383,10 +1389,9 @@ def environment(device, world):
     """Code version (git commit, if any, + hash of this file), software and hardware, kept with every run."""
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                                  cwd=Path(__file__).resolve().parent).stdout.strip()
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     return {"code": f"{git or 'no-git'}+{CODE_HASH}", "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
-            "processes": world, "device": str(device)}
+            "platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "processes": world,
+            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none"}
 
 def training_state(model, optimizer, position, config, tokenizer, env):
     """What a training checkpoint holds (restore() reads it back); position is (step, epoch, batch_index)."""
@@ -1435,8 +1440,7 @@ def training_data(args, rank, world, ckpt):
     if rank == 0 and world > 1:
         torch.distributed.barrier()
     if args.streaming:  # the stream is not read ahead: letters, apostrophe, space and the held-out text's characters
-        tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else string.ascii_lowercase + "' " + "".join(
-            data["validation"]["text"]))
+        tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else string.ascii_lowercase + "' " + "".join(data["validation"]["text"]))
         return data, split_dataset_by_node(data["train"], rank, world), tokenizer, skipped
     tokenizer = Tokenizer(ckpt["tokenizer"] if ckpt else "".join(data["train"]["text"]))
     known = [set(t) <= set(tokenizer.chars) for t in data["train"]["text"]]
@@ -1503,8 +1507,7 @@ def log_step(writer, step, args, losses, grad_norm, step_seconds, diagnostics, s
               f"{stats['audio_seconds'] / elapsed:.0f} audio-s/s | elapsed {elapsed / 60:.1f} min | {args.name}", flush=True)
 
 def evaluate_and_log(writer, step, split, model, dataset, tokenizer, device, args, beam, n_utts=None):
-    """Decode (the first n_utts of) a split with this beam (training's validation: 1, greedy: cheaper than the tests' beam); log
-    evaluate()'s metrics and 5 samples; print one line -> the result."""
+    """Decode a split's first n_utts with this beam (validation: greedy, cheaper), log the metrics and 5 samples, print."""
     result = evaluate(model, dataset, tokenizer, device, n_utts, args.decode_ctc_weight, beam)
     for key in [key for key in ("wer", "cer", *TONE_METRICS, "loss", "token_accuracy") if key in result]:
         writer.add_scalar(f"{split}/{key}{'_teacher_forced' if key == 'token_accuracy' else ''}", result[key], step)
@@ -1647,11 +1650,9 @@ def seed_difference(values, reference):
     return f"{d:+.2f} (p {scipy.stats.ttest_ind(values, reference, equal_var=False).pvalue:.3f}, {d / pooled:+.1f} sd)"
 
 def ablate(args):
-    """Train every configuration of ABLATIONS[args.ablate] for args.seeds seeds (--jobs > 1: in that many processes,
-    each every --jobs-th run) -> runs/<name>/ablation.md (per corpus, decoded error rates, mean ± std, differences to
-    the first with Welch's p) and ablation.png (bars, loss curves)."""
-    out, t0, results, curves, corpus_of = Path(args.runs_dir) / args.name, time.time(), {}, {}, {}
-    out.mkdir(parents=True, exist_ok=True)
+    """Train ABLATIONS[args.ablate], args.seeds seeds each (in --jobs processes, each every --jobs-th run) -> runs/<name>/
+    ablation.md (per corpus: decoded error rates, mean ± std, differences to the first, Welch's p) and ablation.png."""
+    out, t0, results, curves, corpus_of = Path(args.runs_dir) / args.name, time.time(), {}, {}, {}  # its runs make out
     runs = [argparse.Namespace(**(vars(args) | flags | {"seed": seed, "name": f"{args.name}/{label}-seed{seed}"}))
             for label, flags in ABLATIONS[args.ablate].items() for seed in range(args.seeds)]
     for run in {run.dataset: run for run in runs}.values() if args.jobs > 1 else ():
@@ -1728,8 +1729,7 @@ def time_train_steps(args, batches, variants, vocab, device, warmup=3):
             sync()
             if i >= warmup:
                 seconds[label].append(time.perf_counter() - t0)
-    return {label: (float(np.median(s)), sum(p.numel() for p in models[label][0].parameters()))
-            for label, s in seconds.items()}
+    return {label: (float(np.median(s)), sum(p.numel() for p in models[label][0].parameters())) for label, s in seconds.items()}
 
 def benchmark(args):
     """README's Speed, side by side, on this device; without --ckpt, an untrained model decodes (to the length cap)."""

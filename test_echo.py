@@ -737,11 +737,42 @@ def test_vtlp_moves_the_spectrum_by_the_drawn_factor_and_keeps_f0():
     assert torch.equal(echo.vocal_tract_warp(batch, np.random.default_rng(0))["mel"], out["mel"])
 
 
+def test_tempo_stretch_takes_every_track_from_the_same_frames_and_keeps_the_pitch():
+    """--tempo: n frames become round(n / a), a drawn as tempo_stretch draws it; output frame j is one source frame, the
+    same for every log-mel bin, f0, voicing and the waveform's 10 ms piece, in order, about a frames after the one before;
+    f0 values are copied, so a gliding tone's track still reads the tone's f0 at each source frame's time."""
+    n = 200
+    item = {"mel": np.repeat(np.arange(n, dtype=np.float32)[:, None], echo.N_MELS, 1), "f0": 100.0 + np.arange(n + 1),
+            "voiced": np.arange(n) % 3 > 0, "wave": np.repeat(np.arange(n, dtype=np.float32), echo.HOP)[:-7], "text": "x"}
+    lengths = set()
+    for seed in range(6):
+        (out,) = echo.tempo_stretch([item], np.random.default_rng(seed))
+        a = np.random.default_rng(seed).uniform(1 - echo.TEMPO_WARP, 1 + echo.TEMPO_WARP)
+        source = out["mel"][:, 0].astype(int)
+        assert len(source) == round(n / a) == len(out["f0"]) == len(out["voiced"]) == len(out["wave"]) // echo.HOP
+        assert (out["mel"] == source[:, None]).all() and source[0] == 0 and source[-1] == n - 1
+        assert np.abs(np.diff(source) - a).max() < 1  # 0, 1 or 2 frames on, a on average
+        assert np.array_equal(out["f0"], 100.0 + source) and np.array_equal(out["voiced"], item["voiced"][source])
+        assert np.array_equal(out["wave"].reshape(-1, echo.HOP)[:, 0], source)
+        lengths.add(len(source))
+    assert len(lengths) == 6 and echo.tempo_stretch([item], np.random.default_rng(3))[0]["mel"].shape == (
+        round(n / np.random.default_rng(3).uniform(0.9, 1.1)), echo.N_MELS)
+    glide = np.linspace(120.0, 240.0, 32000)  # Hz at each sample of 2 s
+    tone = echo.featurize([torch.from_numpy(harmonic_tone(glide, 2.0))])[0] | {"text": "a glide"}
+    (out,) = echo.tempo_stretch([tone], np.random.default_rng(0))
+    m, k = len(out["mel"]), len(tone["mel"])
+    source = np.round((np.arange(m) + 0.5) * k / m - 0.5).astype(int).clip(0, k - 1)
+    assert m != k and np.array_equal(out["mel"], tone["mel"][source])
+    voiced = out["voiced"]
+    truth = glide[np.minimum(source * echo.HOP, len(glide) - 1)][voiced]
+    assert voiced.mean() > 0.8 and np.abs(np.log2(out["f0"][voiced] / truth)).max() < 0.05  # within a semitone
+
+
 def test_augmented_training_is_seeded_and_changes_the_batches(tiny_corpus, tmp_path):
     cache, _ = tiny_corpus
     flags = ("--max_steps", "6", "--eval_every", "6", "--eval_utts", "1")
-    augment = ("--specaug", "--speed_perturb", "--noise_snr", "10,30", "--reverb", "--bandpass", "--vtlp")
-    for name, extra in (("a", augment), ("b", augment), ("plain", ("--no-vtlp",))):
+    augment = ("--specaug", "--speed_perturb", "--noise_snr", "10,30", "--reverb", "--bandpass", "--vtlp", "--tempo")
+    for name, extra in (("a", augment), ("b", augment), ("plain", ("--no-vtlp", "--no-tempo"))):
         echo.train(train_args(cache, tmp_path, "--name", name, *flags, *extra))
     a, b, plain = (losses(tmp_path / "runs" / n) for n in ("a", "b", "plain"))
     assert len(a) == 6 and a == b and a != plain and all(np.isfinite(list(a.values())))
@@ -1604,18 +1635,18 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
     seen, models = [], set()
 
     def fake_train(run):
-        seen.append((run.name, run.dataset, run.max_steps, run.streams))
-        models.add((run.conv, run.dec_layers, run.lm_weight, run.lr, run.momentum, run.vtlp))
+        seen.append((run.name, run.dataset, run.max_steps, run.batch_frames, run.streams))
+        models.add((run.conv, run.dec_layers, run.lm_weight, run.lr, run.momentum, run.vtlp, run.tempo, run.warmup))
         (tmp_path / run.name).mkdir(parents=True)  # no validation curve: ablation.png draws the bars alone
         ter = 0.3 - 0.2 * (run.streams != "spectrogram") + 0.01 * run.seed  # seeds 30, 31, 32 %; the control 20 lower
         tones = {"ser": 0.5, "ter": ter, "toned_ser": 0.6} if run.dataset == "embedded-mandarin" else {}
         return {split: {"cer": 0.1, "wer": 0.2} | tones for split in echo.TEST_SPLITS}
     monkeypatch.setattr(echo, "train", fake_train)
     echo.ablate(echo.parse_args(["--runs_dir", str(tmp_path), "--name", "study", "--seeds", "3", "--ablate", "study"]))
-    assert len(seen) == 3 * (7 + 4) and ("study/mandarin/pitch_stream-seed2", "embedded-mandarin", 1200,
+    assert len(seen) == 3 * (7 + 4) and ("study/mandarin/pitch_stream-seed2", "embedded-mandarin", 1200, 2000,
                                          "spectrogram,pitch") in seen
-    assert ("study/english/all-seed0", "embedded", 2200, "spectrogram") in seen  # the budget it was measured at
-    assert models == {(0, 2, 0.0, 3e-3, 0.0, False)}  # what it was measured with (STUDY_MODEL), whatever the defaults are now
+    assert ("study/english/all-seed0", "embedded", 2200, 4000, "spectrogram") in seen  # the budget it was measured at
+    assert models == {(0, 2, 0.0, 3e-3, 0.0, False, False, 200)}  # what it was measured with (STUDY_MODEL), whatever the defaults are now
     assert len(echo.ABLATIONS["study-mandarin"]) == 7 and echo.ABLATIONS["study"] == echo.ABLATIONS[
         "study-mandarin"] | echo.ABLATIONS["study-english"]  # the same runs, one corpus at a time
     mandarin, english = (tmp_path / "study" / "ablation.md").read_text().split("### embedded\n")
@@ -1669,7 +1700,7 @@ def test_augment_ablation_reads_back_finished_runs_and_refuses_other_configs(tmp
     args = echo.parse_args(["--runs_dir", str(tmp_path), "--name", "aug", "--seeds", "1", "--ablate", "augment"])
     echo.ablate(args)
     assert trained == [f"aug/{label}-seed0" for label in ("none", "specaug", "speed_perturb", "noise_snr", "reverb",
-                                                          "bandpass", "vtlp")]
+                                                          "bandpass", "vtlp", "tempo")]
     assert "| speed_perturb | 20.00 ± 0.00 |" in (tmp_path / "aug" / "ablation.md").read_text()
     (tmp_path / "aug" / "specaug-seed0" / "results.json").unlink()  # interrupted
     trained.clear()
