@@ -69,7 +69,7 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
 STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, momentum=0.0, vtlp=False,
-                   tempo=False)  # as measured
+                   tempo=False, batch_frames=4000, warmup=200)  # as measured
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (STUDY_MODEL | dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200,
                                     eval_every=300, optimizer="maxfactor"), tuple(PITCH)),
@@ -1652,7 +1652,7 @@ def seed_difference(values, reference):
 def ablate(args):
     """Train ABLATIONS[args.ablate], args.seeds seeds each (in --jobs processes, each every --jobs-th run) -> runs/<name>/
     ablation.md (per corpus: decoded error rates, mean ± std, differences to the first, Welch's p) and ablation.png."""
-    out, t0, results, curves, corpus_of = Path(args.runs_dir) / args.name, time.time(), {}, {}, {}  # its runs make out
+    out, t0, results, curves, corpus_of = Path(args.runs_dir) / args.name, time.time(), {}, {}, {}  # out: made by its runs
     runs = [argparse.Namespace(**(vars(args) | flags | {"seed": seed, "name": f"{args.name}/{label}-seed{seed}"}))
             for label, flags in ABLATIONS[args.ablate].items() for seed in range(args.seeds)]
     for run in {run.dataset: run for run in runs}.values() if args.jobs > 1 else ():

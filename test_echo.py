@@ -1646,7 +1646,7 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
     assert len(seen) == 3 * (7 + 4) and ("study/mandarin/pitch_stream-seed2", "embedded-mandarin", 1200, 2000,
                                          "spectrogram,pitch") in seen
     assert ("study/english/all-seed0", "embedded", 2200, 4000, "spectrogram") in seen  # the budget it was measured at
-    assert models == {(0, 2, 0.0, 3e-3, 0.0, False, False, 200)}  # what it was measured with (STUDY_MODEL), whatever the defaults are now
+    assert models == {(0, 2, 0.0, 3e-3, 0.0, False, False, 200)}  # as measured (STUDY_MODEL), whatever the defaults are
     assert len(echo.ABLATIONS["study-mandarin"]) == 7 and echo.ABLATIONS["study"] == echo.ABLATIONS[
         "study-mandarin"] | echo.ABLATIONS["study-english"]  # the same runs, one corpus at a time
     mandarin, english = (tmp_path / "study" / "ablation.md").read_text().split("### embedded\n")
