@@ -689,7 +689,7 @@ def tempo_stretch(items, rng):
         at = np.round((np.arange(m) + 0.5) * n / m - 0.5).astype(int).clip(0, n - 1)  # (m,) source frames
         wave = {"wave": np.pad(item["wave"], (0, n * HOP))[:n * HOP].reshape(n, HOP)[at].ravel()} if "wave" in item else {}
         return item | wave | {k: np.asarray(item[k])[at.clip(max=len(item[k]) - 1)] for k in ("mel", "f0", "voiced")}
-    return [pick(it, len(it["mel"]), max(1, round(len(it["mel"]) / rng.uniform(1 - TEMPO_WARP, 1 + TEMPO_WARP)))) for it in items]
+    return [pick(it, n := len(it["mel"]), max(1, round(n / rng.uniform(1 - TEMPO_WARP, 1 + TEMPO_WARP)))) for it in items]
 
 def training_batch(items, tokenizer, args, key):
     """One augmented training micro-batch, seeded by (seed, epoch, first utterance): any worker or rank builds the same."""
