@@ -63,13 +63,13 @@ CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
 AUGMENT_ON = dict(specaug=True, speed_perturb=True, noise_snr=(10.0, 30.0), reverb=True, bandpass=True, vtlp=True,
                   tempo=True)
 AUGMENT_OFF = {name: None if name == "noise_snr" else False for name in AUGMENT_ON}
-BEFORE_FLAGS = {"momentum": 0.0, "vtlp": False, "tempo": False}  # what runs before these flags did, read back by --ablate
+BEFORE_FLAGS = {"momentum": 0.0, "vtlp": False, "tempo": False, "sortagrad": False}  # runs before these flags, read by --ablate
 PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, streams="spectrogram,pitch"),
          "f0_theta": dict(f0_theta=True), "+radii": dict(f0_theta=True, radii=True),  # pitch_stream: f0 as an input
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
 STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, momentum=0.0, vtlp=False,
-                   tempo=False, batch_frames=4000, warmup=200)  # as measured
+                   tempo=False, sortagrad=False, batch_frames=4000, warmup=200)  # as measured
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (STUDY_MODEL | dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200,
                                     eval_every=300, optimizer="maxfactor"), tuple(PITCH)),
@@ -137,6 +137,7 @@ def build_parser():
     a("--bandpass", action="store_true", help="random band limits: high-pass at 50-400 Hz, low-pass at 2.5-7.5 kHz")
     a("--vtlp", action=argparse.BooleanOptionalAction, default=True, help="training log-mel read at f / a, a in 0.9-1.1 (VTLP)")
     a("--tempo", action=argparse.BooleanOptionalAction, default=True, help="training frames resampled to n / a, a in 0.85-1.15")
+    a("--sortagrad", action=argparse.BooleanOptionalAction, default=True, help="epoch 0's batches shortest first (SortaGrad)")
     for f in dataclasses.fields(ModelConfig)[1:]:  # the model's flags
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         a(f"--{f.name}", default=f.default, **(kind | dict(f.metadata)))
@@ -403,10 +404,8 @@ def decode_audio(audio):
     except Exception as e:  # soundfile raises several types for unreadable files
         raise BadInput(f"cannot read audio ({str(e).splitlines()[0]})") from None
     wave = wave.mean(axis=1)  # downmix
-    if wave.size == 0:
-        raise BadInput("audio has zero samples")
-    if not np.isfinite(wave).all():
-        raise BadInput("audio contains NaN or Inf samples")
+    if wave.size == 0 or not np.isfinite(wave).all():
+        raise BadInput("audio has zero samples" if wave.size == 0 else "audio contains NaN or Inf samples")
     wave = torch.from_numpy(np.ascontiguousarray(wave))
     if rate != SAMPLE_RATE:
         wave = torchaudio.functional.resample(wave, rate, SAMPLE_RATE)
@@ -1459,8 +1458,9 @@ def training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index
                                                       batch_size=None, num_workers=workers, pin_memory=pin))
             steps = iter(lambda: list(itertools.islice(loader, per_step)), [])
         else:
-            rng = random.Random(args.seed * 100003 + epoch)  # this epoch's data order, the same on resuming
-            batches = length_batches(train_set["n_frames"], args.batch_frames, rng)
+            rng, lengths = random.Random(args.seed * 100003 + epoch), list(train_set["n_frames"])  # the same on resuming
+            batches = length_batches(lengths, args.batch_frames, rng)  # this epoch's order; SortaGrad: shortest first
+            batches = sorted(batches, key=lambda b: lengths[b[-1]]) if args.sortagrad and epoch == 0 else batches
             shares = [batches[start:start + args.grad_accum][rank::world]  # this process's share of each step
                       for start in range(batch_index, len(batches) - args.grad_accum + 1, args.grad_accum)]
             loader = iter(torch.utils.data.DataLoader(
