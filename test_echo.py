@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import datasets
@@ -776,6 +776,27 @@ def test_augmented_training_is_seeded_and_changes_the_batches(tiny_corpus, tmp_p
         echo.train(train_args(cache, tmp_path, "--name", name, *flags, *extra))
     a, b, plain = (losses(tmp_path / "runs" / n) for n in ("a", "b", "plain"))
     assert len(a) == 6 and a == b and a != plain and all(np.isfinite(list(a.values())))
+
+
+def test_sortagrad_feeds_epoch_0_shortest_first_then_shuffles(tiny_corpus, tmp_path):
+    """--sortagrad: epoch 0 holds the same batches as without it, in order of their longest utterance; a resumed
+    run goes on in that order; epoch 1 is the shuffled order it has without the flag."""
+    cache, _ = tiny_corpus
+
+    def lengths(*flags, batch_index=0):  # each batch's utterance lengths, per epoch, for epochs 0 and 1
+        args = train_args(cache, tmp_path, "--batch_frames", "800", "--no-tempo", *flags)
+        _, train_set, tokenizer, _ = echo.training_data(args, 0, 1, None)
+        epochs, cpu = defaultdict(list), torch.device("cpu")
+        for epoch, _, (batch,) in echo.training_batches(train_set, tokenizer, args, 0, 1, 0, batch_index, cpu):
+            if epoch == 2:
+                return epochs
+            epochs[epoch].append(sorted(batch["frames"].tolist()))
+
+    sortagrad, plain = lengths(), lengths("--no-sortagrad")
+    longest = [batch[-1] for batch in sortagrad[0]]
+    assert len(longest) > 5 and longest == sorted(longest) and sorted(sortagrad[0]) == sorted(plain[0])
+    assert [batch[-1] for batch in plain[0]] != longest and sortagrad[1] == plain[1]
+    assert lengths(batch_index=3)[0] == sortagrad[0][3:]
 
 
 # ---- model
@@ -1636,7 +1657,8 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
 
     def fake_train(run):
         seen.append((run.name, run.dataset, run.max_steps, run.batch_frames, run.streams))
-        models.add((run.conv, run.dec_layers, run.lm_weight, run.lr, run.momentum, run.vtlp, run.tempo, run.warmup))
+        models.add((run.conv, run.dec_layers, run.lm_weight, run.lr, run.momentum, run.vtlp, run.tempo, run.sortagrad,
+                    run.warmup))
         (tmp_path / run.name).mkdir(parents=True)  # no validation curve: ablation.png draws the bars alone
         ter = 0.3 - 0.2 * (run.streams != "spectrogram") + 0.01 * run.seed  # seeds 30, 31, 32 %; the control 20 lower
         tones = {"ser": 0.5, "ter": ter, "toned_ser": 0.6} if run.dataset == "embedded-mandarin" else {}
@@ -1646,7 +1668,7 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
     assert len(seen) == 3 * (7 + 4) and ("study/mandarin/pitch_stream-seed2", "embedded-mandarin", 1200, 2000,
                                          "spectrogram,pitch") in seen
     assert ("study/english/all-seed0", "embedded", 2200, 4000, "spectrogram") in seen  # the budget it was measured at
-    assert models == {(0, 2, 0.0, 3e-3, 0.0, False, False, 200)}  # as measured (STUDY_MODEL), whatever the defaults are
+    assert models == {(0, 2, 0.0, 3e-3, 0.0, False, False, False, 200)}  # as measured (STUDY_MODEL), whatever the defaults are
     assert len(echo.ABLATIONS["study-mandarin"]) == 7 and echo.ABLATIONS["study"] == echo.ABLATIONS[
         "study-mandarin"] | echo.ABLATIONS["study-english"]  # the same runs, one corpus at a time
     mandarin, english = (tmp_path / "study" / "ablation.md").read_text().split("### embedded\n")
