@@ -1459,7 +1459,7 @@ def training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index
             steps = iter(lambda: list(itertools.islice(loader, per_step)), [])
         else:
             rng, lengths = random.Random(args.seed * 100003 + epoch), list(train_set["n_frames"])  # the same on resuming
-            batches = length_batches(lengths, args.batch_frames, rng)  # this epoch's order; SortaGrad: shortest first
+            batches = length_batches(lengths, args.batch_frames, rng)  # this epoch's order; b[-1] is batch b's longest
             batches = sorted(batches, key=lambda b: lengths[b[-1]]) if args.sortagrad and epoch == 0 else batches
             shares = [batches[start:start + args.grad_accum][rank::world]  # this process's share of each step
                       for start in range(batch_index, len(batches) - args.grad_accum + 1, args.grad_accum)]
