@@ -52,7 +52,7 @@ SPEED_FACTORS = (0.9, 1.0, 1.1)  # Kaldi's speed perturbation factors (tempo and
 REVERB_RT60 = (0.1, 0.5)  # s: --reverb's rooms, from a small office to a classroom
 BANDPASS_HZ = ((50, 400), (2500, 7500))  # --bandpass: ranges of the high-pass and the low-pass cut-off
 VTLP_WARP = 0.1  # --vtlp: frequencies scaled by 1 +- this at most (Jaitly & Hinton's VTLP: 0.9-1.1)
-TEMPO_WARP = 0.15  # --tempo: speech made up to this much faster or slower, its pitch kept (README, Augmentation)
+TEMPO_WARP = 0.2  # --tempo: speech made up to this much faster or slower, its pitch kept (README, Augmentation)
 CANDIDATES = 8  # tokens each hypothesis is extended by per decoding step, before the beam keeps the best
 LM_ORDER = 8  # order of the character n-gram that decoding adds (README, Evaluation is decoded): 7 tokens of context
 END_MARGIN = 10.0  # beam search drops an utterance's live hypotheses this far below its best ended one
@@ -136,7 +136,7 @@ def build_parser():
     a("--reverb", action="store_true", help="reverberation of a random synthetic room (RT60 0.1-0.5 s)")
     a("--bandpass", action="store_true", help="random band limits: high-pass at 50-400 Hz, low-pass at 2.5-7.5 kHz")
     a("--vtlp", action=argparse.BooleanOptionalAction, default=True, help="training log-mel read at f / a, a in 0.9-1.1 (VTLP)")
-    a("--tempo", action=argparse.BooleanOptionalAction, default=True, help="training frames resampled to n / a, a in 0.85-1.15")
+    a("--tempo", action=argparse.BooleanOptionalAction, default=True, help="training frames resampled to n / a, a in 0.8-1.2")
     a("--sortagrad", action=argparse.BooleanOptionalAction, default=True, help="epoch 0's batches shortest first (SortaGrad)")
     for f in dataclasses.fields(ModelConfig)[1:]:  # the model's flags
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
