@@ -60,16 +60,15 @@ MAX_CHARS_PER_SECOND = 30  # decoding length cap (speech rarely exceeds 20 chara
 SOURCE = Path(__file__).read_bytes()  # the exact code this process runs: saved with every run and checkpoint
 CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
 
-AUGMENT_ON = dict(specaug=True, speed_perturb=True, noise_snr=(10.0, 30.0), reverb=True, bandpass=True, vtlp=True,
-                  tempo=True)
+AUGMENT_ON = dict(specaug=True, speed_perturb=True, noise_snr=(10.0, 30.0), reverb=True, bandpass=True, vtlp=True, tempo=True)
 AUGMENT_OFF = {name: None if name == "noise_snr" else False for name in AUGMENT_ON}
-BEFORE_FLAGS = {"momentum": 0.0, "vtlp": False, "tempo": False, "sortagrad": False}  # runs before these flags, read by --ablate
+BEFORE_FLAGS = {"momentum": 0.0, "vtlp": False, "tempo": False, "sortagrad": False, "ema": 0.0}  # runs before them (--ablate)
 PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, streams="spectrogram,pitch"),
          "f0_theta": dict(f0_theta=True), "+radii": dict(f0_theta=True, radii=True),  # pitch_stream: f0 as an input
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
 STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, momentum=0.0, vtlp=False,
-                   tempo=False, sortagrad=False, batch_frames=4000, warmup=200)  # as measured
+                   tempo=False, sortagrad=False, ema=0.0, batch_frames=4000, warmup=200)  # as measured
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (STUDY_MODEL | dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200,
                                     eval_every=300, optimizer="maxfactor"), tuple(PITCH)),
@@ -155,6 +154,7 @@ def build_parser():
     a("--warmup", type=int, default=200, help="linear warmup steps, then cosine decay to lr/10")
     a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    a("--ema", type=float, default=0.99, help="evaluation decodes the weights' moving average: its decay a step (0: the weights)")
     a("--eval_every", type=int, default=500, help="steps between validation decoding (greedy) and checkpoints")
     a("--eval_utts", type=int, default=100, help="validation utterances decoded at each evaluation")
     a("--test_utts", type=int, default=None, help="utterances decoded per test split at the end (default: all)")
@@ -179,8 +179,10 @@ def parse_args(argv=None):
                  "log_every jobs").split():
         if (value := getattr(args, flag)) is not None and value <= 0:
             p.error(f"--{flag} must be positive, got {value}")
-    if min(args.diag_every, args.lm_sentences) < 0:
-        p.error(f"--diag_every and --lm_sentences must be 0 (off) or positive, got {args.diag_every}, {args.lm_sentences}")
+    if min(args.diag_every, args.lm_sentences, args.ema) < 0 or args.ema >= 1:
+        p.error(f"--diag_every {args.diag_every}, --lm_sentences {args.lm_sentences}: 0 or more; --ema {args.ema}: in [0, 1)")
+    if args.grad_accum % (world := int(os.environ.get("WORLD_SIZE", "1"))):
+        p.error(f"--grad_accum {args.grad_accum} must be a multiple of the {world} processes")
     if not args.f0_theta and (on := [f for f in ("radii", "pitch_bias", "zero_value") if getattr(args, f)]):
         p.error(f"--{on[0]} uses the f0 track, which --no-f0_theta disables")
     if args.conv < 0 or (args.conv > 0 and args.conv % 2 == 0):
@@ -406,9 +408,7 @@ def decode_audio(audio):
     wave = wave.mean(axis=1)  # downmix
     if wave.size == 0 or not np.isfinite(wave).all():
         raise BadInput("audio has zero samples" if wave.size == 0 else "audio contains NaN or Inf samples")
-    wave = torch.from_numpy(np.ascontiguousarray(wave))
-    if rate != SAMPLE_RATE:
-        wave = torchaudio.functional.resample(wave, rate, SAMPLE_RATE)
+    wave = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(wave)), rate, SAMPLE_RATE)  # as is at 16 kHz
     if wave.numel() < 4 * HOP:
         raise BadInput(f"audio too short ({wave.numel() / SAMPLE_RATE * 1000:.0f} ms)")
     return wave
@@ -643,8 +643,7 @@ def perturb_audio(items, rng, args):
     for i, item in enumerate(items):
         wave = torch.from_numpy(np.asarray(item["wave"], dtype=np.float32))
         speed = float(rng.choice(SPEED_FACTORS)) if args.speed_perturb else 1.0
-        if speed != 1.0:  # read as if sampled at speed * 16 kHz, then played at 16 kHz
-            wave = torchaudio.functional.resample(wave, round(100 * speed), 100)
+        wave = torchaudio.functional.resample(wave, round(100 * speed), 100)  # read at speed * 16 kHz, played at 16 kHz
         if args.reverb:
             tail = torch.from_numpy(rng.standard_normal(int(rng.uniform(*REVERB_RT60) * SAMPLE_RATE), dtype=np.float32))
             tail *= 10 ** (-3 * torch.arange(len(tail)) / len(tail))  # -60 dB at its end: a room of that RT60
@@ -668,8 +667,7 @@ def spec_augment(batch, rng):
         own, fill = mel[i, :n], mel[i, :n].mean()
         for count, widest, view in ((freq_masks, max_bins, own.T), (time_masks, int(max_time * n), own)):
             for _ in range(count):
-                width = rng.integers(0, widest + 1)
-                start = rng.integers(0, len(view) - width + 1)
+                start = rng.integers(0, len(view) - (width := rng.integers(0, widest + 1)) + 1)  # width drawn first
                 view[start:start + width] = fill
     return batch | {"mel": mel}
 
@@ -875,7 +873,7 @@ class Block(nn.Module):
         self.gate = Gate(gate, d_model, gate_memory) if gate != "none" else None
         self.conv_norm, self.conv = (RMSNorm(d_model), nn.Conv2d(d_model, d_model, (1, conv), padding=(0, conv // 2),
                                                                  groups=d_model)) if conv else (None, None)
-        self.depthwise = torch.compiler.disable(lambda x: self.conv(x.mT[:, :, None])[:, :, 0].mT) if conv else None
+        self.depthwise = torch.compiler.disable(lambda layer, x: layer(x.mT[:, :, None])[:, :, 0].mT)  # no self: copies share it
 
     def forward(self, x, table=None, mask=None, causal=False, context=None, context_mask=None, cache=None, valid=None):
         x = x + self.attn(self.attn_norm(x), table=table, mask=mask, causal=causal,
@@ -884,7 +882,7 @@ class Block(nn.Module):
             x = x + self.cross(self.cross_norm(x), context=context, mask=context_mask,
                                cache=None if cache is None else cache.setdefault("cross", {}))
         if self.conv is not None:  # depthwise filter, padding zeroed; eager under --compile: inductor (2.14) fails on it
-            x = x + F.silu(self.depthwise(self.conv_norm(x) * valid[..., None]))
+            x = x + F.silu(self.depthwise(self.conv, self.conv_norm(x) * valid[..., None]))
         h = self.mlp_norm(x)
         return x + (self.mlp(h) if self.gate is None else self.gate(h) * self.mlp(h))
 
@@ -1223,7 +1221,8 @@ def load_model(path, device):
     """A checkpoint -> (model in eval mode, tokenizer, the run's flags as a dict)."""
     ckpt = load_checkpoint(path)
     model, tokenizer = Echo(ModelConfig(**ckpt["model_config"])), Tokenizer(ckpt["tokenizer"])
-    model.load_state_dict(ckpt["model"])
+    averaged = {k.removeprefix("module."): v for k, v in ckpt.get("averaged", {}).items() if k != "n_averaged"}
+    model.load_state_dict(averaged or ckpt["model"])  # --ema's average: the weights validation and the test splits decoded
     model.lm = CharLM(ckpt["lm_text"], tokenizer, ckpt["config"]["lm_weight"]) if ckpt.get("lm_text") else None
     return model.to(device).eval(), tokenizer, ckpt["config"]
 
@@ -1392,16 +1391,17 @@ def environment(device, world):
             "platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "processes": world,
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none"}
 
-def training_state(model, optimizer, position, config, tokenizer, env):
+def training_state(model, averaged, optimizer, position, config, tokenizer, env):
     """What a training checkpoint holds (restore() reads it back); position is (step, epoch, batch_index)."""
-    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+    return {"model": model.state_dict(), "averaged": averaged.state_dict(), "model_config": dataclasses.asdict(model.config),
             "optimizer": optimizer.state_dict(), **dict(zip(("step", "epoch", "batch_index"), position)),
             "config": config, "tokenizer": tokenizer.chars, "lm_text": model.lm and model.lm.texts, "code": env["code"],
             "source": SOURCE.decode(), "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
 
-def restore(ckpt, model, optimizer):
-    """Load a training checkpoint's model, optimizer and RNG states -> its data position (step, epoch, batch_index)."""
+def restore(ckpt, model, averaged, optimizer):
+    """Load a training checkpoint's model, its average, optimizer and RNG states -> its position (step, epoch, batch_index)."""
     model.load_state_dict(ckpt["model"])
+    averaged.load_state_dict(ckpt["averaged"])
     optimizer.load_state_dict(ckpt["optimizer"])
     random.setstate(ckpt["rng"]["python"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -1540,19 +1540,19 @@ def train(args):
     """Train, evaluate and checkpoint. Under torchrun each step's --grad_accum micro-batches are shared out among the
     processes (DDP averages their gradients); rank 0 alone logs, evaluates, checkpoints and returns the test results."""
     rank, world, device = init_distributed(args.device)
-    if args.grad_accum % world:
-        raise SystemExit(f"echo: --grad_accum {args.grad_accum} must be a multiple of the {world} processes")
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(args.seed)
     run_dir = Path(args.runs_dir) / args.name
     ckpt = load_checkpoint(run_dir / "ckpt.pt") if args.resume else None
     data, train_set, tokenizer, skipped = training_data(args, rank, world, ckpt)
     model = Echo(ModelConfig.from_args(args, len(tokenizer))).to(device)
+    averaged = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema))
+    tested = averaged.module  # what validation and the test splits decode: --ema's moving average of the weights
     if args.lm_weight and rank == 0 and not args.streaming:  # rank 0 alone decodes; a stream's text is not known ahead
         more = corpus_plan(args.corpus_size, args.corpus_seed, args.dataset, args.lm_sentences) if args.dataset in CORPORA else []
-        model.lm = CharLM([*train_set["text"], *more], tokenizer, args.lm_weight)
+        model.lm = tested.lm = CharLM([*train_set["text"], *more], tokenizer, args.lm_weight)
     optimizer = build_optimizer(model, args, device)
-    step, epoch, batch_index = restore(ckpt, model, optimizer) if ckpt else (0, 0, 0)
+    step, epoch, batch_index = restore(ckpt, model, averaged, optimizer) if ckpt else (0, 0, 0)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     forward = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -1560,8 +1560,7 @@ def train(args):
     writer = open_run(run_dir, config, env, model, train_set, tokenizer, skipped, step) if rank == 0 else None
     batches = training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index, device)
     stats = {"start": time.time(), "audio_seconds": 0.0, "nonfinite_steps": 0, "skipped_in_stream": 0}
-    progress = tqdm(total=args.max_steps, initial=step, desc=args.name, dynamic_ncols=True, file=sys.stdout,
-                    disable=rank > 0 or not sys.stdout.isatty())  # without a terminal, log_step prints lines
+    progress = tqdm(total=args.max_steps, initial=step, desc=args.name, file=sys.stdout, disable=rank or not sys.stdout.isatty())
     with deferred_signals() as stop:
         for step in range(step + 1, args.max_steps + 1):  # step: the number of this optimizer step, from 1
             epoch, batch_index, micro_batches = next(batches)
@@ -1589,6 +1588,7 @@ def train(args):
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             if torch.isfinite(grad_norm) and torch.isfinite(losses).all():
                 optimizer.step()
+                averaged.update_parameters(model)  # --ema 0: a copy of the weights
             else:  # one bad batch must not poison the weights: skip it, count it, go on
                 stats["nonfinite_steps"] += 1
                 tqdm.write(f"step {step}: non-finite loss or gradient, step skipped ({stats['nonfinite_steps']} so far)")
@@ -1599,12 +1599,12 @@ def train(args):
             if rank == 0:
                 log_step(writer, step, args, losses, grad_norm, time.time() - t0, diagnostics, stats)
                 if evaluating:
-                    evaluate_and_log(writer, step, "val", model, data["validation"], tokenizer, device, args, 1, args.eval_utts)
-                    images = figures(model, first_validation_batch(data, tokenizer, device)) if args.diag_every else {}
+                    evaluate_and_log(writer, step, "val", tested, data["validation"], tokenizer, device, args, 1, args.eval_utts)
+                    images = figures(tested, first_validation_batch(data, tokenizer, device)) if args.diag_every else {}
                     for tag, image in images.items():
                         writer.add_image(f"diagnostics/{tag}", image, step, dataformats="HWC")
                 if evaluating or stop:
-                    state = training_state(model, optimizer, (step, epoch, batch_index), config, tokenizer, env)
+                    state = training_state(model, averaged, optimizer, (step, epoch, batch_index), config, tokenizer, env)
                     save_checkpoint(run_dir / "ckpt.pt", state)
             if stop:
                 if rank == 0:
@@ -1615,7 +1615,7 @@ def train(args):
     progress.close()
     if world > 1:
         torch.distributed.destroy_process_group()
-    return test_and_report(writer, step, model, data, tokenizer, device, args, config, stats, skipped) if rank == 0 else None
+    return test_and_report(writer, step, tested, data, tokenizer, device, args, config, stats, skipped) if rank == 0 else None
 
 # ---- experiments: ablation and benchmark
 def ablation_run(run):

@@ -994,6 +994,25 @@ def test_each_gate_changes_the_output_and_builds_only_what_it_uses():
     assert len({round(v.item(), 6) for v in outputs.values()}) == 4
 
 
+def test_the_ema_copy_computes_with_its_own_weights_and_load_model_reads_them(tmp_path):
+    """--ema's AveragedModel deep-copies the model: the copy's forward, depthwise convolution included, reads the copy's
+    weights; a checkpoint that holds the average gives load_model the average, not the trained weights."""
+    model, batch = tiny_model(), fake_batch()
+    averaged = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.5))
+    averaged.update_parameters(model)
+    with torch.no_grad():
+        averaged.module.encoder.blocks[0].conv.weight.mul_(3.0)
+    fresh = echo.Echo(model.config).eval()
+    fresh.load_state_dict(averaged.module.state_dict())
+    out = averaged.module.eval().encoder(batch)[0]
+    assert torch.equal(out, fresh.encoder(batch)[0]) and not torch.allclose(out, model.encoder(batch)[0])
+    echo.save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "averaged": averaged.state_dict(),
+                                                "tokenizer": CHARS, "model_config": dataclasses.asdict(model.config),
+                                                "config": {"lm_weight": 0.3}})
+    loaded, _, _ = echo.load_model(tmp_path / "ckpt.pt", torch.device("cpu"))
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
 def test_depthwise_conv_is_in_encoder_blocks_only_changes_the_output_and_sees_no_padding():
     """--conv k: one depthwise kernel of k frames per channel in each encoder block, none in the decoder; 0 builds none.
     A longer neighbour's padding never reaches an utterance's frames."""
@@ -1444,7 +1463,9 @@ def test_tiny_training_run_loss_falls_and_resume_continues(tiny_corpus, tmp_path
     with monkeypatch.context() as patch:
         patch.setattr(echo, "parse_args", None)  # a checkpoint alone must be enough to rebuild the model
         model, _, config = echo.load_model(run_dir / "ckpt.pt", torch.device("cpu"))
-    assert config == ckpt["config"] and all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
+    averaged = {k.removeprefix("module."): v for k, v in ckpt["averaged"].items()}  # --ema 0.99: what was decoded
+    assert config == ckpt["config"] and all(torch.equal(v, averaged[k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, ckpt["model"][k]) for k, v in model.state_dict().items())
     more = echo.corpus_plan(24, 0, "embedded", 50)  # --lm_sentences 50: the n-gram reads those it can spell, after
     spelled = [t for t in more if set(t) <= set(ckpt["tokenizer"])]  # the training text (20 sentences lack a letter)
     assert model.lm.texts == ckpt["lm_text"] == [str(t) for t in echo.load_splits(args)[0]["train"]["text"]] + spelled
@@ -1525,6 +1546,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_corpus, tmp_path)
     assert sorted(resumed) == list(range(1, 31))
     for step in range(1, 31):
         assert abs(whole[step] - resumed[step]) < 1e-5, step
+    whole, resumed = (echo.load_checkpoint(tmp_path / "runs" / name / "ckpt.pt")["averaged"] for name in ("whole", "killed"))
+    assert all(torch.allclose(v.float(), resumed[k].float(), atol=1e-6) for k, v in whole.items())  # --ema's average too
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_corpus, tmp_path):
