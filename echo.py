@@ -68,7 +68,7 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
 STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, momentum=0.0, vtlp=False,
-                   tempo=False, sortagrad=False, ema=0.0, batch_frames=4000, warmup=200)  # as measured
+                   tempo=False, sortagrad=False, ema=0.0, weight_decay=0.01, batch_frames=4000, warmup=200)  # as measured
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (STUDY_MODEL | dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200,
                                     eval_every=300, optimizer="maxfactor"), tuple(PITCH)),
@@ -152,7 +152,7 @@ def build_parser():
     a("--lr", type=float, default=None, help="peak learning rate (default: LEARNING_RATES[--optimizer])")
     a("--momentum", type=float, default=0.9, help="MaxFactor's Nesterov momentum: its EMA's weight (0 = none, factored state)")
     a("--warmup", type=int, default=200, help="linear warmup steps, then cosine decay to lr/10")
-    a("--weight_decay", type=float, default=0.01, help="decoupled weight decay")
+    a("--weight_decay", type=float, default=0.1, help="decoupled weight decay (of matrices)")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
     a("--ema", type=float, default=0.99, help="evaluation decodes the weights' moving average: its decay a step (0: the weights)")
     a("--eval_every", type=int, default=500, help="steps between validation decoding (greedy) and checkpoints")

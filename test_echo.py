@@ -1681,7 +1681,7 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
     def fake_train(run):
         seen.append((run.name, run.dataset, run.max_steps, run.batch_frames, run.streams))
         models.add((run.conv, run.dec_layers, run.lm_weight, run.lr, run.momentum, run.vtlp, run.tempo, run.sortagrad,
-                    run.ema, run.warmup))
+                    run.ema, run.weight_decay, run.warmup))
         (tmp_path / run.name).mkdir(parents=True)  # no validation curve: ablation.png draws the bars alone
         ter = 0.3 - 0.2 * (run.streams != "spectrogram") + 0.01 * run.seed  # seeds 30, 31, 32 %; the control 20 lower
         tones = {"ser": 0.5, "ter": ter, "toned_ser": 0.6} if run.dataset == "embedded-mandarin" else {}
@@ -1691,7 +1691,7 @@ def test_study_tables_each_corpus_and_each_difference_to_its_baseline_with_welch
     assert len(seen) == 3 * (7 + 4) and ("study/mandarin/pitch_stream-seed2", "embedded-mandarin", 1200, 2000,
                                          "spectrogram,pitch") in seen
     assert ("study/english/all-seed0", "embedded", 2200, 4000, "spectrogram") in seen  # the budget it was measured at
-    assert models == {(0, 2, 0.0, 3e-3, 0.0, False, False, False, 0.0, 200)}  # as measured (STUDY_MODEL), whatever the defaults are
+    assert models == {(0, 2, 0.0, 3e-3, 0.0, False, False, False, 0.0, 0.01, 200)}  # as measured (STUDY_MODEL), whatever the defaults are
     assert len(echo.ABLATIONS["study-mandarin"]) == 7 and echo.ABLATIONS["study"] == echo.ABLATIONS[
         "study-mandarin"] | echo.ABLATIONS["study-english"]  # the same runs, one corpus at a time
     mandarin, english = (tmp_path / "study" / "ablation.md").read_text().split("### embedded\n")
