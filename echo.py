@@ -864,6 +864,7 @@ class Gate(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: self-attention, optional cross-attention, optional depthwise convolution over time
     (Conformer's, less its pointwise layers), MLP scaled by an optional Gate."""
+    depthwise = staticmethod(torch.compiler.disable(lambda conv, x: conv(x.mT[:, :, None])[:, :, 0].mT))  # (B, T, D), shared
     def __init__(self, d_model, n_heads, cross=False, gate="none", gate_memory=64, conv=0):
         super().__init__()
         self.attn_norm, self.attn = RMSNorm(d_model), Attention(d_model, n_heads)
@@ -873,7 +874,6 @@ class Block(nn.Module):
         self.gate = Gate(gate, d_model, gate_memory) if gate != "none" else None
         self.conv_norm, self.conv = (RMSNorm(d_model), nn.Conv2d(d_model, d_model, (1, conv), padding=(0, conv // 2),
                                                                  groups=d_model)) if conv else (None, None)
-        self.depthwise = torch.compiler.disable(lambda layer, x: layer(x.mT[:, :, None])[:, :, 0].mT)  # no self: copies share it
 
     def forward(self, x, table=None, mask=None, causal=False, context=None, context_mask=None, cache=None, valid=None):
         x = x + self.attn(self.attn_norm(x), table=table, mask=mask, causal=causal,
