@@ -919,6 +919,7 @@ class Streams(nn.Module):
         self.c_gate = nn.Linear(len(names) * d_model, len(names)) if len(names) > 1 else None
         self.weights = None  # mean c_gate weight per stream of the last batch, for logging
 
+    @torch.compiler.disable  # eager under --compile: inductor's conv backward specialises on T, recompiling for each length
     def forward(self, batch):
         frames, n = batch["frames"], batch["mel"].shape[1]
         inputs = {"spectrogram": lambda: batch["mel"].transpose(1, 2),
@@ -1400,9 +1401,8 @@ def training_state(model, averaged, optimizer, position, config, tokenizer, env)
 
 def restore(ckpt, model, averaged, optimizer):
     """Load a training checkpoint's model, its average, optimizer and RNG states -> its position (step, epoch, batch_index)."""
-    model.load_state_dict(ckpt["model"])
-    averaged.load_state_dict(ckpt["averaged"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    for state, key in ((model, "model"), (averaged, "averaged"), (optimizer, "optimizer")):
+        state.load_state_dict(ckpt[key])
     random.setstate(ckpt["rng"]["python"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     return ckpt["step"], ckpt["epoch"], ckpt["batch_index"]
@@ -1576,7 +1576,7 @@ def train(args):
                 batch, n = to_device(batch, device), len(micro_batches)
                 with contextlib.nullcontext() if world == 1 or i == n - 1 else wrapped.no_sync():  # all-reduce once
                     with autocast:
-                        loss, ce, ctc = forward(batch)
+                        loss, ce, ctc = (wrapped if diagnosing else forward)(batch)  # hooks need eager
                     (loss / n).backward()
                 totals += torch.tensor([loss.item() / n, ce.item() / n, (0.0 if ctc is None else ctc.item()) / n,
                                         batch["frames"].sum().item()])

@@ -1590,15 +1590,19 @@ def test_test_utts_limits_the_utterances_decoded_from_each_test_split(tiny_corpu
 @pytest.mark.slow
 def test_compiled_training_matches_eager_and_decodes(tiny_corpus, tmp_path):
     """--compile (torch.compile, dynamic shapes) on the CPU: the same losses as eager to 1e-4 relative, step by step
-    (float rounding may differ, nothing else), and the compiled run decodes its test splits."""
+    (float rounding may differ, nothing else), diagnostic steps log the block scalars (their hooks need an eager
+    forward; a compiled one skipped them and the step failed), and the compiled run decodes its test splits."""
     cache, _ = tiny_corpus
-    flags = ("--max_steps", "4", "--eval_every", "4", "--eval_utts", "1", "--beam", "2", "--radii", "--pitch_bias")
+    flags = ("--max_steps", "4", "--eval_every", "4", "--eval_utts", "1", "--beam", "2", "--radii", "--pitch_bias",
+             "--diag_every", "2")
     results = {name: echo.train(train_args(cache, tmp_path, "--name", name, *flags, *extra))
                for name, extra in (("eager", ()), ("compiled", ("--compile",)))}
     eager, compiled = losses(tmp_path / "runs" / "eager"), losses(tmp_path / "runs" / "compiled")
     assert sorted(compiled) == [1, 2, 3, 4]
     for step, value in eager.items():
         assert abs(compiled[step] - value) <= 1e-4 * abs(value), step
+    ratios = events(tmp_path / "runs" / "compiled").Scalars("blocks/encoder.0/gate_over_mlp")
+    assert [e.step for e in ratios] == [2, 4] and all(e.value > 0 for e in ratios)
     assert 0 <= results["compiled"]["test"]["cer"] and results["compiled"]["test_unseen"]["utterances"] > 0
 
 
