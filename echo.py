@@ -101,7 +101,7 @@ class ModelConfig:
     ctc_weight: float = flag(0.5, "weight of the auxiliary CTC loss on the encoder (0 = no CTC head)")
     gate: str = flag("t", "gate on every block's MLP output (README)", choices=("none", "mlp", "t", "m"))
     gate_memory: int = flag(64, "memory slots of --gate m")
-    conv: int = flag(15, "kernel (40 ms frames, odd) of a depthwise convolution in each encoder block; 0 = none")
+    conv: int = flag(7, "kernel (40 ms frames, odd) of a depthwise convolution in each encoder block; 0 = none")
     streams: str = flag("spectrogram", "streams fused by the c_gate", choices=STREAMS, metavar="spectrogram[,pitch][,waveform]")
     f0_theta: bool = flag(True, "pitch-warped rotary phase (f0 / 220 Hz per frame); --no-f0_theta = plain RoPE")
     radii: bool = flag(False, "rotary magnitude r from the utterance's log-f0 z-score, r in [1/2, 2]")

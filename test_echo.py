@@ -1483,8 +1483,8 @@ def test_tiny_run_with_a_factored_optimizer_and_all_features_learns(tiny_corpus,
     echo.train(train_args(cache, tmp_path, "--name", optimizer, "--max_steps", "40", "--eval_every", "40",
                           "--optimizer", optimizer, "--gate", "m", "--streams", "spectrogram,pitch,waveform", "--diag_every", "20",
                           "--radii", "--pitch_bias", "--zero_value"))
-    curve = list(losses(run_dir).values())
-    assert curve[-1] < curve[0] - 0.5
+    curve = list(losses(run_dir).values())  # per-batch losses are noisy: the means of the first and last five steps
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5
     tags = set(events(run_dir).Tags()["scalars"])
     for name in ("radius_alpha", "bias_lambda_per_octave", "zero_value_offset"):
         assert {f"pitch/{name}/head0", f"pitch/{name}/head1"} <= tags
