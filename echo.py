@@ -62,12 +62,12 @@ CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
 
 AUGMENT_ON = dict(specaug=True, speed_perturb=True, noise_snr=(10.0, 30.0), reverb=True, bandpass=True, vtlp=True, tempo=True)
 AUGMENT_OFF = {name: None if name == "noise_snr" else False for name in AUGMENT_ON}
-BEFORE_FLAGS = {"momentum": 0.0, "vtlp": False, "tempo": False, "sortagrad": False, "ema": 0.0}  # runs before them (--ablate)
+BEFORE_FLAGS = {"momentum": 0.0, "vtlp": False, "tempo": False, "sortagrad": False, "ema": 0.0, "lr_floor": 0.1}  # --ablate
 PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, streams="spectrogram,pitch"),
          "f0_theta": dict(f0_theta=True), "+radii": dict(f0_theta=True, radii=True),  # pitch_stream: f0 as an input
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
-STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, momentum=0.0, vtlp=False,
+STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, lr_floor=0.1, momentum=0.0, vtlp=False,
                    tempo=False, sortagrad=False, ema=0.0, weight_decay=0.01, batch_frames=4000, warmup=200)  # as measured
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (STUDY_MODEL | dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200,
@@ -147,11 +147,11 @@ def build_parser():
     a("--max_steps", type=int, default=2500, help="optimizer steps")
     a("--batch_frames", type=int, default=4000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--optimizer", choices=tuple(LEARNING_RATES), default="maxfactor", help="AdamW, MaxFactor (Echo's or upstream's "
-      "formula) or torch.optim.Adafactor; the last three keep factored second moments")
+    a("--optimizer", choices=tuple(LEARNING_RATES), default="maxfactor", help="AdamW, MaxFactor (Echo's, upstream's), Adafactor")
     a("--lr", type=float, default=None, help="peak learning rate (default: LEARNING_RATES[--optimizer])")
     a("--momentum", type=float, default=0.9, help="MaxFactor's Nesterov momentum: its EMA's weight (0 = none, factored state)")
-    a("--warmup", type=int, default=200, help="linear warmup steps, then cosine decay to lr/10")
+    a("--warmup", type=int, default=200, help="linear warmup steps, then cosine decay to lr * --lr_floor")
+    a("--lr_floor", type=float, default=0.3, help="the fraction of the peak lr that the cosine decay ends at (README)")
     a("--weight_decay", type=float, default=0.1, help="decoupled weight decay (of matrices)")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
     a("--ema", type=float, default=0.99, help="evaluation decodes the weights' moving average: its decay a step (0: the weights)")
@@ -179,8 +179,9 @@ def parse_args(argv=None):
                  "log_every jobs").split():
         if (value := getattr(args, flag)) is not None and value <= 0:
             p.error(f"--{flag} must be positive, got {value}")
-    if min(args.diag_every, args.lm_sentences, args.ema) < 0 or args.ema >= 1:
-        p.error(f"--diag_every {args.diag_every}, --lm_sentences {args.lm_sentences}: 0 or more; --ema {args.ema}: in [0, 1)")
+    if min(args.diag_every, args.lm_sentences, args.ema, args.lr_floor) < 0 or args.ema >= 1:
+        p.error(f"--diag_every {args.diag_every}, --lm_sentences {args.lm_sentences}, --lr_floor {args.lr_floor}: 0 or more; "
+                f"--ema {args.ema}: in [0, 1)")
     if args.grad_accum % (world := int(os.environ.get("WORLD_SIZE", "1"))):
         p.error(f"--grad_accum {args.grad_accum} must be a multiple of the {world} processes")
     if not args.f0_theta and (on := [f for f in ("radii", "pitch_bias", "zero_value") if getattr(args, f)]):
@@ -432,8 +433,7 @@ def yin_f0(waves, window=512):
     lag_min, lag_max = int(SAMPLE_RATE / F0_MAX), math.ceil(SAMPLE_RATE / F0_MIN)
     span, n_frames = window + lag_max + 2, waves.shape[-1] // HOP + 1
     raw = F.pad(waves, (window // 2, span)).unfold(-1, span, HOP)[:, :n_frames]  # (batch, frames, span)
-    frames = raw - raw.mean(-1, keepdim=True)
-    n_fft = 1 << (span - 1).bit_length()
+    frames, n_fft = raw - raw.mean(-1, keepdim=True), 1 << (span - 1).bit_length()
     spectrum, head = torch.fft.rfft(frames, n_fft), torch.fft.rfft(frames[..., :window], n_fft)
     lags = torch.arange(lag_max + 2, device=waves.device)
     correlation = torch.fft.irfft(spectrum * head.conj(), n_fft)[..., :lag_max + 2]  # r(tau) = sum_j x_j x_(j+tau)
@@ -1380,9 +1380,9 @@ def diagnose(args):
 
 # ---- training
 def lr_at(step, args):
-    """Linear warmup, then cosine decay to a tenth of the peak."""
-    progress = min(1.0, max(0, step - args.warmup) / max(1, args.max_steps - args.warmup))
-    return min(args.lr * (step + 1) / max(1, args.warmup), args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress))))
+    """Linear warmup, then cosine decay to --lr_floor of the peak."""
+    progress, floor = min(1.0, max(0, step - args.warmup) / max(1, args.max_steps - args.warmup)), args.lr_floor
+    return args.lr * min((step + 1) / max(1, args.warmup), floor + (1 - floor) / 2 * (1 + math.cos(math.pi * progress)))
 
 def environment(device, world):
     """Code version (git commit, if any, + hash of this file), software and hardware, kept with every run."""
