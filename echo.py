@@ -995,10 +995,10 @@ class Echo(nn.Module):
 # ---- optimizer
 class MaxFactor(torch.optim.Optimizer):
     """MaxFactor (sine2pi/Maxfactor): per parameter, with its own step count t, V is an EMA of G^2 of weight
-    clamp(t^-0.8, 0.001, 0.999), for a matrix a row and a column EMA (V = R (x) C / max(R)); U = M / sqrt(V), M = G
-    or, with momentum b, Nesterov's lerp(E, G, 1 - b), E an EMA of G of weight 1 - b; each row of U scaled to
-    infinity-norm 1, steps by the scheduled lr; decoupled weight decay. upstream=True: upstream's formula (README), no
-    momentum, less its 2x boost of scalars."""
+    clamp(t^-0.8, 0.001, 0.999), for a matrix a row and a column EMA (V = R (x) C / max(R)); U = M / sqrt(V), M = G or,
+    with momentum b, Nesterov's lerp(E, G, 1 - b), E an EMA of G of weight 1 - b; each row of U scaled to infinity-norm
+    1 (which cancels R: only upstream keeps it), steps by the scheduled lr; decoupled weight decay. upstream=True:
+    upstream's formula (README), no momentum, less its 2x boost of scalars."""
     def __init__(self, params, lr=3e-3, weight_decay=0.0, momentum=0.0, upstream=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
         self.upstream = upstream
@@ -1009,30 +1009,30 @@ class MaxFactor(torch.optim.Optimizer):
             for p in (p for p in group["params"] if p.grad is not None):
                 state, matrix = self.state[p], p.dim() >= 2
                 if not state:
-                    state |= ({"step": 0, "row": torch.zeros(p.shape[0], device=p.device),
-                               "col": torch.zeros(p[0].numel(), device=p.device)} if matrix else
+                    state |= ({"step": 0, "col": torch.zeros(p[0].numel(), device=p.device)} |
+                              ({"row": torch.zeros(p.shape[0], device=p.device)} if self.upstream else {}) if matrix else
                               {"step": 0, "second": torch.zeros_like(p, dtype=torch.float32)})
                 t = state["step"] = state["step"] + 1
                 beta = 0.01 if self.upstream and not matrix else min(max(t ** -0.8, 0.001), 0.999)
                 grad = p.grad.float().reshape(p.shape[0] if matrix else 1, -1)
                 square = grad * grad + 1e-30
-                if matrix:
-                    state["row"].lerp_(square.mean(1), beta)
-                    state["col"].lerp_(square.mean(0), beta)
-                    second = torch.outer(state["row"], state["col"]) / state["row"].max()
+                if matrix:  # 1 / sqrt(V) = sqrt(max(R) / R) (x) (1 / sqrt(C))
+                    scale = state["col"].lerp_(square.mean(0), beta).rsqrt()
+                    if self.upstream:
+                        row = state["row"].lerp_(square.mean(1), beta)
+                        scale = torch.outer((row.max() / row).sqrt(), scale)
                 else:
-                    second = state["second"].lerp_(square.view_as(p), beta).view(1, -1)
+                    scale = state["second"].lerp_(square.view_as(p), beta).view(1, -1).rsqrt()
                 if (beta1 := group.get("momentum")) and not self.upstream:  # Nesterov's: E, then a step from E towards G
                     grad = state.setdefault("momentum", torch.zeros_like(grad)).lerp_(grad, 1 - beta1).lerp(grad, 1 - beta1)
-                update = grad / second.sqrt()
+                update = grad * scale
                 if self.upstream:
                     update = update / update.abs().max().clamp(min=1e-10)
                     update = update.sign() * update.abs().amax(1, keepdim=True) if matrix else update
                     step = max(1e-4, p.float().pow(2).mean().sqrt().item()) * min(group["lr"], 1 / math.sqrt(t))
                 else:
                     update, step = update / update.abs().amax(1, keepdim=True).clamp(min=1e-10), group["lr"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.view_as(p).to(p.dtype), alpha=-step)
+                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update.view_as(p).to(p.dtype), alpha=-step)
 
 def build_optimizer(model, args, device):
     """--optimizer by name; weight decay on matrices only."""

@@ -1113,9 +1113,29 @@ def test_maxfactor_state_is_factored_and_counted_per_parameter():
             extra.grad = torch.ones(4)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    assert opt.state[layer.weight]["row"].shape == (3,) and opt.state[layer.weight]["col"].shape == (5,)
-    assert "second" not in opt.state[layer.weight] and opt.state[layer.bias]["second"].shape == (3,)
+    assert opt.state[layer.weight]["col"].shape == (5,) and opt.state[layer.bias]["second"].shape == (3,)
+    assert not {"row", "second"} & set(opt.state[layer.weight]) and "row" not in opt.state[layer.bias]
     assert opt.state[layer.weight]["step"] == 3 and opt.state[extra]["step"] == 1
+    upstream = echo.MaxFactor(layer.parameters(), upstream=True)
+    layer(torch.randn(8, 5)).pow(2).mean().backward()
+    upstream.step()
+    assert upstream.state[layer.weight]["row"].shape == (3,) and upstream.state[layer.weight]["col"].shape == (5,)
+
+
+def test_maxfactor_row_scaling_cancels_the_row_factor():
+    """Echo keeps no row EMA R: U = G / sqrt(R (x) C / max R), each row scaled to infinity-norm 1, is the same update
+    as G / sqrt(C) so scaled, since R only scales whole rows. Checked against the full formula over three steps."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 4))
+    opt, row, col, q = echo.MaxFactor([p], lr=0.01), torch.zeros(6), torch.zeros(4), p.detach().clone()
+    for t in (1, 2, 3):
+        p.grad = torch.randn(6, 4) * torch.logspace(-3, 1, 6)[:, None]  # rows of very different scales
+        beta, square = min(max(t ** -0.8, 0.001), 0.999), p.grad ** 2 + 1e-30
+        row, col = row.lerp(square.mean(1), beta), col.lerp(square.mean(0), beta)
+        u = p.grad / (torch.outer(row, col) / row.max()).sqrt()
+        q -= 0.01 * u / u.abs().amax(1, keepdim=True)
+        opt.step()
+        assert torch.allclose(p.detach(), q, atol=1e-7), t
 
 
 def test_maxfactor_reduces_a_regression_loss_and_survives_zero_gradients():
