@@ -1,7 +1,6 @@
-"""Echo: pitch-aware speech recognition in one file. An encoder-decoder transformer (log-mel in, characters out)
-whose encoder attention can know about the speaker's pitch (f0). Read top to bottom: config -> data and features ->
-model -> optimizer -> decoding and evaluation -> diagnostics -> training -> experiments -> CLI. The README states
-the method; test_echo.py proves it.
+"""Echo: pitch-aware speech recognition in one file. An encoder-decoder transformer (log-mel in, characters out) whose encoder
+attention can know about the speaker's pitch (f0). Read top to bottom: config -> data and features -> model -> optimizer ->
+decoding and evaluation -> diagnostics -> training -> experiments -> CLI. The README states the method; test_echo.py proves it.
 
     python echo.py                      # build the embedded corpus, train, decode the test split
     python echo.py --transcribe a.wav --ckpt runs/<name>/ckpt.pt
@@ -68,7 +67,7 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
 STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, lr_floor=0.1, momentum=0.0, vtlp=False,
-                   tempo=False, sortagrad=False, ema=0.0, weight_decay=0.01, batch_frames=4000, warmup=200)  # as measured
+                   tempo=False, sortagrad=False, ema=0.0, weight_decay=0.01, batch_frames=4000, warmup=200, mlp=4)  # as measured
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (STUDY_MODEL | dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200,
                                     eval_every=300, optimizer="maxfactor"), tuple(PITCH)),
@@ -98,6 +97,7 @@ class ModelConfig:
     n_heads: int = flag(4, "attention heads")
     enc_layers: int = flag(6, "encoder blocks")
     dec_layers: int = flag(1, "decoder blocks")
+    mlp: int = flag(2, "width of each block's MLP, in multiples of d_model")
     ctc_weight: float = flag(0.5, "weight of the auxiliary CTC loss on the encoder (0 = no CTC head)")
     gate: str = flag("t", "gate on every block's MLP output (README)", choices=("none", "mlp", "t", "m"))
     gate_memory: int = flag(64, "memory slots of --gate m")
@@ -144,7 +144,7 @@ def build_parser():
     a("--lm_weight", type=float, default=0.3, help="weight of the character 8-gram in decoding (0 = off; README)")
     a("--lm_sentences", type=int, default=100000, help="the embedded corpus's text-only sentences the n-gram also reads (README)")
     a("--beam", type=int, default=8, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
-    a("--max_steps", type=int, default=2800, help="optimizer steps")
+    a("--max_steps", type=int, default=3500, help="optimizer steps")
     a("--batch_frames", type=int, default=4000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--optimizer", choices=tuple(LEARNING_RATES), default="maxfactor", help="AdamW, MaxFactor (Echo's, upstream's), Adafactor")
@@ -865,12 +865,12 @@ class Block(nn.Module):
     """Pre-norm residual block: self-attention, optional cross-attention, optional depthwise convolution over time
     (Conformer's, less its pointwise layers), MLP scaled by an optional Gate."""
     depthwise = staticmethod(torch.compiler.disable(lambda conv, x: conv(x.mT[:, :, None])[:, :, 0].mT))  # (B, T, D), shared
-    def __init__(self, d_model, n_heads, cross=False, gate="none", gate_memory=64, conv=0):
+    def __init__(self, d_model, n_heads, cross=False, gate="none", gate_memory=64, conv=0, mlp=4):
         super().__init__()
         self.attn_norm, self.attn = RMSNorm(d_model), Attention(d_model, n_heads)
         self.cross_norm, self.cross = (RMSNorm(d_model), Attention(d_model, n_heads)) if cross else (None, None)
         self.mlp_norm = RMSNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+        self.mlp = nn.Sequential(nn.Linear(d_model, mlp * d_model), nn.GELU(), nn.Linear(mlp * d_model, d_model))
         self.gate = Gate(gate, d_model, gate_memory) if gate != "none" else None
         self.conv_norm, self.conv = (RMSNorm(d_model), nn.Conv2d(d_model, d_model, (1, conv), padding=(0, conv // 2),
                                                                  groups=d_model)) if conv else (None, None)
@@ -937,7 +937,7 @@ class Encoder(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.streams = Streams(tuple(c.streams.split(",")), c.d_model)
-        self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, gate=c.gate, gate_memory=c.gate_memory, conv=c.conv)
+        self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, gate=c.gate, gate_memory=c.gate_memory, conv=c.conv, mlp=c.mlp)
                                     for _ in range(c.enc_layers))
         self.norm = RMSNorm(c.d_model)
         self.pitch = PitchPrior(c.d_model // c.n_heads, c.n_heads, c.f0_theta, c.radii, c.pitch_bias, c.zero_value, c.rope_freqs)
@@ -956,7 +956,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(c.vocab, c.d_model)
         nn.init.normal_(self.embed.weight, std=0.02)  # small init keeps the first loss near ln(vocab)
-        self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, cross=True, gate=c.gate, gate_memory=c.gate_memory)
+        self.blocks = nn.ModuleList(Block(c.d_model, c.n_heads, cross=True, gate=c.gate, gate_memory=c.gate_memory, mlp=c.mlp)
                                     for _ in range(c.dec_layers))
         self.norm = RMSNorm(c.d_model)
         self.register_buffer("freqs", rope_freqs(c.d_model // c.n_heads), persistent=False)
@@ -1221,7 +1221,7 @@ def load_checkpoint(path):
 def load_model(path, device):
     """A checkpoint -> (model in eval mode, tokenizer, the run's flags as a dict)."""
     ckpt = load_checkpoint(path)
-    model, tokenizer = Echo(ModelConfig(**ckpt["model_config"])), Tokenizer(ckpt["tokenizer"])
+    model, tokenizer = Echo(ModelConfig(**{"mlp": 4} | ckpt["model_config"])), Tokenizer(ckpt["tokenizer"])
     averaged = {k.removeprefix("module."): v for k, v in ckpt.get("averaged", {}).items() if k != "n_averaged"}
     model.load_state_dict(averaged or ckpt["model"])  # --ema's average: the weights validation and the test splits decoded
     model.lm = CharLM(ckpt["lm_text"], tokenizer, ckpt["config"]["lm_weight"]) if ckpt.get("lm_text") else None

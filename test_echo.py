@@ -33,7 +33,7 @@ import echo
 HERE = Path(__file__).resolve().parent
 ECHO = [sys.executable, str(HERE / "echo.py")]
 CHARS = "abcdefghijklmnopqrstuvwxyz '"
-TINY = dict(d_model=64, n_heads=2, enc_layers=2, dec_layers=2, gate="none", gate_memory=8, f0_theta=False)
+TINY = dict(d_model=64, n_heads=2, enc_layers=2, dec_layers=2, gate="none", gate_memory=8, f0_theta=False, mlp=4)
 ALL_PITCH = dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)
 
 
@@ -1528,6 +1528,17 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(batch)[0], loaded(batch)[0])
 
+
+def test_a_checkpoint_from_before_the_mlp_flag_loads_with_mlps_4x_wide(tmp_path):
+    """Checkpoints written before --mlp (default 2) have no "mlp" in their model_config; their MLPs were 4x d_model."""
+    model, batch = save_tiny_checkpoint(tmp_path / "ckpt.pt", vocab=31, mlp=4), fake_batch(vocab=31)
+    ckpt = echo.load_checkpoint(tmp_path / "ckpt.pt")
+    del ckpt["model_config"]["mlp"]
+    echo.save_checkpoint(tmp_path / "ckpt.pt", ckpt)
+    loaded = echo.load_model(tmp_path / "ckpt.pt", torch.device("cpu"))[0]
+    assert loaded.encoder.blocks[0].mlp[0].out_features == 4 * TINY["d_model"]
+    with torch.no_grad():
+        assert torch.equal(model(batch)[0], loaded(batch)[0])
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
