@@ -176,7 +176,7 @@ def build_parser():
 def parse_args(argv=None):
     args = (p := build_parser()).parse_args(argv)
     for flag in ("max_steps batch_frames grad_accum eval_every eval_utts test_utts corpus_size d_model n_heads beam "
-                 "log_every jobs").split():
+                 "log_every jobs mlp").split():
         if (value := getattr(args, flag)) is not None and value <= 0:
             p.error(f"--{flag} must be positive, got {value}")
     if min(args.diag_every, args.lm_sentences, args.ema, args.lr_floor) < 0 or args.ema >= 1:

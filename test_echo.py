@@ -211,7 +211,7 @@ def test_invalid_arguments_are_argparse_errors(tmp_path):
                  ["--log_every", "0"], ["--diagnose", str(tmp_path / "none.pt"), "a.wav"],
                  ["--gate", "x"], ["--streams", "spectrogram,pich"], ["--streams", "pitch"],
                  ["--radii", "--no-f0_theta"], ["--conv", "4"], ["--conv", "-3"], ["--eval_utts", "0"], ["--test_utts", "-2"],
-                 ["--lm_sentences", "-1"], ["--lr_floor", "-0.1"], ["--streams", "pitch,spectrogram"]):
+                 ["--lm_sentences", "-1"], ["--lr_floor", "-0.1"], ["--streams", "pitch,spectrogram"], ["--mlp", "0"]):
         with pytest.raises(SystemExit) as e:
             echo.parse_args(argv)
         assert e.value.code == 2, argv
