@@ -1219,7 +1219,7 @@ def load_checkpoint(path):
                          f"is {path}.prev") from None
 
 def load_model(path, device):
-    """A checkpoint -> (model in eval mode, tokenizer, the run's flags as a dict)."""
+    """A checkpoint -> (model in eval mode, tokenizer, the run's flags as a dict); one from before --mlp has 4x MLPs."""
     ckpt = load_checkpoint(path)
     model, tokenizer = Echo(ModelConfig(**{"mlp": 4} | ckpt["model_config"])), Tokenizer(ckpt["tokenizer"])
     averaged = {k.removeprefix("module."): v for k, v in ckpt.get("averaged", {}).items() if k != "n_averaged"}
