@@ -865,7 +865,7 @@ class Block(nn.Module):
     """Pre-norm residual block: self-attention, optional cross-attention, optional depthwise convolution over time
     (Conformer's, less its pointwise layers), MLP scaled by an optional Gate."""
     depthwise = staticmethod(torch.compiler.disable(lambda conv, x: conv(x.mT[:, :, None])[:, :, 0].mT))  # (B, T, D), shared
-    def __init__(self, d_model, n_heads, cross=False, gate="none", gate_memory=64, conv=0, mlp=4):
+    def __init__(self, d_model, n_heads, cross=False, gate="none", gate_memory=64, conv=0, mlp=2):
         super().__init__()
         self.attn_norm, self.attn = RMSNorm(d_model), Attention(d_model, n_heads)
         self.cross_norm, self.cross = (RMSNorm(d_model), Attention(d_model, n_heads)) if cross else (None, None)
