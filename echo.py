@@ -898,7 +898,7 @@ class Stem(nn.Module):
         for conv in self.convs:
             x, frames = F.gelu(conv(x)), (frames + conv.stride[0] - 1) // conv.stride[0]
             x = x * (torch.arange(x.shape[-1], device=x.device) < frames[:, None])[:, None]
-        return x.transpose(1, 2)
+        return x.transpose(1, 2).contiguous()  # (B, T, D) in memory: a strided residual stream slows every op after it
 
 def pitch_input(f0, voiced, n):
     """(B, T') f0 and voicing -> (B, 3, n), 0 on unvoiced frames: log2(f0 / 220 Hz); log2 f0 less the utterance's voiced
