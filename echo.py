@@ -190,13 +190,12 @@ def parse_args(argv=None):
         p.error(f"--conv {args.conv} must be odd (a centred kernel), or 0 for none")
     if args.d_model % (2 * args.n_heads):
         p.error(f"--d_model {args.d_model} must be divisible by 2 * --n_heads")
-    if args.transcribe and not args.ckpt:
-        p.error("--transcribe needs --ckpt")
     for path in (args.ckpt, args.diagnose and args.diagnose[0]):
         if path and not os.path.isfile(path):
             p.error(f"{path}: no such checkpoint")
-    if args.resume and not args.name:
-        p.error("--resume needs --name of the run to continue")
+    for flag, needs in (("transcribe", "ckpt"), ("resume", "name")):  # --resume: the --name of the run to continue
+        if getattr(args, flag) and not getattr(args, needs):
+            p.error(f"--{flag} needs --{needs}")
     if args.dataset not in CORPORA and os.path.isdir(args.dataset) and not list(Path(args.dataset).rglob("metadata.csv")):
         p.error(f"--dataset {args.dataset}: folder has no metadata.csv (file_name,transcription)")
     args.name = args.name or time.strftime("%Y%m%d-%H%M%S")
@@ -1363,8 +1362,7 @@ def figures(model, batch):
 
 def diagnose(args):
     """--diagnose CKPT AUDIO: the diagnostic figures of a trained model for one audio file, as PNGs in runs/<name>/."""
-    device = pick_device(args.device)
-    model, tokenizer, config = load_model(args.diagnose[0], device)
+    model, tokenizer, config = load_model(args.diagnose[0], device := pick_device(args.device))
     try:
         features = featurize([decode_audio(args.diagnose[1])], "waveform" in model.config.streams)[0]
     except (BadInput, OSError) as e:
@@ -1399,8 +1397,10 @@ def training_state(model, averaged, optimizer, position, config, tokenizer, env)
             "config": config, "tokenizer": tokenizer.chars, "lm_text": model.lm and model.lm.texts, "code": env["code"],
             "source": SOURCE.decode(), "rng": {"python": random.getstate(), "torch": torch.get_rng_state()}}
 
-def restore(ckpt, model, averaged, optimizer):
-    """Load a training checkpoint's model, its average, optimizer and RNG states -> its position (step, epoch, batch_index)."""
+def restore(path, ckpt, model, averaged, optimizer):
+    """Load a training checkpoint's model (built with these flags), average, optimizer and RNG -> (step, epoch, batch_index)."""
+    if changed := [f"{k}={v}" for k, v in ({"mlp": 4} | ckpt["model_config"]).items() if v != getattr(model.config, k)]:
+        raise SystemExit(f"echo: {path}: its model has {', '.join(changed)}, unlike these flags: resume with its model's flags")
     for state, key in ((model, "model"), (averaged, "averaged"), (optimizer, "optimizer")):
         state.load_state_dict(ckpt[key])
     random.setstate(ckpt["rng"]["python"])
@@ -1552,7 +1552,7 @@ def train(args):
         more = corpus_plan(args.corpus_size, args.corpus_seed, args.dataset, args.lm_sentences) if args.dataset in CORPORA else []
         model.lm = tested.lm = CharLM([*train_set["text"], *more], tokenizer, args.lm_weight)
     optimizer = build_optimizer(model, args, device)
-    step, epoch, batch_index = restore(ckpt, model, averaged, optimizer) if ckpt else (0, 0, 0)
+    step, epoch, batch_index = restore(run_dir / "ckpt.pt", ckpt, model, averaged, optimizer) if ckpt else (0, 0, 0)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     forward = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

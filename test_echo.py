@@ -211,7 +211,8 @@ def test_invalid_arguments_are_argparse_errors(tmp_path):
                  ["--log_every", "0"], ["--diagnose", str(tmp_path / "none.pt"), "a.wav"],
                  ["--gate", "x"], ["--streams", "spectrogram,pich"], ["--streams", "pitch"],
                  ["--radii", "--no-f0_theta"], ["--conv", "4"], ["--conv", "-3"], ["--eval_utts", "0"], ["--test_utts", "-2"],
-                 ["--lm_sentences", "-1"], ["--lr_floor", "-0.1"], ["--streams", "pitch,spectrogram"], ["--mlp", "0"]):
+                 ["--lm_sentences", "-1"], ["--lr_floor", "-0.1"], ["--streams", "pitch,spectrogram"], ["--mlp", "0"],
+                 ["--transcribe", "a.wav"]):
         with pytest.raises(SystemExit) as e:
             echo.parse_args(argv)
         assert e.value.code == 2, argv
@@ -1490,6 +1491,8 @@ def test_tiny_training_run_loss_falls_and_resume_continues(tiny_corpus, tmp_path
     spelled = [t for t in more if set(t) <= set(ckpt["tokenizer"])]  # the training text (20 sentences lack a letter)
     assert model.lm.texts == ckpt["lm_text"] == [str(t) for t in echo.load_splits(args)[0]["train"]["text"]] + spelled
     assert 0 < len(spelled) < len(more)
+    with pytest.raises(SystemExit, match=r"tiny/ckpt.pt: its model has mlp=2, unlike these flags"):  # a one-line error
+        echo.train(train_args(cache, tmp_path, "--name", "tiny", "--max_steps", "60", "--mlp", "3", "--resume"))
     resumed = train_args(cache, tmp_path, "--name", "tiny", "--max_steps", "60", "--eval_every", "20", "--resume")
     echo.train(resumed)
     assert echo.load_checkpoint(run_dir / "ckpt.pt")["step"] == 60
