@@ -405,10 +405,9 @@ def decode_audio(audio):
         wave, rate = soundfile.read(source, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types for unreadable files
         raise BadInput(f"cannot read audio ({str(e).splitlines()[0]})") from None
-    wave = wave.mean(axis=1)  # downmix
     if wave.size == 0 or not np.isfinite(wave).all():
         raise BadInput("audio has zero samples" if wave.size == 0 else "audio contains NaN or Inf samples")
-    wave = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(wave)), rate, SAMPLE_RATE)  # as is at 16 kHz
+    wave = torchaudio.functional.resample(torch.from_numpy(wave.mean(axis=1)), rate, SAMPLE_RATE)  # downmixed; as is at 16 kHz
     if wave.numel() < 4 * HOP:
         raise BadInput(f"audio too short ({wave.numel() / SAMPLE_RATE * 1000:.0f} ms)")
     return wave
@@ -1212,15 +1211,16 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise SystemExit(f"echo: {path}: unreadable checkpoint ({type(e).__name__}); the previous one, if any, "
                          f"is {path}.prev") from None
+    return ckpt | ({"model_config": {"mlp": 4} | ckpt["model_config"]} if "model_config" in ckpt else {})  # before --mlp: 4x
 
 def load_model(path, device):
-    """A checkpoint -> (model in eval mode, tokenizer, the run's flags as a dict); one from before --mlp has 4x MLPs."""
+    """A checkpoint -> (model in eval mode, tokenizer, the run's flags as a dict)."""
     ckpt = load_checkpoint(path)
-    model, tokenizer = Echo(ModelConfig(**{"mlp": 4} | ckpt["model_config"])), Tokenizer(ckpt["tokenizer"])
+    model, tokenizer = Echo(ModelConfig(**ckpt["model_config"])), Tokenizer(ckpt["tokenizer"])
     averaged = {k.removeprefix("module."): v for k, v in ckpt.get("averaged", {}).items() if k != "n_averaged"}
     model.load_state_dict(averaged or ckpt["model"])  # --ema's average: the weights validation and the test splits decoded
     model.lm = CharLM(ckpt["lm_text"], tokenizer, ckpt["config"]["lm_weight"]) if ckpt.get("lm_text") else None
@@ -1399,7 +1399,7 @@ def training_state(model, averaged, optimizer, position, config, tokenizer, env)
 
 def restore(path, ckpt, model, averaged, optimizer):
     """Load a training checkpoint's model (built with these flags), average, optimizer and RNG -> (step, epoch, batch_index)."""
-    if changed := [f"{k}={v}" for k, v in ({"mlp": 4} | ckpt["model_config"]).items() if v != getattr(model.config, k)]:
+    if changed := [f"{k}={v}" for k, v in ckpt["model_config"].items() if v != getattr(model.config, k)]:
         raise SystemExit(f"echo: {path}: its model has {', '.join(changed)}, unlike these flags: resume with its model's flags")
     for state, key in ((model, "model"), (averaged, "averaged"), (optimizer, "optimizer")):
         state.load_state_dict(ckpt[key])
