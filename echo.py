@@ -144,7 +144,7 @@ def build_parser():
     a("--lm_weight", type=float, default=0.3, help="weight of the character 8-gram in decoding (0 = off; README)")
     a("--lm_sentences", type=int, default=100000, help="the embedded corpus's text-only sentences the n-gram also reads (README)")
     a("--beam", type=int, default=8, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
-    a("--max_steps", type=int, default=3500, help="optimizer steps")
+    a("--max_steps", type=int, default=4200, help="optimizer steps")
     a("--batch_frames", type=int, default=4000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--optimizer", choices=tuple(LEARNING_RATES), default="maxfactor", help="AdamW, MaxFactor (Echo's, upstream's), Adafactor")
