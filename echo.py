@@ -56,12 +56,13 @@ CANDIDATES = 8  # tokens each hypothesis is extended by per decoding step, befor
 LM_ORDER = 8  # order of the character n-gram that decoding adds (README, Evaluation is decoded): 7 tokens of context
 END_MARGIN = 10.0  # beam search drops an utterance's live hypotheses this far below its best ended one
 MAX_CHARS_PER_SECOND = 30  # decoding length cap (speech rarely exceeds 20 characters per second), plus 10
+BUDGET_AT, BUDGET_RESERVE = 150, 500  # --time_budget: the step that sets the steps; steps' time left for evaluating, decoding
 SOURCE = Path(__file__).read_bytes()  # the exact code this process runs: saved with every run and checkpoint
 CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
 
 AUGMENT_ON = dict(specaug=True, speed_perturb=True, noise_snr=(10.0, 30.0), reverb=True, bandpass=True, vtlp=True, tempo=True)
 AUGMENT_OFF = {name: None if name == "noise_snr" else False for name in AUGMENT_ON}
-BEFORE_FLAGS = {"momentum": 0.0, "vtlp": False, "tempo": False, "sortagrad": False, "ema": 0.0, "lr_floor": 0.1}  # --ablate
+BEFORE_FLAGS = dict(momentum=0.0, vtlp=False, tempo=False, sortagrad=False, ema=0.0, lr_floor=0.1, time_budget=0)  # --ablate
 PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, streams="spectrogram,pitch"),
          "f0_theta": dict(f0_theta=True), "+radii": dict(f0_theta=True, radii=True),  # pitch_stream: f0 as an input
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
@@ -73,8 +74,7 @@ STUDY = {  # --ablate study: the tonal positive control first, then English (REA
                                     eval_every=300, optimizer="maxfactor"), tuple(PITCH)),
     "english": (STUDY_MODEL | dict(dataset="embedded", test_utts=200), "baseline f0_theta all pitch_stream".split())}
 STUDY_RUNS = {f"{corpus}/{label}": budget | PITCH[label] for corpus, (budget, labels) in STUDY.items() for label in labels}
-ABLATIONS = {  # --ablate: each configuration is a set of flag overrides
-    "pitch": PITCH,
+ABLATIONS = {"pitch": PITCH,  # --ablate: each configuration is a set of flag overrides
     "study": STUDY_RUNS, **{f"study-{c}": {k: v for k, v in STUDY_RUNS.items() if k.startswith(c)} for c in STUDY},
     "augment": {"none": AUGMENT_OFF} | {name: AUGMENT_OFF | {name: on} for name, on in AUGMENT_ON.items()},
     "optimizer": {name: dict(optimizer=name, lr=lr) for name, lr in LEARNING_RATES.items()}}
@@ -144,7 +144,9 @@ def build_parser():
     a("--lm_weight", type=float, default=0.3, help="weight of the character 8-gram in decoding (0 = off; README)")
     a("--lm_sentences", type=int, default=100000, help="the embedded corpus's text-only sentences the n-gram also reads (README)")
     a("--beam", type=int, default=8, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
-    a("--max_steps", type=int, default=4200, help="optimizer steps")
+    a("--max_steps", type=int, default=4200, help="optimizer steps (fewer where --time_budget cuts them)")
+    a("--time_budget", type=float, default=None, help="minutes a run aims at: at step 150 it keeps the steps that fit; a "
+      "resumed run keeps its checkpoint's (default: 14 on the embedded corpora, else 0 = off; README, Time budget)")
     a("--batch_frames", type=int, default=4000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--optimizer", choices=tuple(LEARNING_RATES), default="maxfactor", help="AdamW, MaxFactor (Echo's, upstream's), Adafactor")
@@ -179,9 +181,10 @@ def parse_args(argv=None):
                  "log_every jobs mlp").split():
         if (value := getattr(args, flag)) is not None and value <= 0:
             p.error(f"--{flag} must be positive, got {value}")
-    if min(args.diag_every, args.lm_sentences, args.ema, args.lr_floor) < 0 or args.ema >= 1:
-        p.error(f"--diag_every {args.diag_every}, --lm_sentences {args.lm_sentences}, --lr_floor {args.lr_floor}: 0 or more; "
-                f"--ema {args.ema}: in [0, 1)")
+    args.time_budget = (14.0 if args.dataset in CORPORA else 0.0) if args.time_budget is None else args.time_budget
+    if min(args.diag_every, args.lm_sentences, args.ema, args.lr_floor, args.time_budget) < 0 or args.ema >= 1:
+        p.error(f"--diag_every {args.diag_every}, --lm_sentences {args.lm_sentences}, --lr_floor {args.lr_floor}, "
+                f"--time_budget {args.time_budget}: 0 or more; --ema {args.ema}: in [0, 1)")
     if args.grad_accum % (world := int(os.environ.get("WORLD_SIZE", "1"))):
         p.error(f"--grad_accum {args.grad_accum} must be a multiple of the {world} processes")
     if not args.f0_theta and (on := [f for f in ("radii", "pitch_bias", "zero_value") if getattr(args, f)]):
@@ -387,8 +390,7 @@ def build_corpus(cache_dir, size, seed, num_proc=2, corpus="embedded"):
     plan = [r for r in plan if r["file_name"] not in failed]
     for split in SPLITS:
         with open(partial / split / "metadata.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[k for k in plan[0] if k != "split"], extrasaction="ignore")
-            writer.writeheader()
+            (writer := csv.DictWriter(f, fieldnames=[k for k in plan[0] if k != "split"], extrasaction="ignore")).writeheader()
             writer.writerows({**r, "file_name": os.path.basename(r["file_name"])} for r in plan if r["split"] == split)
     paths = sorted(f for f in partial.rglob("*") if f.is_file())
     files, size_mb = {str(f.relative_to(partial)): crc(f) for f in paths}, sum(f.stat().st_size for f in paths) / 2**20
@@ -569,8 +571,7 @@ def load_splits(args):
     threads, device = torch.get_num_threads(), pick_device(args.device)  # on a GPU: f0 batched, in this process
     if args.num_proc > 1 and device.type == "cpu":  # forked feature workers inherit this: one thread per core each
         torch.set_num_threads(1)
-    raw = raw_splits(args, os.path.join(args.cache_dir, "hf"))
-    if "train" not in raw:
+    if "train" not in (raw := raw_splits(args, os.path.join(args.cache_dir, "hf"))):
         raise SystemExit(f"echo: {args.dataset}: no train split (want <folder>/train/metadata.csv or <folder>/metadata.csv)")
     out, skipped = {}, []
     for split, ds in raw.items():
@@ -659,8 +660,7 @@ def perturb_audio(items, rng, args):
 
 def spec_augment(batch, rng):
     """SpecAugment as ESPnet's LibriSpeech-100 recipe (SPECAUG_MASKS, no time warping): only log-mel inside utterances."""
-    freq_masks, max_bins, time_masks, max_time = SPECAUG_MASKS
-    mel = batch["mel"].clone()
+    (freq_masks, max_bins, time_masks, max_time), mel = SPECAUG_MASKS, batch["mel"].clone()
     for i, n in enumerate(batch["frames"].tolist()):
         own, fill = mel[i, :n], mel[i, :n].mean()
         for count, widest, view in ((freq_masks, max_bins, own.T), (time_masks, int(max_time * n), own)):
@@ -704,8 +704,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         self.stream, self.tokenizer, self.args, self.epoch = stream, tokenizer, args, epoch
 
     def __iter__(self):
-        stream = self.stream.shuffle(seed=self.args.seed, buffer_size=BUCKET_WINDOW)
-        stream.set_epoch(self.epoch)
+        (stream := self.stream.shuffle(seed=self.args.seed, buffer_size=BUCKET_WINDOW)).set_epoch(self.epoch)
         examples, skipped = iter(stream), 0
         for chunk in iter(lambda: list(itertools.islice(examples, BUCKET_WINDOW)), []):
             usable = [e for e in chunk if not e["error"] and set(e["text"]) <= set(self.tokenizer.index)]
@@ -781,8 +780,7 @@ class PitchPrior(nn.Module):
         mean = (log_f0 * voiced).sum(1, keepdim=True) / count
         std = (((log_f0 - mean) ** 2 * voiced).sum(1, keepdim=True) / count).sqrt().clamp(min=0.05)
         z = torch.tanh((log_f0 - mean) / std) * voiced
-        z = (z - z.sum(1, keepdim=True) / count) * voiced
-        alpha = 0.5 * math.log(RADIUS_MAX) * torch.tanh(self.radius_strength)
+        z, alpha = (z - z.sum(1, keepdim=True) / count) * voiced, 0.5 * math.log(RADIUS_MAX) * torch.tanh(self.radius_strength)
         return torch.exp(alpha[None, :, None] * z[:, None, :])  # (B, H, T)
 
     def forward(self, log_f0, voiced, valid):
@@ -1243,8 +1241,7 @@ def transcribe(args):
     keys, texts = list(waves), {}
     pieces = [piece | {"text": ""} for piece in featurize(list(waves.values()), "waveform" in model.config.streams, device)]
     for indices in length_batches([len(piece["mel"]) for piece in pieces], EVAL_BATCH_FRAMES):
-        batch = to_device(collate([pieces[i] for i in indices]), device)
-        hyps = decode(model, batch, config["decode_ctc_weight"], args.beam)
+        hyps = decode(model, to_device(collate([pieces[i] for i in indices]), device), config["decode_ctc_weight"], args.beam)
         texts |= {keys[i]: tokenizer.decode(h) if pieces[i]["voiced"].any() else "" for i, h in zip(indices, hyps)}
     for path in (path for path in args.transcribe if (path, 0) in texts):
         print(f"{path}\t" + " ".join(texts[key] for key in keys if key[0] == path and texts[key]))
@@ -1295,8 +1292,7 @@ def pitch_figure(mel, f0, voiced):
     fig, ax = plt.subplots(figsize=(8, 3), dpi=100, layout="tight")
     ax.imshow(mel.T, origin="lower", aspect="auto", cmap="magma", extent=(0, len(mel) / 100, 0, N_MELS))
     ax.set(xlabel="seconds", ylabel="mel bin", title="log-mel with the f0 track (white: voiced)")
-    hz = ax.twinx()
-    hz.plot(np.arange(len(mel)) / 100, np.where(voiced > 0, f0, np.nan), color="white", lw=1.5)
+    (hz := ax.twinx()).plot(np.arange(len(mel)) / 100, np.where(voiced > 0, f0, np.nan), color="white", lw=1.5)
     hz.plot(np.arange(len(mel)) / 100, np.where(voiced > 0, np.nan, F0_MIN), color="tab:cyan", lw=3, label="unvoiced")
     hz.set(ylim=(F0_MIN - 10, F0_MAX), ylabel="f0 (Hz)")
     hz.legend(loc="upper right", fontsize=7)
@@ -1522,7 +1518,7 @@ def test_and_report(writer, step, model, data, tokenizer, device, args, config, 
     """After training: decode the test splits, log them with the flags to HParams, write results.json."""
     results = {"train_minutes": round((time.time() - stats["start"]) / 60, 2),
                "parameters": sum(p.numel() for p in model.parameters()), "skipped_nonfinite_steps": stats["nonfinite_steps"],
-               "skipped_utterances": len(skipped) + stats["skipped_in_stream"]}
+               "skipped_utterances": len(skipped) + stats["skipped_in_stream"], "steps": step}
     for split in [split for split in TEST_SPLITS if split in data]:
         result = evaluate_and_log(writer, step, split, model, data[split], tokenizer, device, args, args.beam, args.test_utts)
         results[split] = {k: round(result[k], 4) for k in ("wer", "cer", *TONE_METRICS, "rtfx", "utterances") if k in result}
@@ -1539,7 +1535,7 @@ def test_and_report(writer, step, model, data, tokenizer, device, args, config, 
 def train(args):
     """Train, evaluate and checkpoint. Under torchrun each step's --grad_accum micro-batches are shared out among the
     processes (DDP averages their gradients); rank 0 alone logs, evaluates, checkpoints and returns the test results."""
-    rank, world, device = init_distributed(args.device)
+    (rank, world, device), started = init_distributed(args.device), time.time()
     for seed in (random.seed, np.random.seed, torch.manual_seed):
         seed(args.seed)
     run_dir = Path(args.runs_dir) / args.name
@@ -1553,16 +1549,17 @@ def train(args):
         model.lm = tested.lm = CharLM([*train_set["text"], *more], tokenizer, args.lm_weight)
     optimizer = build_optimizer(model, args, device)
     step, epoch, batch_index = restore(run_dir / "ckpt.pt", ckpt, model, averaged, optimizer) if ckpt else (0, 0, 0)
+    args.max_steps = ckpt["config"]["max_steps"] if ckpt and args.time_budget else args.max_steps  # the steps it chose
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     forward = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     config, env = {k: v for k, v in vars(args).items() if k not in ("resume", "transcribe", "ckpt")}, environment(device, world)
     writer = open_run(run_dir, config, env, model, train_set, tokenizer, skipped, step) if rank == 0 else None
     batches = training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index, device)
-    stats = {"start": time.time(), "audio_seconds": 0.0, "nonfinite_steps": 0, "skipped_in_stream": 0}
+    stats = {"start": time.time(), "paced": (step, time.time()), "audio_seconds": 0, "nonfinite_steps": 0, "skipped_in_stream": 0}
     progress = tqdm(total=args.max_steps, initial=step, desc=args.name, file=sys.stdout, disable=rank or not sys.stdout.isatty())
     with deferred_signals() as stop:
-        for step in range(step + 1, args.max_steps + 1):  # step: the number of this optimizer step, from 1
+        for step in itertools.takewhile(lambda s: s <= args.max_steps, itertools.count(step + 1)):  # from 1; --time_budget
             epoch, batch_index, micro_batches = next(batches)
             model.train()
             t0 = time.time()
@@ -1595,6 +1592,14 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             progress.update(1)
             progress.set_postfix(loss=f"{losses[0]:.3f}")
+            stats["paced"] = (step, time.time()) if step == BUDGET_AT - 100 else stats["paced"]  # after warm-up, compiling
+            if step == BUDGET_AT and args.time_budget:  # keep the steps that fit at this pace (README, Time budget)
+                pace = (time.time() - stats["paced"][1]) / (step - stats["paced"][0])  # seconds a step, its batch included
+                fit = torch.tensor(step + int((60 * args.time_budget - time.time() + started) / pace) - BUDGET_RESERVE)
+                if world > 1:  # every process stops at the same step
+                    torch.distributed.all_reduce(fit, torch.distributed.ReduceOp.MIN)
+                args.max_steps = config["max_steps"] = progress.total = max(step, min(args.max_steps, fit.item()))
+                tqdm.write(f"--time_budget {args.time_budget:g} min: {args.max_steps} steps, at {pace:.3f} s a step")
             evaluating = step % args.eval_every == 0 or step == args.max_steps
             if rank == 0:
                 log_step(writer, step, args, losses, grad_norm, time.time() - t0, diagnostics, stats)
@@ -1621,8 +1626,7 @@ def train(args):
 def ablation_run(run):
     """Results of one ablation run: trained, resumed from its checkpoint if it was interrupted, or read back if it
     finished. A different run already in its folder is an error, never overwritten."""
-    run_dir = Path(run.runs_dir) / run.name
-    if (run_dir / "config.json").exists():
+    if ((run_dir := Path(run.runs_dir) / run.name) / "config.json").exists():
         ignore = ("name", "runs_dir", "ablate", "seeds", "jobs", "resume", "transcribe", "ckpt")  # runs may move
         earlier, default = BEFORE_FLAGS | json.loads((run_dir / "config.json").read_text())["config"], build_parser().get_default
         if any(earlier.get(k, default(k)) != json.loads(json.dumps(v)) for k, v in vars(run).items() if k not in ignore):
@@ -1653,6 +1657,7 @@ def ablate(args):
     """Train ABLATIONS[args.ablate], args.seeds seeds each (in --jobs processes, each every --jobs-th run) -> runs/<name>/
     ablation.md (per corpus: decoded error rates, mean ± std, differences to the first, Welch's p) and ablation.png."""
     out, t0, results, curves, corpus_of = Path(args.runs_dir) / args.name, time.time(), {}, {}, {}  # out: made by its runs
+    args.time_budget = 0  # comparable runs: the same steps on every machine
     runs = [argparse.Namespace(**(vars(args) | flags | {"seed": seed, "name": f"{args.name}/{label}-seed{seed}"}))
             for label, flags in ABLATIONS[args.ablate].items() for seed in range(args.seeds)]
     for run in {run.dataset: run for run in runs}.values() if args.jobs > 1 else ():
@@ -1681,11 +1686,9 @@ def ablate(args):
                  "in pooled sample standard deviations of the seeds)", "", *header]
         text += [row(label, lambda m: seed_difference(v[m], values[labels[0]][m])) for label, v in values.items()][1:] + [""]
         headline = "ter" if "ter" in first["test"] else "cer"
-        bars = [(s, m) for s, m in metrics if m == headline]
-        for k, m in enumerate(bars):
-            ax.bar(np.arange(len(values)) + (k - (len(bars) - 1) / 2) * 0.8 / len(bars),
-                   [v[m].mean() for v in values.values()], 0.8 / len(bars), yerr=[v[m].std() for v in values.values()],
-                   capsize=3, label=m[0])
+        for k, m in enumerate(bars := [(s, m) for s, m in metrics if m == headline]):
+            ax.bar(np.arange(len(values)) + (k - (len(bars) - 1) / 2) * 0.8 / len(bars), [v[m].mean() for v in values.values()],
+                   0.8 / len(bars), yerr=[v[m].std() for v in values.values()], capsize=3, label=m[0])
         ax.set_xticks(range(len(values)), [label.split("/")[-1] for label in values])
         ax.set(ylabel=f"{headline.upper()} % (decoded)", title=f"{corpus}: {args.seeds} seeds, mean ± std")
         ax.legend()
@@ -1733,7 +1736,7 @@ def time_train_steps(args, batches, variants, vocab, device, warmup=3):
 
 def benchmark(args):
     """README's Speed, side by side, on this device; without --ckpt, an untrained model decodes (to the length cap)."""
-    device, cpu = pick_device(args.device), torch.device("cpu")
+    device, cpu, threads = pick_device(args.device), torch.device("cpu"), torch.get_num_threads()
     data, _ = load_splits(argparse.Namespace(**(vars(args) | {"streams": "spectrogram,pitch,waveform"})))
     tokenizer, frames = Tokenizer("".join(data["train"]["text"])), data["train"]["n_frames"]
     all_batches = length_batches(frames, args.batch_frames, random.Random(args.seed * 100003))
@@ -1742,7 +1745,6 @@ def benchmark(args):
     waves = [torch.from_numpy(np.array(w, dtype=np.float32)) for w in data["validation"][:20]["wave"]]
     audio_f0, padded = sum(map(len, waves)) / SAMPLE_RATE, nn.utils.rnn.pad_sequence(waves, batch_first=True).to(device)
     pyin = lambda: [librosa.pyin(w.numpy(), fmin=65, fmax=400, sr=SAMPLE_RATE, hop_length=HOP) for w in waves]
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # more threads only add spin-waiting on these small tensors
     methods = {"f0: YIN in torch (extract_f0), one utterance at a time": (lambda: [extract_f0(w) for w in waves], cpu),
                f"f0: YIN in torch, {len(waves)} utterances batched on {device.type}": (lambda: yin_f0(padded), device),
@@ -1782,8 +1784,7 @@ def benchmark(args):
               f"{'attention only' if weight == 0 else 'joint CTC/attention'}{'' if args.ckpt else ', untrained'} | "
               f"{result['rtfx']:.0f} (val CER {100 * result['cer']:.2f} %) |")
     batch = first_validation_batch(data, tokenizer, device)
-    seconds = median_seconds(lambda: figures(model, batch), device)
-    print(f"| diagnostics: the 4 figures, at each evaluation | {seconds:.2f} s |")
+    print(f"| diagnostics: the 4 figures, at each evaluation | {median_seconds(lambda: figures(model, batch), device):.2f} s |")
     activations, hooks = record_activations(model.train())
     model(batch)[0].backward()
     seconds = median_seconds(lambda: block_scalars(model, activations, hooks), device)
@@ -1791,8 +1792,7 @@ def benchmark(args):
 
 # ---- CLI
 def main(argv=None):
-    args = parse_args(argv)
-    if args.transcribe:
+    if (args := parse_args(argv)).transcribe:
         sys.exit(transcribe(args))
     (diagnose if args.diagnose else benchmark if args.bench else ablate if args.ablate else train)(args)
 

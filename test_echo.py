@@ -212,7 +212,7 @@ def test_invalid_arguments_are_argparse_errors(tmp_path):
                  ["--gate", "x"], ["--streams", "spectrogram,pich"], ["--streams", "pitch"],
                  ["--radii", "--no-f0_theta"], ["--conv", "4"], ["--conv", "-3"], ["--eval_utts", "0"], ["--test_utts", "-2"],
                  ["--lm_sentences", "-1"], ["--lr_floor", "-0.1"], ["--streams", "pitch,spectrogram"], ["--mlp", "0"],
-                 ["--transcribe", "a.wav"]):
+                 ["--transcribe", "a.wav"], ["--time_budget", "-1"]):
         with pytest.raises(SystemExit) as e:
             echo.parse_args(argv)
         assert e.value.code == 2, argv
@@ -1493,7 +1493,8 @@ def test_tiny_training_run_loss_falls_and_resume_continues(tiny_corpus, tmp_path
     assert 0 < len(spelled) < len(more)
     with pytest.raises(SystemExit, match=r"tiny/ckpt.pt: its model has mlp=2, unlike these flags"):  # a one-line error
         echo.train(train_args(cache, tmp_path, "--name", "tiny", "--max_steps", "60", "--mlp", "3", "--resume"))
-    resumed = train_args(cache, tmp_path, "--name", "tiny", "--max_steps", "60", "--eval_every", "20", "--resume")
+    resumed = train_args(cache, tmp_path, "--name", "tiny", "--max_steps", "60", "--eval_every", "20", "--resume",
+                         "--time_budget", "0")  # with a budget, a resumed run would keep its checkpoint's 40 steps
     echo.train(resumed)
     assert echo.load_checkpoint(run_dir / "ckpt.pt")["step"] == 60
     assert (run_dir / "ckpt.pt.prev").exists()
@@ -1596,6 +1597,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_corpus, tmp_path):
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr
     assert "SIGTERM" in stdout and echo.load_checkpoint(run_dir / "ckpt.pt")["step"] > 0
+
+
+def test_time_budget_keeps_the_steps_that_fit_and_a_resumed_run_keeps_them(tiny_corpus, tmp_path):
+    """At step BUDGET_AT the run keeps the steps that fit --time_budget at its pace: all of them if they fit; if the
+    budget is spent by then, the run ends there (with its evaluation and checkpoint), and resuming it trains no further."""
+    cache, _ = tiny_corpus
+    flags = ("--name", "budget", "--max_steps", "100000", "--eval_every", "100000", "--eval_utts", "1", "--test_utts", "2",
+             "--beam", "1", "--time_budget", "0.01")  # 0.6 s: spent before step 150
+    results = echo.train(train_args(cache, tmp_path, *flags))
+    ckpt = echo.load_checkpoint(tmp_path / "runs" / "budget" / "ckpt.pt")
+    assert results["steps"] == ckpt["step"] == ckpt["config"]["max_steps"] == echo.BUDGET_AT
+    assert echo.train(train_args(cache, tmp_path, *flags, "--resume"))["steps"] == echo.BUDGET_AT
+    assert echo.load_checkpoint(tmp_path / "runs" / "budget" / "ckpt.pt")["step"] == echo.BUDGET_AT
+    roomy = train_args(cache, tmp_path, *flags[2:], "--name", "roomy", "--max_steps", str(echo.BUDGET_AT + 10),
+                       "--time_budget", "100")  # 100 min: every step fits
+    assert echo.train(roomy)["steps"] == echo.BUDGET_AT + 10
 
 
 def test_nonfinite_loss_skips_the_step_and_training_goes_on(tiny_corpus, tmp_path, monkeypatch):
