@@ -56,7 +56,7 @@ CANDIDATES = 8  # tokens each hypothesis is extended by per decoding step, befor
 LM_ORDER = 8  # order of the character n-gram that decoding adds (README, Evaluation is decoded): 7 tokens of context
 END_MARGIN = 10.0  # beam search drops an utterance's live hypotheses this far below its best ended one
 MAX_CHARS_PER_SECOND = 30  # decoding length cap (speech rarely exceeds 20 characters per second), plus 10
-BUDGET_AT, BUDGET_RESERVE = 150, 500  # --time_budget: the step that sets the steps; steps' time left for evaluating, decoding
+BUDGET_AT, BUDGET_SLOWDOWN, BUDGET_RESERVE = 150, 1.15, 400  # --time_budget: set at step 150 (README, Time budget)
 SOURCE = Path(__file__).read_bytes()  # the exact code this process runs: saved with every run and checkpoint
 CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
 
@@ -1594,12 +1594,12 @@ def train(args):
             progress.set_postfix(loss=f"{losses[0]:.3f}")
             stats["paced"] = (step, time.time()) if step == BUDGET_AT - 100 else stats["paced"]  # after warm-up, compiling
             if step == BUDGET_AT and args.time_budget:  # keep the steps that fit at this pace (README, Time budget)
-                pace = (time.time() - stats["paced"][1]) / (step - stats["paced"][0])  # seconds a step, its batch included
+                pace = BUDGET_SLOWDOWN * (time.time() - stats["paced"][1]) / (step - stats["paced"][0])  # a later step's seconds
                 fit = torch.tensor(step + int((60 * args.time_budget - time.time() + started) / pace) - BUDGET_RESERVE)
                 if world > 1:  # every process stops at the same step
                     torch.distributed.all_reduce(fit, torch.distributed.ReduceOp.MIN)
                 args.max_steps = config["max_steps"] = progress.total = max(step, min(args.max_steps, fit.item()))
-                tqdm.write(f"--time_budget {args.time_budget:g} min: {args.max_steps} steps, at {pace:.3f} s a step")
+                tqdm.write(f"--time_budget {args.time_budget:g} min: {args.max_steps} steps, at {pace:.3f} s a step expected")
             evaluating = step % args.eval_every == 0 or step == args.max_steps
             if rank == 0:
                 log_step(writer, step, args, losses, grad_norm, time.time() - t0, diagnostics, stats)
