@@ -1595,10 +1595,10 @@ def train(args):
             stats["paced"] = (step, time.time()) if step == BUDGET_AT - 100 else stats["paced"]  # after warm-up, compiling
             if step == BUDGET_AT and args.time_budget:  # keep the steps that fit at this pace (README, Time budget)
                 pace = BUDGET_SLOWDOWN * (time.time() - stats["paced"][1]) / (step - stats["paced"][0])  # a later step's seconds
-                fit = torch.tensor(step + int((60 * args.time_budget - time.time() + started) / pace) - BUDGET_RESERVE)
-                if world > 1:  # every process stops at the same step
+                fit = torch.tensor(step + int((60 * args.time_budget - time.time() + started) / pace), device=device)
+                if world > 1:  # every process stops at the same step (NCCL reduces CUDA tensors only)
                     torch.distributed.all_reduce(fit, torch.distributed.ReduceOp.MIN)
-                args.max_steps = config["max_steps"] = progress.total = max(step, min(args.max_steps, fit.item()))
+                args.max_steps = config["max_steps"] = progress.total = max(step, min(args.max_steps, int(fit) - BUDGET_RESERVE))
                 tqdm.write(f"--time_budget {args.time_budget:g} min: {args.max_steps} steps, at {pace:.3f} s a step expected")
             evaluating = step % args.eval_every == 0 or step == args.max_steps
             if rank == 0:
