@@ -1601,7 +1601,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_corpus, tmp_path):
 
 def test_time_budget_keeps_the_steps_that_fit_and_a_resumed_run_keeps_them(tiny_corpus, tmp_path):
     """At step BUDGET_AT the run keeps the steps that fit --time_budget at its pace: all of them if they fit; if the
-    budget is spent by then, the run ends there (with its evaluation and checkpoint), and resuming it trains no further."""
+    budget is spent by then, the run ends there (with its evaluation and checkpoint), and resuming it trains no further.
+    The budget is on by default for the embedded corpora only."""
+    assert echo.parse_args([]).time_budget == 14 and echo.parse_args(["--dataset", "openslr/librispeech_asr"]).time_budget == 0
     cache, _ = tiny_corpus
     flags = ("--name", "budget", "--max_steps", "100000", "--eval_every", "100000", "--eval_utts", "1", "--test_utts", "2",
              "--beam", "1", "--time_budget", "0.01")  # 0.6 s: spent before step 150
