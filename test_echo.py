@@ -1683,7 +1683,8 @@ def test_validation_during_training_is_greedy_and_the_test_splits_use_the_beam(t
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_corpus, tmp_path):
-    """torchrun --nproc_per_node 2 on CPU: each process takes one of the 2 micro-batches of every step."""
+    """torchrun --nproc_per_node 2 on CPU: each process takes one of the 2 micro-batches of every step; with
+    --time_budget, the processes agree on the steps kept."""
     cache, _ = tiny_corpus
     common = ("--max_steps", "6", "--eval_every", "6", "--grad_accum", "2")
     subprocess.run(tiny_cli(cache, tmp_path, "single", *common), check=True, capture_output=True, timeout=600)
@@ -1694,6 +1695,11 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_co
     assert sorted(ddp) == sorted(single) == list(range(1, 7))
     for step in single:
         assert abs(single[step] - ddp[step]) < 1e-4, step
+    budget = tiny_cli(cache, tmp_path, "ddp_budget", "--max_steps", "200", "--eval_every", "1000", "--grad_accum", "2",
+                      "--time_budget", "0.01", "--test_utts", "2", "--beam", "1")  # spent by step 150: every process stops
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *budget[1:]],
+                   check=True, capture_output=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert list(losses(tmp_path / "runs" / "ddp_budget")) == list(range(1, echo.BUDGET_AT + 1))
 
 
 # ---- experiments: ablation and benchmark
