@@ -749,8 +749,7 @@ def pitch_track(f0, voiced, frames, n_out):
     """Per-10 ms f0 (B, T') and voicing -> per encoder frame (B, n_out): mean log2 f0 of the voiced 10 ms
     frames in each 40 ms group, voiced where at least two of the four are. A track a frame or two longer or
     shorter than the log-mel is cut or padded with unvoiced frames; NaN, Inf and f0 <= 0 count as unvoiced."""
-    n = 4 * n_out
-    f0, voiced = fit_frames(f0, n), fit_frames(voiced, n)
+    f0, voiced = fit_frames(f0, n := 4 * n_out), fit_frames(voiced, n)
     voiced = voiced.bool() & (torch.arange(n, device=f0.device) < frames[:, None]) & torch.isfinite(f0) & (f0 > 0)
     log_f0 = torch.where(voiced, f0.float().nan_to_num(1.0).clamp(min=1.0).log2(), 0.0)
     count = voiced.view(len(f0), n_out, 4).sum(-1)
@@ -1315,8 +1314,7 @@ def rotary_figures(pitch, log_f0, voiced):
         ax.set(title=label, xlabel="key frame (40 ms)", ylabel="query frame")
     fig.colorbar(image, ax=axes, shrink=0.8)
     fig.suptitle("how positions see each other")
-    similarity = render(fig)
-    fig, ax = plt.subplots(figsize=(8, 3), dpi=100, layout="tight")
+    similarity, (fig, ax) = render(fig), plt.subplots(figsize=(8, 3), dpi=100, layout="tight")
     for dim in range(4):
         for label, lw in (("standard RoPE", 2.5), ("f0-modulated", 1.0)):
             ax.plot(tables[label][dim % 2][:, dim // 2], lw=lw, color=f"C{dim // 2}", ls="-" if dim % 2 == 0 else "--")
@@ -1377,6 +1375,18 @@ def lr_at(step, args):
     """Linear warmup, then cosine decay to --lr_floor of the peak."""
     progress, floor = min(1.0, max(0, step - args.warmup) / max(1, args.max_steps - args.warmup)), args.lr_floor
     return args.lr * min((step + 1) / max(1, args.warmup), floor + (1 - floor) / 2 * (1 + math.cos(math.pi * progress)))
+
+def budgeted_steps(args, step, stats, started, world, device):
+    """--time_budget at step BUDGET_AT -> of --max_steps, the steps that fit its minutes from started (time.time()), later
+    steps taking BUDGET_SLOWDOWN times the pace since stats["paced"] (step, time), less BUDGET_RESERVE steps' time for evaluating
+    and decoding; every process gets the smallest count (NCCL reduces CUDA tensors only). README, Time budget."""
+    pace = BUDGET_SLOWDOWN * (time.time() - stats["paced"][1]) / (step - stats["paced"][0])  # a later step's seconds
+    fit = torch.tensor(step + int((60 * args.time_budget - time.time() + started) / pace), device=device)
+    if world > 1:
+        torch.distributed.all_reduce(fit, torch.distributed.ReduceOp.MIN)
+    steps = max(step, min(args.max_steps, int(fit) - BUDGET_RESERVE))
+    tqdm.write(f"--time_budget {args.time_budget:g} min: {steps} steps, at {pace:.3f} s a step expected")
+    return steps
 
 def environment(device, world):
     """Code version (git commit, if any, + hash of this file), software and hardware, kept with every run."""
@@ -1552,28 +1562,24 @@ def train(args):
     args.max_steps = ckpt["config"]["max_steps"] if ckpt and args.time_budget else args.max_steps  # the steps it chose
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     forward = torch.compile(wrapped, dynamic=True) if args.compile else wrapped
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     config, env = {k: v for k, v in vars(args).items() if k not in ("resume", "transcribe", "ckpt")}, environment(device, world)
     writer = open_run(run_dir, config, env, model, train_set, tokenizer, skipped, step) if rank == 0 else None
     batches = training_batches(train_set, tokenizer, args, rank, world, epoch, batch_index, device)
     stats = {"start": time.time(), "paced": (step, time.time()), "audio_seconds": 0, "nonfinite_steps": 0, "skipped_in_stream": 0}
-    progress = tqdm(total=args.max_steps, initial=step, desc=args.name, file=sys.stdout, disable=rank or not sys.stdout.isatty())
-    with deferred_signals() as stop:
+    with deferred_signals() as stop, tqdm(total=args.max_steps, initial=step, desc=args.name, file=sys.stdout,
+                                          disable=rank or not sys.stdout.isatty()) as progress:
         for step in itertools.takewhile(lambda s: s <= args.max_steps, itertools.count(step + 1)):  # from 1; --time_budget
-            epoch, batch_index, micro_batches = next(batches)
-            model.train()
-            t0 = time.time()
+            (epoch, batch_index, micro_batches), t0 = next(batches), time.time()  # model never leaves training mode
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step - 1, args)
-            diagnosing = rank == 0 and args.diag_every > 0 and step % args.diag_every == 0
-            recording = record_activations(model) if diagnosing else None
+            recording = record_activations(model) if rank == 0 and args.diag_every > 0 and step % args.diag_every == 0 else None
             totals = torch.zeros(4)  # mean loss, cross-entropy, ctc; audio frames
             for i, batch in enumerate(micro_batches):
                 stats["skipped_in_stream"] += batch.pop("skipped", 0)
                 batch, n = to_device(batch, device), len(micro_batches)
                 with contextlib.nullcontext() if world == 1 or i == n - 1 else wrapped.no_sync():  # all-reduce once
-                    with autocast:
-                        loss, ce, ctc = (wrapped if diagnosing else forward)(batch)  # hooks need eager
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        loss, ce, ctc = (wrapped if recording else forward)(batch)  # hooks need eager
                     (loss / n).backward()
                 totals += torch.tensor([loss.item() / n, ce.item() / n, (0.0 if ctc is None else ctc.item()) / n,
                                         batch["frames"].sum().item()])
@@ -1581,7 +1587,7 @@ def train(args):
                 torch.distributed.all_reduce(totals)
                 totals[:3] /= world
             losses, stats["audio_seconds"] = totals[:3], stats["audio_seconds"] + totals[3].item() / 100
-            diagnostics = block_scalars(model, *recording) if diagnosing else {}  # before clipping
+            diagnostics = block_scalars(model, *recording) if recording else {}  # before clipping
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             if torch.isfinite(grad_norm) and torch.isfinite(losses).all():
                 optimizer.step()
@@ -1593,13 +1599,8 @@ def train(args):
             progress.update(1)
             progress.set_postfix(loss=f"{losses[0]:.3f}")
             stats["paced"] = (step, time.time()) if step == BUDGET_AT - 100 else stats["paced"]  # after warm-up, compiling
-            if step == BUDGET_AT and args.time_budget:  # keep the steps that fit at this pace (README, Time budget)
-                pace = BUDGET_SLOWDOWN * (time.time() - stats["paced"][1]) / (step - stats["paced"][0])  # a later step's seconds
-                fit = torch.tensor(step + int((60 * args.time_budget - time.time() + started) / pace), device=device)
-                if world > 1:  # every process stops at the same step (NCCL reduces CUDA tensors only)
-                    torch.distributed.all_reduce(fit, torch.distributed.ReduceOp.MIN)
-                args.max_steps = config["max_steps"] = progress.total = max(step, min(args.max_steps, int(fit) - BUDGET_RESERVE))
-                tqdm.write(f"--time_budget {args.time_budget:g} min: {args.max_steps} steps, at {pace:.3f} s a step expected")
+            if step == BUDGET_AT and args.time_budget:  # keep the steps that fit at this pace
+                args.max_steps = config["max_steps"] = progress.total = budgeted_steps(args, step, stats, started, world, device)
             evaluating = step % args.eval_every == 0 or step == args.max_steps
             if rank == 0:
                 log_step(writer, step, args, losses, grad_norm, time.time() - t0, diagnostics, stats)
@@ -1617,7 +1618,6 @@ def train(args):
                     print(f"echo: {signal.Signals(stop[0]).name} at step {step}: checkpoint saved to "
                           f"{run_dir / 'ckpt.pt'}; continue with --name {args.name} --resume")
                 raise SystemExit(128 + stop[0])
-    progress.close()
     if world > 1:
         torch.distributed.destroy_process_group()
     return test_and_report(writer, step, tested, data, tokenizer, device, args, config, stats, skipped) if rank == 0 else None
