@@ -143,7 +143,7 @@ def build_parser():
     a("--decode_ctc_weight", type=float, default=0.5, help="weight of CTC prefix scores in decoding (0 = attention only)")
     a("--lm_weight", type=float, default=0.3, help="weight of the character 8-gram in decoding (0 = off; README)")
     a("--lm_sentences", type=int, default=100000, help="the embedded corpus's text-only sentences the n-gram also reads (README)")
-    a("--beam", type=int, default=8, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
+    a("--beam", type=int, default=16, help="beam width of decoding (1 = greedy); hypotheses compete by score per token")
     a("--max_steps", type=int, default=4200, help="optimizer steps (fewer where --time_budget cuts them)")
     a("--time_budget", type=float, default=None, help="minutes a run aims at: at step 150 it keeps the steps that fit; a "
       "resumed run keeps its checkpoint's (default: 14 on the embedded corpora, else 0 = off; README, Time budget)")
