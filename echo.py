@@ -314,16 +314,13 @@ def synthesize_chunk(job):
     process start, so each chunk is always spoken by a new process in the same order. Each file name is appended to
     the log before it is spoken (and again, marked, if eSpeak refused it or left it silent), so that build_corpus
     can name the utterance of a crash. Returns the refused or silent utterances, as (file_name, voice)."""
-    root, items, log = job
+    (root, items, log), lib = job, ctypes.CDLL(espeakng_loader.get_library_path())
     torch.set_num_threads(1)  # one process per core
-    lib = ctypes.CDLL(espeakng_loader.get_library_path())
-    native_rate = lib.espeak_Initialize(0x02, 0, str(ESPEAK_DATA).encode(), 0)  # synchronous
-    chunks, failed = [], []
+    native_rate, chunks, failed = lib.espeak_Initialize(0x02, 0, str(ESPEAK_DATA).encode(), 0), [], []  # synchronous
     callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)(
         lambda wav, n, events: chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy()) or 0 if n > 0 else 0)
     lib.espeak_SetSynthCallback(callback)
-    resample = torchaudio.transforms.Resample(native_rate, SAMPLE_RATE)
-    libc, progress = ctypes.CDLL(None), open(log, "a")
+    resample, libc, progress = torchaudio.transforms.Resample(native_rate, SAMPLE_RATE), ctypes.CDLL(None), open(log, "a")
     for number, item in enumerate(items):
         print(item["file_name"], file=progress, flush=True)
         chunks.clear()
@@ -440,8 +437,7 @@ def yin_f0(waves, window=512):
     energy = F.pad(frames.square().cumsum(-1), (1, 0))
     diff = (energy[..., window, None] + energy[..., window:span] - energy[..., :lag_max + 2] - 2 * correlation).clamp(min=0)
     cmnd = diff[..., 1:] * lags[1:] / diff[..., 1:].cumsum(-1).clamp(min=1e-12)  # d'(tau) for tau = 1 .. lag_max+1
-    inner = cmnd[..., 1:-1]  # tau = 2 .. lag_max: each has both neighbours
-    in_range = lags[2:-1] >= lag_min
+    inner, in_range = cmnd[..., 1:-1], lags[2:-1] >= lag_min  # tau = 2 .. lag_max: each has both neighbours
     is_dip = (inner <= cmnd[..., :-2]) & (inner < cmnd[..., 2:]) & in_range & (inner < YIN_DIP)
     fallback = inner.masked_fill(~in_range, float("inf")).argmin(-1)
     best = torch.where(is_dip.any(-1), is_dip.int().argmax(-1), fallback).unsqueeze(-1) + 1  # index into cmnd
@@ -717,13 +713,12 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                 skipped = 0
 
 # ---- model
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+class RMSNorm(nn.RMSNorm):  # computed in float32 whatever the input's dtype (bf16 under autocast)
+    def __init__(self, dim):
+        super().__init__(dim, eps=1e-6)
 
     def forward(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+        return super().forward(x.float()).type_as(x)
 
 def rope_freqs(head_dim, kind="standard", theta=10000.0):
     """Rotary angular steps per position, one per channel pair, highest first: (head_dim/2,) float64. mel: mel-spaced
@@ -827,11 +822,9 @@ class Attention(nn.Module):
         q = q.unflatten(0, (len(k), -1)).transpose(1, 2).flatten(2, 3)  # (B / k, H, k * T, D/H): k rows, one context
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and cache is None)
         out = out.unflatten(2, (-1, x.shape[1])).transpose(1, 2).flatten(0, 1)  # (B, H, T, D/H), rows of q again
-        if self.keep_weights:  # SDPA does not return its weights: recompute them for the figures
-            scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
-            if mask is not None:  # (the figures read encoder self- and decoder cross-attention, never causal)
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-            self.weights = scores.softmax(-1).mean(1).detach()
+        if self.keep_weights:  # for the figures (never causal), which SDPA does not return: its output for an identity
+            eye = torch.eye(k.shape[2], device=k.device).expand(*k.shape[:2], -1, -1)  # matrix as values is its weights
+            self.weights = F.scaled_dot_product_attention(q.float(), k.float(), eye, attn_mask=mask).mean(1).detach()
         return self.o(out.transpose(1, 2).flatten(2))
 
 class Gate(nn.Module):
@@ -959,9 +952,8 @@ class Decoder(nn.Module):
     def forward(self, tokens, audio, audio_valid, caches=None, offset=0):
         positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         x, table, context_mask = self.embed(tokens), rotary(positions, self.freqs), audio_valid[:, None, None, :]
-        for i, block in enumerate(self.blocks):
-            x = block(x, table=table, causal=True, context=audio, context_mask=context_mask,
-                      cache=None if caches is None else caches[i])
+        for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
+            x = block(x, table=table, causal=True, context=audio, context_mask=context_mask, cache=cache)
         return self.norm(x) @ self.embed.weight.T
 
 class Echo(nn.Module):
@@ -978,8 +970,7 @@ class Echo(nn.Module):
         """Teacher-forced loss for a collated batch (tokens (B, L+1): BOS text EOS PAD...) -> (total, cross-entropy,
         ctc or None), total = (1 - w) * cross-entropy of the decoder + w * CTC of the encoder, w = ctc_weight."""
         audio, valid = self.encoder(batch)
-        logits = self.decoder(batch["tokens"][:, :-1], audio, valid)
-        targets = batch["tokens"][:, 1:]  # text ids first, then EOS and PAD, which the CTC target lengths leave out
+        logits, targets = self.decoder(batch["tokens"][:, :-1], audio, valid), batch["tokens"][:, 1:]  # text, EOS, PAD...
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD)
         if self.ctc_head is None:
             return ce, ce, None
@@ -1075,6 +1066,8 @@ class CTCPrefixScorer:
     def choose(self, parent, tokens, psi):
         """Row i continues row parent[i] (B,), extended by tokens (B, 1) of score psi (B, 1): only the chosen prefixes
         solve the recurrences over frames, not every candidate that extend() scored."""
+        if len(parent) < len(self.r_n):  # decode() dropped finished utterances: their rows' audio goes too
+            self.log_probs, self.cum_blank, self.probs = self.log_probs[parent], self.cum_blank[parent], self.probs[parent]
         self.r_n, self.r_b, self.last = self.r_n[parent], self.r_b[parent], self.last[parent]
         log_p = self.log_probs.gather(2, tokens[:, None].expand(-1, self.log_probs.shape[1], -1))  # (B, T, 1)
         phi = torch.where((tokens == self.last)[:, None], self.r_b, torch.logaddexp(self.r_n, self.r_b))
@@ -1093,35 +1086,37 @@ class CharLM:
         # each token and its context as one integer, base vocab, the token last: mod vocab^(k + 1), its order k + 1 key
         order = min(LM_ORDER, int(63 / math.log2(self.vocab)))  # a key must fit in int64: a big vocabulary gets fewer orders
         keys, counts = np.unique(sum(ids[at - k] * self.vocab ** k for k in range(order)), return_counts=True)
-        self.orders = []  # per order: sorted n-gram keys and counts; sorted context keys, their totals and distinct next tokens
+        self.orders = []  # per order: sorted n-gram keys, counts; sorted contexts, their first n-gram, totals, next tokens
         for k in range(order):
             keys_k, inverse = np.unique(keys % self.vocab ** (k + 1), return_inverse=True)
             counts_k = np.bincount(inverse, counts)
             contexts, first, distinct = np.unique(keys_k // self.vocab, return_index=True, return_counts=True)
-            self.orders.append((keys_k, counts_k, contexts, np.add.reduceat(counts_k, first), distinct))
+            self.orders.append((keys_k, counts_k, contexts, first, np.add.reduceat(counts_k, first), distinct))
 
     def probs(self, contexts, tokens):
         """P(tokens (N, K) | contexts (N, C) of token ids, each read by its last len(orders) - 1), (N, K) float64: each
         order interpolated with the one below by its count and its number of distinct next tokens; below order 1, uniform
-        over EOS and letters. All rows at once: a sorted-table lookup per order, no loop over hypotheses."""
-        p, context = (tokens > BOS) / (self.vocab - 2), np.zeros((len(tokens), 1), dtype=np.int64)
-        find = lambda table, values: ((at := np.searchsorted(table, values).clip(max=len(table) - 1)), table[at] == values)
-        for k, (keys, counts, contexts_k, totals, distinct) in enumerate(self.orders[:contexts.shape[1] + 1]):
-            context = context + contexts[:, -k, None] * self.vocab ** (k - 1) if k else context
-            (i, seen), (j, found) = find(contexts_k, context), find(keys, context * self.vocab + tokens)  # where, whether
-            p = np.where(seen, (np.where(found, counts[j], 0) + distinct[i] * p) / (totals[i] + distinct[i]), p)
-        return p
+        over EOS and letters. All rows at once: per order, a lookup of each row's context, whose next tokens follow its first."""
+        n, every = len(tokens), np.arange(self.vocab)
+        p, context = np.tile((every > BOS) / (self.vocab - 2), (n, 1)), np.zeros(n, dtype=np.int64)  # (N, vocab)
+        for k, (keys, counts, contexts_k, first, totals, distinct) in enumerate(self.orders[:contexts.shape[1] + 1]):
+            context = context + contexts[:, -k] * self.vocab ** (k - 1) if k else context
+            seen = contexts_k[i := np.searchsorted(contexts_k, context).clip(max=len(contexts_k) - 1)] == context
+            row, offset = np.nonzero(every < np.where(seen, distinct[i], 0)[:, None])  # its n-grams: side by side, sorted
+            found = np.bincount(row * self.vocab + keys[j := first[i][row] + offset] % self.vocab, counts[j], n * self.vocab)
+            p = np.where(seen[:, None], (found.reshape(n, -1) + distinct[i, None] * p) / (totals[i] + distinct[i])[:, None], p)
+        return np.take_along_axis(p, tokens, 1)
 
 @torch.no_grad()
 def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=None):
     """KV-cached beam search -> token-id lists (no BOS, EOS); beam=1 is greedy. Hypotheses grow by their top candidates,
     scored (1 - w) log p_attention + w * (CTC prefix score gain) + model.lm's weighted log P (if any), until EOS or the
-    length cap; best score per token wins. An utterance stops when its live ones trail its best ended by END_MARGIN."""
+    length cap; best score per token wins. An utterance leaves the batch when its live ones trail its best ended by END_MARGIN."""
     model.eval()
     audio, valid = model.encoder(batch) if encoded is None else encoded  # evaluate() has encoded it already
     n, width = len(audio), beam  # row = utterance * beam + slot; cross-attention reads its utterance's audio once
     caches, limit = [{} for _ in model.decoder.blocks], max_tokens_for(batch["frames"]).to(audio.device)[:, None]  # (n, 1)
-    use_ctc = model.ctc_head is not None and ctc_weight > 0
+    ids, use_ctc = torch.arange(n, device=audio.device), model.ctc_head is not None and ctc_weight > 0
     ctc = CTCPrefixScorer(model.ctc_head(audio).float().log_softmax(-1), valid, width) if use_ctc else None
     scores = torch.tensor([0.0] + [float("-inf")] * (width - 1), device=audio.device).repeat(n, 1)  # BOS, live in slot 0
     token = torch.full((n * width, 1), BOS, device=audio.device)
@@ -1145,16 +1140,21 @@ def decode(model, batch, ctc_weight=0.3, beam=1, candidates=CANDIDATES, encoded=
         history = torch.cat([history[parent], token], 1)
         finished = ((token.view(n, width) == EOS) | (position + 1 >= limit)) & (best.values > float("-inf"))
         for i, slot in finished.nonzero().tolist():
-            ended[i].append((best.values[i, slot].item() / (position + 1), history[i * width + slot].tolist()))
+            ended[ids[i]].append((best.values[i, slot].item() / (position + 1), history[i * width + slot].tolist()))
         best_ended = torch.maximum(best_ended, best.values.masked_fill(~finished, float("-inf")).amax(1))
         scores = best.values.masked_fill(finished, float("-inf"))
         scores = scores.masked_fill((scores.amax(1) < best_ended - END_MARGIN)[:, None], float("-inf"))
-        for cache in caches:  # self-attention keys/values follow their hypotheses; cross-attention ones are shared
-            cache["self"]["k"], cache["self"]["v"] = cache["self"]["k"][parent], cache["self"]["v"][parent]
+        if not (live := scores.amax(1) > float("-inf")).any():
+            break
+        if not live.all():  # finished utterances leave (ids: the live ones' batch places); rows follow their parents below
+            rows, n = live.repeat_interleave(width), int(live.sum())
+            parent, choice, token, history = parent[rows], choice[rows], token[rows], history[rows]
+            audio, valid, limit, scores, best_ended, ids = (x[live] for x in (audio, valid, limit, scores, best_ended, ids))
+        for cache in caches:  # self-attention keys/values follow their hypotheses, cross-attention ones their utterance
+            cache["self"] = {key: value[parent] for key, value in cache["self"].items()}
+            cache["cross"] = {key: value[live] for key, value in cache["cross"].items()} if len(live) > n else cache["cross"]
         if use_ctc:
             ctc.choose(parent, token, psi[parent].gather(1, choice))
-        if torch.isinf(scores).all():
-            break
     return [seq[:seq.index(EOS)] if EOS in seq else seq for _, seq in map(max, ended)]  # best score per token
 
 TONED = re.compile(r"[a-z]+[1-5]( [a-z]+[1-5])*")  # a pinyin transcript: every syllable ends in its tone digit
