@@ -56,7 +56,7 @@ CANDIDATES = 8  # tokens each hypothesis is extended by per decoding step, befor
 LM_ORDER = 8  # order of the character n-gram that decoding adds (README, Evaluation is decoded): 7 tokens of context
 END_MARGIN = 10.0  # beam search drops an utterance's live hypotheses this far below its best ended one
 MAX_CHARS_PER_SECOND = 30  # decoding length cap (speech rarely exceeds 20 characters per second), plus 10
-BUDGET_AT, BUDGET_SLOWDOWN, BUDGET_RESERVE = 150, 1.15, 400  # --time_budget: set at step 150 (README, Time budget)
+BUDGET_AT, BUDGET_SLOWDOWN, BUDGET_RESERVE = 150, 1.15, 300  # --time_budget: set at step 150 (README, Time budget)
 SOURCE = Path(__file__).read_bytes()  # the exact code this process runs: saved with every run and checkpoint
 CODE_HASH = hashlib.sha256(SOURCE).hexdigest()[:10]
 
