@@ -701,11 +701,10 @@ class StreamingBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         (stream := self.stream.shuffle(seed=self.args.seed, buffer_size=BUCKET_WINDOW)).set_epoch(self.epoch)
-        examples, skipped = iter(stream), 0
+        examples, skipped, rng = iter(stream), 0, random.Random(self.args.seed * 100003 + self.epoch)  # each window shuffled anew
         for chunk in iter(lambda: list(itertools.islice(examples, BUCKET_WINDOW)), []):
             usable = [e for e in chunk if not e["error"] and set(e["text"]) <= set(self.tokenizer.index)]
             skipped += len(chunk) - len(usable)
-            rng = random.Random(self.args.seed * 100003 + self.epoch)
             for indices in length_batches([len(e["mel"]) for e in usable], self.args.batch_frames, rng):
                 items = [usable[i] for i in indices]
                 key = (self.epoch, zlib.crc32(items[0]["text"].encode()))
