@@ -821,8 +821,8 @@ class Attention(nn.Module):
         q = q.unflatten(0, (len(k), -1)).transpose(1, 2).flatten(2, 3)  # (B / k, H, k * T, D/H): k rows, one context
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and cache is None)
         out = out.unflatten(2, (-1, x.shape[1])).transpose(1, 2).flatten(0, 1)  # (B, H, T, D/H), rows of q again
-        if self.keep_weights:  # for the figures (never causal), which SDPA does not return: its output for an identity
-            eye = torch.eye(k.shape[2], device=k.device).expand(*k.shape[:2], -1, -1)  # matrix as values is its weights
+        if self.keep_weights:  # the figures' weights (never causal), which SDPA does not return: with the identity matrix
+            eye = torch.eye(k.shape[2], device=k.device).expand(*k.shape[:2], -1, -1)  # as values, its output is them
             self.weights = F.scaled_dot_product_attention(q.float(), k.float(), eye, attn_mask=mask).mean(1).detach()
         return self.o(out.transpose(1, 2).flatten(2))
 
