@@ -812,6 +812,23 @@ def test_shapes_and_initial_loss_near_ln_vocab():
     assert abs(ce.item() - math.log(30)) < 0.3 and torch.isfinite(ctc)
 
 
+def test_attention_weights_kept_for_the_figures_are_the_softmax_of_the_scores():
+    """keep_weights reads SDPA's output with the identity matrix as values: softmax(q k^T / sqrt(d) + mask), averaged
+    over heads, for a key-padding mask (bool) and for a bias with -inf on padding (the pitch bias's float mask)."""
+    torch.manual_seed(0)
+    attention, x = echo.Attention(16, 2), torch.randn(2, 5, 16)
+    padding = torch.arange(5)[None, None, None, :] < torch.tensor([5, 3])[:, None, None, None]
+    for mask in (padding, torch.randn(2, 2, 5, 5).masked_fill(~padding, float("-inf"))):
+        attention.keep_weights = True
+        with torch.no_grad():
+            attention(x, mask=mask)
+            q, k = attention.heads(attention.q(x)), attention.heads(attention.k(x))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(8)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        assert torch.allclose(attention.weights, scores.softmax(-1).mean(1), atol=1e-6)
+        assert (attention.weights[1, :, 3:] == 0).all()  # padded keys get no weight
+
+
 def test_decoder_is_causal():
     model, batch = tiny_model(), fake_batch()
     audio, valid = model.encoder(batch)
