@@ -43,7 +43,7 @@ RADIUS_MAX = 2.0  # variable radii stay in [1 / RADIUS_MAX, RADIUS_MAX]
 RADIUS_INIT = 0.1  # initial per-head radius strength: radii start near 1, so --radii starts as plain rotary
 PITCH_BIAS_INIT = -2.0  # initial per-head pitch-bias parameter: softplus(-2) = 0.13 logit per octave, a gentle start
 ADAMW_BETAS, ADAMW_EPS = (0.9, 0.98), 1e-9  # the transformer recipe (Vaswani et al.): faster-adapting second moments
-LEARNING_RATES = {"adamw": 3e-3, "maxfactor": 1.5e-3, "maxfactor_upstream": 1e-2, "adafactor": 1e-2}  # peak (README, Optimizers)
+LEARNING_RATES = {"adamw": 3e-3, "muon": 3e-3, "maxfactor": 1.5e-3, "adafactor": 1e-2}  # peak (README, Optimizers)
 BUCKET_WINDOW = 1000  # utterances shuffled, then sorted by length together: batches with little padding, random order
 EVAL_BATCH_FRAMES = 10000  # padded 10 ms frames per decoding batch (evaluation, --transcribe): on CPU 15 % faster than 30000
 SPECAUG_MASKS = (2, 27, 5, 0.05)  # ESPnet's LibriSpeech-100 SpecAugment: 2 masks <= 27 mel bins, 5 <= 5 % of the time
@@ -67,11 +67,11 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
          "f0_theta": dict(f0_theta=True), "+radii": dict(f0_theta=True, radii=True),  # pitch_stream: f0 as an input
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
-STUDY_MODEL = dict(conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, lr_floor=0.1, momentum=0.0, vtlp=False,
-                   tempo=False, sortagrad=False, ema=0.0, weight_decay=0.01, batch_frames=4000, warmup=200, mlp=4)  # as measured
+STUDY_MODEL = dict(optimizer="maxfactor", conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, lr_floor=0.1,
+                   momentum=0.0, vtlp=False, tempo=False, sortagrad=False, ema=0.0, weight_decay=0.01, batch_frames=4000, mlp=4)
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (STUDY_MODEL | dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200,
-                                    eval_every=300, optimizer="maxfactor"), tuple(PITCH)),
+                                    eval_every=300), tuple(PITCH)),
     "english": (STUDY_MODEL | dict(dataset="embedded", test_utts=200), "baseline f0_theta all pitch_stream".split())}
 STUDY_RUNS = {f"{corpus}/{label}": budget | PITCH[label] for corpus, (budget, labels) in STUDY.items() for label in labels}
 ABLATIONS = {"pitch": PITCH,  # --ablate: each configuration is a set of flag overrides
@@ -149,7 +149,8 @@ def build_parser():
       "resumed run keeps its checkpoint's (default: 14 on the embedded corpora, else 0 = off; README, Time budget)")
     a("--batch_frames", type=int, default=4000, help="padded 10 ms frames per batch (length-bucketed)")
     a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--optimizer", choices=tuple(LEARNING_RATES), default="maxfactor", help="AdamW, MaxFactor (Echo's, upstream's), Adafactor")
+    a("--optimizer", choices=tuple(LEARNING_RATES), default="muon", help="Muon (attention and MLP matrices) with MaxFactor (the "
+      "rest), AdamW, MaxFactor, Adafactor")
     a("--lr", type=float, default=None, help="peak learning rate (default: LEARNING_RATES[--optimizer])")
     a("--momentum", type=float, default=0.9, help="MaxFactor's Nesterov momentum: its EMA's weight (0 = none, factored state)")
     a("--warmup", type=int, default=200, help="linear warmup steps, then cosine decay to lr * --lr_floor")
@@ -979,14 +980,12 @@ class Echo(nn.Module):
 
 # ---- optimizer
 class MaxFactor(torch.optim.Optimizer):
-    """MaxFactor (sine2pi/Maxfactor): per parameter, with its own step count t, V is an EMA of G^2 of weight
+    """MaxFactor (after sine2pi/Maxfactor): per parameter, with its own step count t, V is an EMA of G^2 of weight
     clamp(t^-0.8, 0.001, 0.999), for a matrix a row and a column EMA (V = R (x) C / max(R)); U = M / sqrt(V), M = G or,
     with momentum b, Nesterov's lerp(E, G, 1 - b), E an EMA of G of weight 1 - b; each row of U scaled to infinity-norm
-    1 (which cancels R: only upstream keeps it), steps by the scheduled lr; decoupled weight decay. upstream=True:
-    upstream's formula (README), no momentum, less its 2x boost of scalars."""
-    def __init__(self, params, lr=3e-3, weight_decay=0.0, momentum=0.0, upstream=False):
+    1, which cancels R (so R is not kept), steps by the scheduled lr; decoupled weight decay. README, Optimizers."""
+    def __init__(self, params, lr=3e-3, weight_decay=0.0, momentum=0.0):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
-        self.upstream = upstream
 
     @torch.no_grad()
     def step(self):
@@ -994,37 +993,39 @@ class MaxFactor(torch.optim.Optimizer):
             for p in (p for p in group["params"] if p.grad is not None):
                 state, matrix = self.state[p], p.dim() >= 2
                 if not state:
-                    state |= ({"step": 0, "col": torch.zeros(p[0].numel(), device=p.device)} |
-                              ({"row": torch.zeros(p.shape[0], device=p.device)} if self.upstream else {}) if matrix else
-                              {"step": 0, "second": torch.zeros_like(p, dtype=torch.float32)})
+                    state |= {"step": 0} | ({"col": torch.zeros(p[0].numel(), device=p.device)} if matrix else
+                                            {"second": torch.zeros_like(p, dtype=torch.float32)})
                 t = state["step"] = state["step"] + 1
-                beta = 0.01 if self.upstream and not matrix else min(max(t ** -0.8, 0.001), 0.999)
-                grad = p.grad.float().reshape(p.shape[0] if matrix else 1, -1)
+                beta, grad = min(max(t ** -0.8, 0.001), 0.999), p.grad.float().reshape(p.shape[0] if matrix else 1, -1)
                 square = grad * grad + 1e-30
-                if matrix:  # 1 / sqrt(V) = sqrt(max(R) / R) (x) (1 / sqrt(C))
-                    scale = state["col"].lerp_(square.mean(0), beta).rsqrt()
-                    if self.upstream:
-                        row = state["row"].lerp_(square.mean(1), beta)
-                        scale = torch.outer((row.max() / row).sqrt(), scale)
-                else:
-                    scale = state["second"].lerp_(square.view_as(p), beta).view(1, -1).rsqrt()
-                if (beta1 := group.get("momentum")) and not self.upstream:  # Nesterov's: E, then a step from E towards G
+                v = state["col"].lerp_(square.mean(0), beta) if matrix else (  # a matrix's V: C alone, as the rows' scaling
+                    state["second"].lerp_(square.view_as(p), beta).view(1, -1))  # cancels R
+                if beta1 := group["momentum"]:  # Nesterov's: E, then a step from E towards G
                     grad = state.setdefault("momentum", torch.zeros_like(grad)).lerp_(grad, 1 - beta1).lerp(grad, 1 - beta1)
-                update = grad * scale
-                if self.upstream:
-                    update = update / update.abs().max().clamp(min=1e-10)
-                    update = update.sign() * update.abs().amax(1, keepdim=True) if matrix else update
-                    step = max(1e-4, p.float().pow(2).mean().sqrt().item()) * min(group["lr"], 1 / math.sqrt(t))
-                else:
-                    update, step = update / update.abs().amax(1, keepdim=True).clamp(min=1e-10), group["lr"]
-                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update.view_as(p).to(p.dtype), alpha=-step)
+                update = grad * v.rsqrt()
+                update = update / update.abs().amax(1, keepdim=True).clamp(min=1e-10)
+                p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update.view_as(p).to(p.dtype), alpha=-group["lr"])
+
+class Optimizers(list):
+    """Optimizers stepped, scheduled and checkpointed as one (--optimizer muon: Muon, then MaxFactor)."""
+    param_groups = property(lambda self: [group for optimizer in self for group in optimizer.param_groups])
+    state = property(lambda self: {p: state for optimizer in self for p, state in optimizer.state.items()})
+    step = lambda self: [optimizer.step() for optimizer in self]
+    state_dict = lambda self: [optimizer.state_dict() for optimizer in self]
+    load_state_dict = lambda self, states: [optimizer.load_state_dict(s) for optimizer, s in zip(self, states, strict=True)]
 
 def build_optimizer(model, args, device):
-    """--optimizer by name; weight decay on matrices only."""
-    groups = [{"params": [p for p in model.parameters() if (p.dim() >= 2) == matrix],
+    """--optimizer by name; weight decay on matrices only. muon: PyTorch's Muon (momentum orthogonalised by Newton-Schulz,
+    its RMS matched to AdamW's) for the blocks' attention and MLP matrices, MaxFactor for the rest (README, Optimizers)."""
+    hidden = [p for name, p in model.named_parameters() if re.search(r"(attn|cross|mlp)\.\w+\.weight$", name)]
+    hidden = hidden if args.optimizer == "muon" else []
+    groups = [{"params": [p for p in model.parameters() if (p.dim() >= 2) == matrix and all(p is not h for h in hidden)],
                "weight_decay": args.weight_decay if matrix else 0.0} for matrix in (True, False)]
-    if args.optimizer.startswith("maxfactor"):
-        return MaxFactor(groups, lr=args.lr, momentum=args.momentum, upstream=args.optimizer == "maxfactor_upstream")
+    if args.optimizer == "muon":
+        return Optimizers([torch.optim.Muon(hidden, args.lr, args.weight_decay, adjust_lr_fn="match_rms_adamw"),
+                           MaxFactor(groups, args.lr, momentum=args.momentum)])
+    if args.optimizer == "maxfactor":
+        return MaxFactor(groups, lr=args.lr, momentum=args.momentum)
     if args.optimizer == "adafactor":
         return torch.optim.Adafactor(groups, lr=args.lr)
     return torch.optim.AdamW(groups, lr=args.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, fused=device.type == "cuda")
@@ -1325,11 +1326,9 @@ def attention_figure(model, batch, frames):
     """Head-averaged encoder self-attention and decoder cross-attention of every layer for the first utterance."""
     attentions = [("encoder", i, block.attn) for i, block in enumerate(model.encoder.blocks)]
     attentions += [("decoder cross", i, block.cross) for i, block in enumerate(model.decoder.blocks)]
-    was_training = model.training
     for _, _, attention in attentions:
         attention.keep_weights = True
-    model.eval()({key: value[:1] for key, value in batch.items()})
-    model.train(was_training)
+    model({key: value[:1] for key, value in batch.items()})  # its loss, computed in either mode: no dropout, no batch norm
     fig, axes = plt.subplots(1, len(attentions), figsize=(2.2 * len(attentions), 2.8), squeeze=False, layout="tight")
     for ax, (kind, i, attention) in zip(axes[0], attentions):
         ax.imshow(attention.weights[0].float().cpu().numpy()[:, :frames], aspect="auto", origin="lower", cmap="viridis")
@@ -1594,7 +1593,7 @@ def train(args):
             else:  # one bad batch must not poison the weights: skip it, count it, go on
                 stats["nonfinite_steps"] += 1
                 tqdm.write(f"step {step}: non-finite loss or gradient, step skipped ({stats['nonfinite_steps']} so far)")
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             progress.update(1)
             progress.set_postfix(loss=f"{losses[0]:.3f}")
             stats["paced"] = (step, time.time()) if step == BUDGET_AT - 100 else stats["paced"]  # after warm-up, compiling
@@ -1727,7 +1726,7 @@ def time_train_steps(args, batches, variants, vocab, device, warmup=3):
                 loss = model(batch)[0]
             loss.backward()
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             sync()
             if i >= warmup:
                 seconds[label].append(time.perf_counter() - t0)

@@ -1134,10 +1134,6 @@ def test_maxfactor_state_is_factored_and_counted_per_parameter():
     assert opt.state[layer.weight]["col"].shape == (5,) and opt.state[layer.bias]["second"].shape == (3,)
     assert not {"row", "second"} & set(opt.state[layer.weight]) and "row" not in opt.state[layer.bias]
     assert opt.state[layer.weight]["step"] == 3 and opt.state[extra]["step"] == 1
-    upstream = echo.MaxFactor(layer.parameters(), upstream=True)
-    layer(torch.randn(8, 5)).pow(2).mean().backward()
-    upstream.step()
-    assert upstream.state[layer.weight]["row"].shape == (3,) and upstream.state[layer.weight]["col"].shape == (5,)
 
 
 def test_maxfactor_row_scaling_cancels_the_row_factor():
@@ -1182,77 +1178,97 @@ def test_factored_optimizers_keep_a_tenth_of_adamws_state_and_momentum_half_for_
     model = echo.Echo(echo.ModelConfig.from_args(echo.parse_args([]), 30))
     batch = fake_batch(vocab=30)
     sizes = {}
-    for flags in [["--optimizer", name] for name in echo.LEARNING_RATES] + [["--momentum", "0"]]:
+    for flags in [["--optimizer", name] for name in echo.LEARNING_RATES] + [["--optimizer", "maxfactor", "--momentum", "0"]]:
         opt = echo.build_optimizer(model, echo.parse_args(flags), torch.device("cpu"))
         model(batch)[0].backward()
         opt.step()
-        opt.zero_grad()
+        model.zero_grad()
         sizes[" ".join(flags)] = sum(v.numel() * v.element_size() for state in opt.state.values() for v in state.values()
                                      if torch.is_tensor(v))
     adamw = sizes.pop("--optimizer adamw")
     assert 0.5 * adamw < sizes.pop("--optimizer maxfactor") < 0.52 * adamw, sizes
+    assert 0.5 * adamw < sizes.pop("--optimizer muon") < 0.52 * adamw, sizes  # Muon's momentum: one full-size buffer too
     assert all(size <= 0.1 * adamw for size in sizes.values()), sizes
     assert opt.param_groups[0]["momentum"] == 0.0 and echo.parse_args([]).momentum == 0.9
 
 
-def one_maxfactor_step(weight, grad, upstream, lr=0.01):
-    """The weight after one MaxFactor step from fresh state with this gradient (no weight decay)."""
-    p = torch.nn.Parameter(torch.tensor(weight))
-    opt = echo.MaxFactor([p], lr=lr, upstream=upstream)
-    p.grad = torch.tensor(grad)
-    opt.step()
-    return p.detach()
+def test_optimizer_muon_orthogonalises_the_blocks_matrices_and_maxfactor_steps_the_rest():
+    """--optimizer muon (the default): Muon owns exactly the blocks' attention and MLP weight matrices, MaxFactor every
+    other parameter, each once. From fresh state a Muon step moves a matrix by its lr * 0.2 sqrt(max(A, B)) (AdamW's
+    RMS) times the gradient made orthogonal (its singular values near 1, where the gradient's spread 30-fold), after
+    weight decay; MaxFactor's parameters move by the lr itself, each row at infinity-norm lr. The state dict round-trips."""
+    args = echo.parse_args([])
+    model = echo.Echo(echo.ModelConfig.from_args(args, 30))
+    optimizer = echo.build_optimizer(model, args, torch.device("cpu"))
+    names = {p: name for name, p in model.named_parameters()}
+    muon, maxfactor = ({names[p] for group in o.param_groups for p in group["params"]} for o in optimizer)
+    assert args.optimizer == "muon" and isinstance(optimizer[0], torch.optim.Muon)
+    blocks_matrices = {n for n, p in model.named_parameters() if p.dim() == 2 and {"attn", "cross", "mlp"} & set(n.split("."))}
+    assert muon == blocks_matrices
+    assert len(muon) == 6 * 6 + 10 and not muon & maxfactor and muon | maxfactor == set(names.values())
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * torch.logspace(-1, 0, p.shape[0])[(...,) + (None,) * (p.dim() - 1)]  # rows' scales
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-3  # as the training loop sets it
+    mlp, head = model.encoder.blocks[0].mlp[0].weight, model.ctc_head.weight  # (384, 192): a tall gradient is well conditioned
+    before = {p: p.detach().clone() for p in (mlp, head)}
+    optimizer.step()
+    update = (before[mlp] * (1 - 1e-3 * args.weight_decay) - mlp.detach()) / (1e-3 * 0.2 * math.sqrt(384))
+    singular = torch.linalg.svdvals(update)
+    spread = torch.linalg.svdvals(mlp.grad)
+    assert 0.6 < singular.min() and singular.max() < 1.25 and spread.max() > 10 * spread.min(), (singular, spread)
+    moved = (before[head] * (1 - 1e-3 * args.weight_decay) - head.detach()).abs().amax(1)
+    assert torch.allclose(moved, torch.full_like(moved, 1e-3), rtol=1e-3)  # each row at infinity-norm lr
+    restored = echo.build_optimizer(model, args, torch.device("cpu"))
+    restored.load_state_dict(optimizer.state_dict())
+    assert torch.equal(restored.state[mlp]["momentum_buffer"], optimizer.state[mlp]["momentum_buffer"])
+    assert torch.equal(restored.state[head]["momentum"], optimizer.state[head]["momentum"])
 
 
 def test_maxfactor_matrix_rule_on_a_hand_computed_case():
     """G = [[1, 0], [0, 0.5]]: row EMAs 0.999 * (0.5, 0.125), column EMAs 0.999 * (0.5, 0.125), so V = R (x) C / max R =
     0.999 * [[0.5, 0.125], [0.125, 0.03125]] and U = G / sqrt(V) = [[1.41, 0], [0, 2.83]] / sqrt(0.999). Echo scales
-    each row to infinity-norm 1 and steps by lr = 0.01; upstream scales U by its maximum (row 0 holds half of it),
-    takes sign * rowmax and steps by RMS(theta) * min(lr, 1/sqrt(1)) = 2 * 0.01."""
-    weight, grad = [[2.0, 2.0], [2.0, 2.0]], [[1.0, 0.0], [0.0, 0.5]]
-    assert torch.allclose(one_maxfactor_step(weight, grad, upstream=False), torch.tensor([[1.99, 2.0], [2.0, 1.99]]))
-    assert torch.allclose(one_maxfactor_step(weight, grad, upstream=True), torch.tensor([[1.99, 2.0], [2.0, 1.98]]))
+    each row to infinity-norm 1 and steps by lr = 0.01 (no weight decay)."""
+    p = torch.nn.Parameter(torch.full((2, 2), 2.0))
+    opt, p.grad = echo.MaxFactor([p], lr=0.01), torch.tensor([[1.0, 0.0], [0.0, 0.5]])
+    opt.step()
+    assert torch.allclose(p.detach(), torch.tensor([[1.99, 2.0], [2.0, 1.99]]))
 
 
 def test_maxfactor_momentum_is_nesterovs_on_a_hand_computed_case():
     """Momentum 0.5, G = (1, 1) then (1, -0.5): the EMA E of G is (0.5, 0.5), then (0.75, 0); the direction M =
     lerp(E, G, 0.5) (Nesterov's) is (0.75, 0.75), then (0.875, -0.25), over sqrt(V) as in the vector-rule test below,
     each row scaled to infinity-norm 1 (M's scale does not matter). Without momentum the second entry moves back
-    further. Upstream's formula has no momentum: the flag changes nothing there and keeps no buffer."""
-    def moves(momentum, upstream):
+    further, and no buffer is kept."""
+    def moves(momentum):
         p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
-        opt, out = echo.MaxFactor([p], lr=0.01, momentum=momentum, upstream=upstream), []
+        opt, out = echo.MaxFactor([p], lr=0.01, momentum=momentum), []
         for grad in ([1.0, 1.0], [1.0, -0.5]):
             before, p.grad = p.detach().clone(), torch.tensor(grad)
             opt.step()
             out.append(before - p.detach())
         return torch.stack(out), set(opt.state[p])
-    steps, state = moves(0.5, upstream=False)
+    steps, state = moves(0.5)
     u = torch.tensor([0.875, -0.25]) / torch.tensor([0.999, 0.999]).lerp(torch.tensor([1.0, 0.25]), 2 ** -0.8).sqrt()
     assert torch.allclose(steps, torch.stack([torch.full((2,), 0.01), 0.01 * u / u.abs().max()]), atol=1e-7), steps
-    assert "momentum" in state and moves(0.0, upstream=False)[0][1, 1] < steps[1, 1] < 0
-    (upstream, state), (plain, _) = moves(0.5, upstream=True), moves(0.0, upstream=True)
-    assert torch.equal(upstream, plain) and "momentum" not in state
+    assert "momentum" in state and moves(0.0)[0][1, 1] < steps[1, 1] < 0 and "momentum" not in moves(0.0)[1]
 
 
 def test_maxfactor_vector_rule_on_a_hand_computed_case():
-    """A vector's update keeps the ratios of U = G / sqrt(V) (no sign): G = (1, 1) and then (1, -0.5). Echo's V after
-    step 1 is 0.999 * G^2 = (0.999, 0.999), after step 2 it moves by b_2 = 2^-0.8 towards (1, 0.25); upstream's V moves
-    by 0.01 from 0 at each step. The second step is lr * U / max|U| (Echo) or RMS(theta) * min(lr, 1/sqrt(2)) * U /
-    max|U| (upstream)."""
-    for upstream in (False, True):
-        p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
-        opt = echo.MaxFactor([p], lr=0.01, upstream=upstream)
-        for grad in ([1.0, 1.0], [1.0, -0.5]):
-            before, p.grad = p.detach().clone(), torch.tensor(grad)
-            opt.step()
-        b1, b2 = (0.01, 0.01) if upstream else (0.999, 2 ** -0.8)
-        second = (1 - b2) * b1 * torch.tensor([1.0, 1.0]) + b2 * torch.tensor([1.0, 0.25])
-        u = torch.tensor([1.0, -0.5]) / second.sqrt()
-        u = u / u.abs().max()
-        step = before.pow(2).mean().sqrt() * 0.01 if upstream else 0.01
-        assert torch.allclose(before - p.detach(), step * u, atol=1e-7), (upstream, before - p.detach(), step * u)
-        assert not torch.allclose(u.abs(), torch.ones(2))  # proportional, not sign * max
+    """A vector's update keeps the ratios of U = G / sqrt(V) (no sign): G = (1, 1) and then (1, -0.5). V after step 1
+    is 0.999 * G^2 = (0.999, 0.999), after step 2 it moves by b_2 = 2^-0.8 towards (1, 0.25). The second step is
+    lr * U / max|U|."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    opt = echo.MaxFactor([p], lr=0.01)
+    for grad in ([1.0, 1.0], [1.0, -0.5]):
+        before, p.grad = p.detach().clone(), torch.tensor(grad)
+        opt.step()
+    second = (1 - 2 ** -0.8) * 0.999 * torch.tensor([1.0, 1.0]) + 2 ** -0.8 * torch.tensor([1.0, 0.25])
+    u = torch.tensor([1.0, -0.5]) / second.sqrt()
+    u = u / u.abs().max()
+    assert torch.allclose(before - p.detach(), 0.01 * u, atol=1e-7), (before - p.detach(), 0.01 * u)
+    assert not torch.allclose(u.abs(), torch.ones(2))  # proportional, not sign * max
 
 
 # ---- decoding and evaluation
@@ -1494,6 +1510,8 @@ def test_tiny_training_run_loss_falls_and_resume_continues(tiny_corpus, tmp_path
     assert set(echo.TEST_SPLITS) <= set(results)
     ckpt = echo.load_checkpoint(run_dir / "ckpt.pt")
     assert ckpt["step"] == 40 and ckpt["tokenizer"] and ckpt["code"]
+    muon, maxfactor = (state["param_groups"] for state in ckpt["optimizer"])  # the default --optimizer muon's two
+    assert [group["lr"] for group in muon + maxfactor] == [echo.lr_at(39, args)] * 3 and muon[0]["momentum"] == 0.95
     source = Path(echo.__file__)
     assert (run_dir / "echo.py").read_bytes() == source.read_bytes() and ckpt["source"] == source.read_text()
     vocab = len(echo.Tokenizer(ckpt["tokenizer"]))
@@ -1727,7 +1745,7 @@ def test_bench_prints_every_row(tiny_corpus, tmp_path, capsys):
     echo.benchmark(train_args(cache, tmp_path, "--bench", "--batch_frames", "800", "--beam", "2"))
     out = capsys.readouterr().out
     for row in ("attention, --gate none: plain RoPE", "f0_theta + radii + pitch_bias + zero_value",
-                "--gate m", "--streams spectrogram,pitch,waveform", "| maxfactor_upstream |", "| adafactor |",
+                "--gate m", "--streams spectrogram,pitch,waveform", "| muon |", "| adafactor |",
                 "padding in length-bucketed batches", "f0: YIN in torch", "f0: librosa.pyin", "greedy, joint CTC",
                 "beam 2, joint CTC", "diagnostics: the 4 figures", "diagnostics: per-block scalars"):
         assert row in out, row
