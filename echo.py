@@ -68,7 +68,8 @@ PITCH = {"baseline": dict(f0_theta=False), "pitch_stream": dict(f0_theta=False, 
          "+pitch_bias": dict(f0_theta=True, pitch_bias=True), "+zero_value": dict(f0_theta=True, zero_value=True),
          "all": dict(f0_theta=True, radii=True, pitch_bias=True, zero_value=True)}
 STUDY_MODEL = dict(optimizer="maxfactor", conv=0, dec_layers=2, lm_weight=0.0, beam=4, max_steps=2200, lr=3e-3, lr_floor=0.1,
-                   momentum=0.0, vtlp=False, tempo=False, sortagrad=False, ema=0.0, weight_decay=0.01, batch_frames=4000, mlp=4)
+                   momentum=0.0, vtlp=False, tempo=False, sortagrad=False, ema=0.0, weight_decay=0.01, batch_frames=4000,
+                   warmup=200, mlp=4)  # as measured
 STUDY = {  # --ablate study: the tonal positive control first, then English (README, Pitch study)
     "mandarin": (STUDY_MODEL | dict(dataset="embedded-mandarin", corpus_size=2000, batch_frames=2000, max_steps=1200,
                                     eval_every=300), tuple(PITCH)),
