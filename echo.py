@@ -1018,12 +1018,12 @@ class Optimizers(list):
 def build_optimizer(model, args, device):
     """--optimizer by name; weight decay on matrices only. muon: PyTorch's Muon (momentum orthogonalised by Newton-Schulz,
     its RMS matched to AdamW's) for the blocks' attention and MLP matrices, MaxFactor for the rest (README, Optimizers)."""
-    hidden = [p for name, p in model.named_parameters() if re.search(r"(attn|cross|mlp)\.\w+\.weight$", name)]
-    hidden = hidden if args.optimizer == "muon" else []
-    groups = [{"params": [p for p in model.parameters() if (p.dim() >= 2) == matrix and all(p is not h for h in hidden)],
+    hidden = lambda name: args.optimizer == "muon" and re.search(r"(attn|cross|mlp)\.\w+\.weight$", name)
+    groups = [{"params": [p for name, p in model.named_parameters() if (p.dim() >= 2) == matrix and not hidden(name)],
                "weight_decay": args.weight_decay if matrix else 0.0} for matrix in (True, False)]
     if args.optimizer == "muon":
-        return Optimizers([torch.optim.Muon(hidden, args.lr, args.weight_decay, adjust_lr_fn="match_rms_adamw"),
+        matrices = [p for name, p in model.named_parameters() if hidden(name)]
+        return Optimizers([torch.optim.Muon(matrices, args.lr, args.weight_decay, adjust_lr_fn="match_rms_adamw"),
                            MaxFactor(groups, args.lr, momentum=args.momentum)])
     if args.optimizer == "maxfactor":
         return MaxFactor(groups, lr=args.lr, momentum=args.momentum)
